@@ -1,0 +1,26 @@
+# make lab: set up (once) and open the course in JupyterLab.  make test: set up (once) and run every test.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+NOTEBOOKS := $(wildcard notebooks/*.ipynb)
+
+.PHONY: lab test setup clean
+
+lab: $(VENV)/.installed
+	$(BIN)/jupyter lab notebooks/
+
+test: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest tests $(if $(NOTEBOOKS),--nbval-lax notebooks)
+
+setup: $(VENV)/.installed
+
+# Re-install only when the dependencies change.
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,99 @@
+"""Datasets, all through torchvision, as (B, C, H, W) float images in [-1, 1].
+
+The data root is, in order: the ``root`` argument, the environment variable ``DDPM_DATA``,
+``./data``. Standard datasets are downloaded into it when missing (when the network allows).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+from torchvision import datasets, transforms
+from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader
+
+# name -> (torchvision class, channels, native image size)
+DATASETS: dict[str, tuple[type | None, int, int | None]] = {
+    "mnist": (datasets.MNIST, 1, 28),
+    "fashion-mnist": (datasets.FashionMNIST, 1, 28),
+    "cifar10": (datasets.CIFAR10, 3, 32),
+    "folder": (None, 3, None),  # any folder of images (searched recursively), RGB
+}
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The dataset's files are missing and could not be downloaded."""
+
+
+def data_root(root: str | os.PathLike | None = None) -> Path:
+    """The data root: ``root`` if given, else $DDPM_DATA, else ./data."""
+    return Path(root if root is not None else os.environ.get("DDPM_DATA", "data"))
+
+
+def dataset_info(name: str) -> tuple[int, int | None]:
+    """(channels, native image size or None) of a dataset name."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
+    return DATASETS[name][1:]
+
+
+class ImageFiles(Dataset):
+    """Every image file under ``folder`` (recursively, sorted), labelled 0."""
+
+    def __init__(self, folder: Path, transform: transforms.Compose):
+        self.files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.transform(default_loader(str(self.files[i]))), 0
+
+
+def get_dataset(
+    name: str = "mnist",
+    root: str | os.PathLike | None = None,
+    train: bool = True,
+    image_size: int | None = None,
+    hflip: bool = False,
+    download: bool = True,
+) -> Dataset:
+    """A dataset of (image, label) pairs, images (C, H, W) in [-1, 1].
+
+    ``name`` is one of :data:`DATASETS`; for ``"folder"``, ``root`` is the folder of images
+    itself. Images are resized (shorter side) and center-cropped to ``image_size`` when given
+    (required for folders). ``hflip`` adds random horizontal flips (for photos, not digits).
+    """
+    dataset_info(name)  # validates the name
+    cls, _, native = DATASETS[name]
+    size = image_size or native
+    if size is None:
+        raise ValueError(f"dataset {name!r} needs an image_size")
+    steps: list = [transforms.Resize(size), transforms.CenterCrop(size)] if size != native else []
+    if hflip:
+        steps.append(transforms.RandomHorizontalFlip())
+    steps += [transforms.ToTensor(), transforms.Normalize(0.5, 0.5)]  # [0, 1] -> [-1, 1]
+    transform = transforms.Compose(steps)
+    folder = data_root(root)
+    hint = f"looked in {folder.resolve()}; set DDPM_DATA or pass the data root to point at a copy"
+
+    if cls is None:
+        dataset = ImageFiles(folder, transform) if folder.is_dir() else None
+        if not dataset:
+            raise DatasetNotFoundError(f"dataset 'folder': no image files ({' '.join(IMG_EXTENSIONS)}) found ({hint})")
+        return dataset
+
+    try:
+        return cls(str(folder), train=train, download=False, transform=transform)
+    except RuntimeError:
+        pass  # files missing: download them if we may
+    if not download:
+        raise DatasetNotFoundError(f"dataset {name!r} not found ({hint})")
+    try:
+        return cls(str(folder), train=train, download=True, transform=transform)
+    except Exception as e:  # torchvision raises several kinds of network and checksum errors
+        reason = " ".join(str(e).split())  # torchvision's message spans lines
+        raise DatasetNotFoundError(f"dataset {name!r} is missing and could not be downloaded ({reason}); {hint}") from e

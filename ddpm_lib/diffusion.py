@@ -1,0 +1,167 @@
+"""The forward process q and the training loss (Ho et al. 2020, Sections 2-3).
+
+Conventions used throughout ddpm_lib:
+
+* t is 0-based: t = 0 ... T-1, where schedule index t is the paper's timestep t + 1. "x_t" is
+  the latent after t + 1 noising steps; the clean image is x0 (the paper's x_0).
+* Images are float tensors of shape (B, C, H, W) with pixels in [-1, 1].
+* A timestep argument ``t`` is an int or a (B,) long tensor with one timestep per image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .schedules import SCHEDULES, NoiseSchedule, extract, get_schedule
+
+PREDICTIONS = ("eps", "x0", "v")
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    schedule: str = "linear"  # name of the beta schedule, one of schedules.SCHEDULES
+    T: int = 1000  # number of diffusion steps
+    prediction: str = "eps"  # what the network predicts: "eps" (Ho et al.), "x0" or "v" (Salimans & Ho 2022)
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown noise schedule {self.schedule!r}; valid names: {', '.join(SCHEDULES)}")
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {self.prediction!r}; valid choices: {', '.join(PREDICTIONS)}")
+        if not isinstance(self.T, int) or self.T < 1:
+            raise ValueError(f"T must be a positive integer, got {self.T!r}")
+
+    def make_schedule(self) -> NoiseSchedule:
+        return get_schedule(self.schedule, self.T)
+
+
+def q_sample(x0: torch.Tensor, t: torch.Tensor | int, schedule: NoiseSchedule, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """Sample x_t ~ q(x_t | x0) in closed form (Eq. 4): sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps."""
+    if noise is None:
+        noise = torch.randn_like(x0)
+    return extract(schedule.sqrt_alpha_bar, t, x0.shape) * x0 + extract(schedule.sqrt_one_minus_alpha_bar, t, x0.shape) * noise
+
+
+def q_step(x_prev: torch.Tensor, t: int, schedule: NoiseSchedule, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """One forward step x_t ~ q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I) (Eq. 2).
+
+    At t = 0, ``x_prev`` is the clean image x0.
+    """
+    if noise is None:
+        noise = torch.randn_like(x_prev)
+    beta = extract(schedule.betas, t, x_prev.shape)
+    return (1 - beta).sqrt() * x_prev + beta.sqrt() * noise
+
+
+def q_chain(x0: torch.Tensor, schedule: NoiseSchedule, generator: torch.Generator | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+    """Run the forward chain one step at a time, yielding (t, x_t) for t = 0 ... T-1.
+
+    Each step draws fresh noise (from ``generator`` when given, on the generator's device).
+    By Eq. 4 the x_t it yields has the same distribution as ``q_sample(x0, t, schedule)``.
+    """
+    x = x0
+    for t in range(schedule.T):
+        device = generator.device if generator is not None else x0.device
+        noise = torch.randn(x0.shape, generator=generator, device=device).to(x0.device)
+        x = q_step(x, t, schedule, noise)
+        yield t, x
+
+
+def q_posterior(x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | int, schedule: NoiseSchedule) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance of the posterior q(x_{t-1} | x_t, x0) (Eqs. 6-7).
+
+    mean = sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t) x0 + sqrt(alpha_t) (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) x_t
+    variance = beta tilde_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t, shaped (B, 1, 1, 1).
+    """
+    mean = extract(schedule.posterior_mean_coef1, t, x_t.shape) * x0 + extract(schedule.posterior_mean_coef2, t, x_t.shape) * x_t
+    return mean, extract(schedule.posterior_variance, t, x_t.shape)
+
+
+# Conversions between the three things a network can predict. With a = alpha_bar_t:
+#   x_t = sqrt(a) x0 + sqrt(1 - a) eps          (Eq. 4)
+#   v   = sqrt(a) eps - sqrt(1 - a) x0          (Salimans & Ho 2022, Sec. 4)
+
+
+def _scales(schedule: NoiseSchedule, t: torch.Tensor | int, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)), shaped to broadcast against ``shape``."""
+    return extract(schedule.sqrt_alpha_bar, t, shape), extract(schedule.sqrt_one_minus_alpha_bar, t, shape)
+
+
+def x0_from_eps(x_t: torch.Tensor, t: torch.Tensor | int, eps: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
+    """x0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t) (Eq. 4 solved for x0; Eq. 15)."""
+    signal, noise = _scales(schedule, t, x_t.shape)
+    return (x_t - noise * eps) / signal
+
+
+def eps_from_x0(x_t: torch.Tensor, t: torch.Tensor | int, x0: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
+    """eps = (x_t - sqrt(alpha_bar_t) x0) / sqrt(1 - alpha_bar_t) (Eq. 4 solved for eps)."""
+    signal, noise = _scales(schedule, t, x_t.shape)
+    return (x_t - signal * x0) / noise
+
+
+def v_from(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor | int, schedule: NoiseSchedule) -> torch.Tensor:
+    """The velocity v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x0."""
+    signal, noise = _scales(schedule, t, x0.shape)
+    return signal * eps - noise * x0
+
+
+def x0_from_v(x_t: torch.Tensor, t: torch.Tensor | int, v: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
+    """x0 = sqrt(alpha_bar_t) x_t - sqrt(1 - alpha_bar_t) v."""
+    signal, noise = _scales(schedule, t, x_t.shape)
+    return signal * x_t - noise * v
+
+
+def to_eps_x0(
+    output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | int, schedule: NoiseSchedule, prediction: str = "eps"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turn a network ``output`` of the given ``prediction`` type into (eps, x0)."""
+    if prediction == "eps":
+        return output, x0_from_eps(x_t, t, output, schedule)
+    if prediction == "x0":
+        return eps_from_x0(x_t, t, output, schedule), output
+    if prediction == "v":
+        x0 = x0_from_v(x_t, t, output, schedule)
+        return eps_from_x0(x_t, t, x0, schedule), x0
+    raise ValueError(f"unknown prediction {prediction!r}; valid choices: {', '.join(PREDICTIONS)}")
+
+
+def loss_simple(
+    model: torch.nn.Module,
+    x0: torch.Tensor,
+    schedule: NoiseSchedule,
+    prediction: str = "eps",
+    t: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """L_simple (Eq. 14): || target - model(x_t, t) ||^2 with t ~ Uniform{0, ..., T-1}, x_t from Eq. 4.
+
+    The target is eps, x0 or v according to ``prediction``. ``t`` and ``noise`` are drawn
+    (from ``generator``, on its device) when not given. ``reduction="none"`` returns the (B,)
+    per-image losses, for example to bin the loss by timestep.
+    """
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"unknown prediction {prediction!r}; valid choices: {', '.join(PREDICTIONS)}")
+    gen_device = generator.device if generator is not None else x0.device
+    if t is None:
+        t = torch.randint(0, schedule.T, (len(x0),), generator=generator, device=gen_device).to(x0.device)
+    if noise is None:
+        noise = torch.randn(x0.shape, generator=generator, device=gen_device).to(x0.device)
+    x_t = q_sample(x0, t, schedule, noise)
+    if prediction == "eps":
+        target = noise
+    elif prediction == "x0":
+        target = x0
+    else:
+        target = v_from(x0, noise, t, schedule)
+    per_image = F.mse_loss(model(x_t, t).float(), target, reduction="none").mean(dim=tuple(range(1, x0.ndim)))
+    if reduction == "none":
+        return per_image
+    if reduction == "mean":
+        return per_image.mean()
+    raise ValueError(f"unknown reduction {reduction!r}; valid choices: mean, none")

@@ -1,0 +1,173 @@
+"""The reverse process: DDPM ancestral sampling (Ho et al. 2020, Alg. 2) and DDIM (Song et al. 2021).
+
+``ddpm_step`` and ``ddim_step`` take one step from x_t toward the data; ``sample_loop`` runs
+the whole chain and yields every step, and everything else (``sample``, the widgets, the GIF
+export, the CLI) consumes it. t is 0-based (0 ... T-1); images are (B, C, H, W) in [-1, 1].
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from .diffusion import PREDICTIONS, eps_from_x0, q_posterior, to_eps_x0, x0_from_eps
+from .schedules import NoiseSchedule, extract
+
+SAMPLERS = ("ddpm", "ddim")
+VARIANCES = ("beta_tilde", "beta")
+
+
+class StepOutput(NamedTuple):
+    x_prev: torch.Tensor  # x_{t-1}, (B, C, H, W)
+    x0: torch.Tensor  # the predicted clean image, (B, C, H, W)
+
+
+class SamplerStep(NamedTuple):
+    t: int  # 0-based timestep of x_t; -1 for the finished sample
+    x_t: torch.Tensor  # the latent at t, (B, C, H, W); the finished sample when t == -1
+    x0: torch.Tensor  # the model's prediction of the clean image from x_t (equal to x_t when t == -1)
+
+
+def ddpm_step(
+    x_t: torch.Tensor,
+    t: int,
+    eps: torch.Tensor,
+    schedule: NoiseSchedule,
+    noise: torch.Tensor | None = None,
+    variance: str = "beta_tilde",
+    clip_x0: bool = True,
+) -> StepOutput:
+    """One ancestral step x_t -> x_{t-1} ~ p(x_{t-1} | x_t) (Alg. 2, line 4).
+
+    ``eps`` is the predicted noise for x_t; ``noise`` is the z of Alg. 2 (drawn with
+    ``torch.randn_like`` when not given) and is ignored at t = 0, where no noise is added.
+    """
+    if variance not in VARIANCES:
+        raise ValueError(f"unknown variance {variance!r}; valid choices: {', '.join(VARIANCES)}")
+    # 1. predict x0 from eps (Eq. 15); clipping to the data range [-1, 1] keeps samples stable
+    x0 = x0_from_eps(x_t, t, eps, schedule)
+    if clip_x0:
+        x0 = x0.clamp(-1, 1)
+    # 2. mean of the posterior q(x_{t-1} | x_t, x0) (Eq. 7); without clipping it equals Eq. 11
+    mean, posterior_variance = q_posterior(x0, x_t, t, schedule)
+    # 3. no noise on the last step (Alg. 2: z = 0 if t = 1, our t = 0)
+    if t == 0:
+        return StepOutput(mean, x0)
+    # 4. sigma_t^2 = beta_t or beta tilde_t (Sec. 3.2), then x_{t-1} = mean + sigma_t z
+    sigma2 = extract(schedule.betas, t, x_t.shape) if variance == "beta" else posterior_variance
+    if noise is None:
+        noise = torch.randn_like(x_t)
+    return StepOutput(mean + sigma2.sqrt() * noise, x0)
+
+
+def ddim_step(
+    x_t: torch.Tensor,
+    t: int,
+    t_prev: int,
+    eps: torch.Tensor,
+    schedule: NoiseSchedule,
+    eta: float = 0.0,
+    noise: torch.Tensor | None = None,
+    clip_x0: bool = True,
+) -> StepOutput:
+    """One DDIM step x_t -> x_{t_prev} (Song et al. 2021, Eq. 12), t_prev < t; t_prev = -1 means the data.
+
+    eta = 0 is deterministic; eta = 1 with t_prev = t - 1 is the DDPM step with variance beta tilde.
+    """
+    if not -1 <= t_prev < t:
+        raise ValueError(f"DDIM needs -1 <= t_prev < t, got t={t}, t_prev={t_prev}")
+    a_bar = schedule.alpha_bar[t].item()
+    a_bar_prev = schedule.alpha_bar[t_prev].item() if t_prev >= 0 else 1.0
+    # 1. predict x0 (Eq. 12, "predicted x0"); after clipping, re-derive the eps it implies
+    x0 = x0_from_eps(x_t, t, eps, schedule)
+    if clip_x0:
+        x0 = x0.clamp(-1, 1)
+        eps = eps_from_x0(x_t, t, x0, schedule)
+    # 2. sigma_t(eta) (Eq. 16)
+    sigma = eta * ((1 - a_bar_prev) / (1 - a_bar) * (1 - a_bar / a_bar_prev)) ** 0.5
+    # 3. the "direction pointing to x_t" (Eq. 12)
+    direction = max(1 - a_bar_prev - sigma**2, 0.0) ** 0.5 * eps
+    x_prev = a_bar_prev**0.5 * x0 + direction
+    # 4. random noise, when eta > 0
+    if sigma > 0:
+        x_prev = x_prev + sigma * (torch.randn_like(x_t) if noise is None else noise)
+    return StepOutput(x_prev, x0)
+
+
+def ddim_timesteps(T: int, steps: int) -> list[int]:
+    """The ``steps`` timesteps DDIM visits, from high to low, evenly spaced and "trailing".
+
+    t_i = round(T - i * T / steps) - 1 for i = 0 ... steps-1 (Lin et al. 2024, Table 2): the
+    first step is always at T - 1, where x_T is pure noise, and steps = T visits every t.
+    """
+    if not 1 <= steps <= T:
+        raise ValueError(f"the number of sampling steps must be between 1 and T={T}, got {steps}")
+    return [round(T - i * T / steps) - 1 for i in range(steps)]
+
+
+@torch.inference_mode()
+def sample_loop(
+    model: nn.Module,
+    schedule: NoiseSchedule,
+    shape: tuple[int, ...],
+    sampler: str = "ddpm",
+    steps: int | None = None,
+    eta: float = 0.0,
+    variance: str = "beta_tilde",
+    prediction: str = "eps",
+    generator: torch.Generator | None = None,
+    x_T: torch.Tensor | None = None,
+    clip_x0: bool = True,
+    device: torch.device | str | None = None,
+) -> Iterator[SamplerStep]:
+    """Run the reverse process from x_T ~ N(0, I), yielding a :class:`SamplerStep` at every step.
+
+    Yields (t, x_t, predicted x0) for each visited t from T-1 down to 0 (all T for DDPM,
+    ``steps`` of them for DDIM), then a last item with t = -1 holding the finished sample.
+    All randomness (x_T and the noise of every step) comes from ``generator`` and is drawn on
+    the generator's device, so the same seed gives the same images; pass ``x_T`` to fix the
+    start instead. ``shape`` is (B, C, H, W).
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; valid choices: {', '.join(SAMPLERS)}")
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"unknown prediction {prediction!r}; valid choices: {', '.join(PREDICTIONS)}")
+    if sampler == "ddpm" and steps not in (None, schedule.T):
+        raise ValueError(f"DDPM visits all T={schedule.T} steps; use sampler='ddim' for {steps} steps")
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    schedule = schedule.to(device)
+
+    def randn() -> torch.Tensor:
+        gen_device = generator.device if generator is not None else device
+        return torch.randn(shape, generator=generator, device=gen_device).to(device)
+
+    x = x_T.to(device) if x_T is not None else randn()
+    was_training = model.training
+    model.eval()  # dropout off: the same seed must give the same images
+    timesteps = list(range(schedule.T - 1, -1, -1)) if sampler == "ddpm" else ddim_timesteps(schedule.T, steps or schedule.T)
+    try:
+        for i, t in enumerate(timesteps):
+            output = model(x, torch.full((shape[0],), t, device=device, dtype=torch.long)).float()
+            eps, _ = to_eps_x0(output, x, t, schedule, prediction)
+            if sampler == "ddpm":
+                step = ddpm_step(x, t, eps, schedule, randn() if t > 0 else None, variance, clip_x0)
+            else:
+                t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+                step = ddim_step(x, t, t_prev, eps, schedule, eta, randn() if eta > 0 else None, clip_x0)
+            yield SamplerStep(t, x, step.x0)
+            x = step.x_prev
+        yield SamplerStep(-1, x, x)
+    finally:
+        model.train(was_training)
+
+
+def sample(model: nn.Module, schedule: NoiseSchedule, shape: tuple[int, ...], **kwargs) -> torch.Tensor:
+    """The finished samples of :func:`sample_loop` (same arguments), shape (B, C, H, W), in [-1, 1]."""
+    (last,) = deque(sample_loop(model, schedule, shape, **kwargs), maxlen=1)  # keeps only the last step
+    return last.x_t

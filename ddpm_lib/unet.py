@@ -1,0 +1,201 @@
+"""The noise-prediction network: a U-Net with a sinusoidal time embedding (Ho et al. 2020, Sec. 4, App. B).
+
+Read top-down: the time embedding, the three building blocks (residual block, self-attention,
+resampling), then the U-Net that stacks them. Images are (B, C, H, W) in [-1, 1]; t is a (B,)
+tensor of 0-based timesteps.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    in_channels: int = 1  # image channels: 1 for MNIST, 3 for RGB
+    image_size: int = 28  # height = width of the images; divisible by 2 ** (len(channel_mults) - 1)
+    base_channels: int = 32  # channels at full resolution
+    channel_mults: tuple[int, ...] = (1, 2, 2)  # channels per resolution = base * mult; 28 -> 14 -> 7
+    num_res_blocks: int = 2  # residual blocks per resolution on the way down
+    attention_resolutions: tuple[int, ...] = (7,)  # resolutions (in pixels) with self-attention; the middle always has it
+    dropout: float = 0.1  # dropout inside residual blocks
+    num_groups: int = 8  # GroupNorm groups; must divide every channel count
+    num_heads: int = 4  # self-attention heads
+
+    def __post_init__(self) -> None:
+        levels = len(self.channel_mults)
+        if levels < 1:
+            raise ValueError("channel_mults must name at least one resolution")
+        if self.image_size % 2 ** (levels - 1):
+            raise ValueError(
+                f"image_size {self.image_size} cannot be halved {levels - 1} times; "
+                f"use an image size divisible by {2 ** (levels - 1)} or fewer channel_mults"
+            )
+        for mult in self.channel_mults:
+            channels = self.base_channels * mult
+            if channels % self.num_groups or channels % self.num_heads:
+                raise ValueError(f"{channels} channels are not divisible by num_groups={self.num_groups} and num_heads={self.num_heads}")
+        valid = [self.image_size // 2**i for i in range(levels)]
+        bad = [r for r in self.attention_resolutions if r not in valid]
+        if bad:
+            raise ValueError(f"attention_resolutions {bad} are not resolutions of this U-Net; valid: {valid}")
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of timesteps (Vaswani et al. 2017, as used by Ho et al.).
+
+    Convention: for a (B,) tensor of 0-based timesteps t (used as they are, not rescaled) and
+    frequencies w_i = max_period ** (-i / half) for i = 0 ... half-1 (half = dim // 2), the
+    embedding is [sin(t w_0), ..., sin(t w_{half-1}), cos(t w_0), ..., cos(t w_{half-1})],
+    shape (B, dim). So w_0 = 1 and t = 0 embeds as half zeros then half ones.
+    """
+    if dim % 2:
+        raise ValueError(f"embedding dim must be even, got {dim}")
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]  # (B, half)
+    return torch.cat([torch.sin(args), torch.cos(args)], dim=1)  # (B, dim)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm -> SiLU -> conv, add the projected time embedding, GroupNorm -> SiLU -> dropout -> conv, plus a skip."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, groups: int):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, out_ch)
+        self.norm2 = nn.GroupNorm(groups, out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)  # each block starts as the identity
+        nn.init.zeros_(self.conv2.bias)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))  # (B, out, H, W)
+        h = h + self.emb(F.silu(emb))[:, :, None, None]  # time embedding, broadcast over H, W
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over the H * W positions, with a residual connection."""
+
+    def __init__(self, channels: int, heads: int, groups: int):
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.GroupNorm(groups, channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.out = nn.Conv2d(channels, channels, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W)
+        q, k, v = qkv.transpose(-1, -2).unbind(dim=1)  # each (B, heads, H*W, C/heads)
+        h = F.scaled_dot_product_attention(q, k, v)  # (B, heads, H*W, C/heads)
+        h = h.transpose(-1, -2).reshape(B, C, H, W)
+        return x + self.out(h)
+
+
+class Downsample(nn.Module):
+    """Halve H and W with a stride-2 convolution."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Double H and W: nearest-neighbour upsampling, then a convolution."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class Level(nn.Module):
+    """A residual block, optionally followed by self-attention: one layer of the U-Net."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, attention: bool, cfg: UNetConfig):
+        super().__init__()
+        self.res = ResBlock(in_ch, out_ch, emb_dim, cfg.dropout, cfg.num_groups)
+        self.attn = SelfAttention(out_ch, cfg.num_heads, cfg.num_groups) if attention else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        return self.attn(self.res(x, emb))
+
+
+class UNet(nn.Module):
+    """model(x_t, t) -> a tensor shaped like x_t (the predicted eps, x0 or v).
+
+    Down path: at each resolution ``num_res_blocks`` layers, then a downsample (except at the
+    lowest); every output is kept as a skip. Middle: res block, attention, res block. Up path:
+    ``num_res_blocks + 1`` layers per resolution, each concatenating one skip, then an upsample.
+    """
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = cfg = config
+        ch = cfg.base_channels
+        emb_dim = 4 * ch
+        self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.stem = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
+
+        self.down = nn.ModuleList()
+        skips, res = [ch], cfg.image_size
+        for i, mult in enumerate(cfg.channel_mults):
+            for _ in range(cfg.num_res_blocks):
+                self.down.append(Level(ch, cfg.base_channels * mult, emb_dim, res in cfg.attention_resolutions, cfg))
+                ch = cfg.base_channels * mult
+                skips.append(ch)
+            if i < len(cfg.channel_mults) - 1:
+                self.down.append(Downsample(ch))
+                skips.append(ch)
+                res //= 2
+
+        self.mid1 = ResBlock(ch, ch, emb_dim, cfg.dropout, cfg.num_groups)
+        self.mid_attn = SelfAttention(ch, cfg.num_heads, cfg.num_groups)
+        self.mid2 = ResBlock(ch, ch, emb_dim, cfg.dropout, cfg.num_groups)
+
+        self.up = nn.ModuleList()
+        for i, mult in reversed(list(enumerate(cfg.channel_mults))):
+            for _ in range(cfg.num_res_blocks + 1):
+                self.up.append(Level(ch + skips.pop(), cfg.base_channels * mult, emb_dim, res in cfg.attention_resolutions, cfg))
+                ch = cfg.base_channels * mult
+            if i > 0:
+                self.up.append(Upsample(ch))
+                res *= 2
+
+        self.head = nn.Sequential(nn.GroupNorm(cfg.num_groups, ch), nn.SiLU(), nn.Conv2d(ch, cfg.in_channels, 3, padding=1))
+        nn.init.zeros_(self.head[-1].weight)
+        nn.init.zeros_(self.head[-1].bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        emb = self.time_mlp(timestep_embedding(t, self.config.base_channels))  # (B, 4 * base)
+        h = self.stem(x)  # (B, base, H, W)
+        skips = [h]
+        for layer in self.down:
+            h = layer(h) if isinstance(layer, Downsample) else layer(h, emb)
+            skips.append(h)
+        h = self.mid2(self.mid_attn(self.mid1(h, emb)), emb)  # (B, C_low, H_low, W_low)
+        for layer in self.up:
+            h = layer(h) if isinstance(layer, Upsample) else layer(torch.cat([h, skips.pop()], dim=1), emb)
+        return self.head(h)  # (B, in_channels, H, W)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,171 @@
+"""Pictures: image grids, GIFs of the reverse process, and timestep-slider widgets.
+
+Images come in as (B, C, H, W) floats in [-1, 1] and go out as uint8 arrays of shape (H, W)
+for one channel or (H, W, 3) for three. The widgets only need ipywidgets, not a display: set
+``viewer.slider.value`` and ``viewer.frame`` and ``viewer.image`` update.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import imageio.v3 as iio
+import ipywidgets as widgets
+import numpy as np
+import torch
+from torchvision.utils import make_grid
+
+from .diffusion import q_sample
+from .files import atomic_write
+from .sampling import SamplerStep
+from .schedules import NoiseSchedule
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] floats -> [0, 255] uint8, same shape."""
+    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def image_grid(x: torch.Tensor, nrow: int | None = None, padding: int = 2, scale: int = 1) -> np.ndarray:
+    """Tile a batch (B, C, H, W) in [-1, 1] into one uint8 image, ``nrow`` images a row
+    (default: a square), each pixel repeated ``scale`` times in both directions."""
+    nrow = nrow or math.ceil(math.sqrt(len(x)))
+    grid = make_grid(to_uint8(x.cpu()), nrow=nrow, padding=padding, pad_value=255)  # (3, H', W') uint8
+    if scale > 1:
+        grid = grid.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
+    grid = grid.permute(1, 2, 0).numpy()  # (H', W', 3)
+    return grid[..., 0].copy() if x.shape[1] == 1 else grid
+
+
+def side_by_side(*images: np.ndarray, gap: int = 8) -> np.ndarray:
+    """Join images of equal height left to right with a white gap."""
+    spacer = np.full((images[0].shape[0], gap, *images[0].shape[2:]), 255, np.uint8)
+    parts = [p for img in images for p in (img, spacer)][:-1]
+    return np.concatenate(parts, axis=1)
+
+
+def save_grid(x: torch.Tensor, path: str | os.PathLike, nrow: int | None = None) -> Path:
+    """Write a batch (B, C, H, W) in [-1, 1] as a PNG grid, atomically."""
+    with atomic_write(path) as tmp:
+        iio.imwrite(tmp, image_grid(x, nrow), extension=".png")
+    return Path(path)
+
+
+def frame_indices(n: int, frames: int) -> list[int]:
+    """Up to ``frames`` evenly spaced indices into n items, always the first and the last."""
+    if n < 1 or frames < 1:
+        raise ValueError(f"need at least one item and one frame, got n={n}, frames={frames}")
+    if frames == 1:
+        return [n - 1]
+    return sorted({round(i * (n - 1) / (frames - 1)) for i in range(min(frames, n))} | {n - 1})
+
+
+def trajectory_frame(step: SamplerStep, nrow: int | None = None, scale: int = 1, show_x0: bool = True) -> np.ndarray:
+    """One picture of a sampler step: the grid of x_t, and beside it the predicted x0."""
+    grid = image_grid(step.x_t, nrow, scale=scale)
+    return side_by_side(grid, image_grid(step.x0, nrow, scale=scale)) if show_x0 else grid
+
+
+def auto_scale(image_size: int, nrow: int, target: int = 256) -> int:
+    """The integer upscaling that makes a grid of ``nrow`` images at least ``target`` pixels wide."""
+    return max(1, math.ceil(target / (nrow * (image_size + 2))))
+
+
+def save_trajectory_gif(
+    steps: Iterable[SamplerStep],
+    path: str | os.PathLike,
+    num_steps: int | None = None,
+    frames: int = 60,
+    duration_ms: int = 80,
+    hold_ms: int = 1500,
+    loop: int = 0,
+    scale: int | None = None,
+    nrow: int | None = None,
+    show_x0: bool = True,
+) -> Path:
+    """Write the reverse diffusion as an animated GIF, atomically.
+
+    ``steps`` is what :func:`sampling.sample_loop` yields (a list, or the live generator with
+    ``num_steps`` = how many items it will yield); ``frames`` of them, evenly spaced, become
+    frames of ``duration_ms`` each, the last held for ``hold_ms``. ``loop=0`` loops forever.
+    Small images are upscaled (nearest neighbour) by ``scale``, by default to >= 256 px a grid.
+    """
+    if num_steps is None:
+        if not isinstance(steps, Sequence):
+            raise ValueError("pass num_steps when steps is an iterator")
+        num_steps = len(steps)
+    keep = set(frame_indices(num_steps, frames))
+    images = []
+    for i, step in enumerate(steps):
+        if i in keep:
+            rows = nrow or math.ceil(math.sqrt(len(step.x_t)))
+            s = scale or auto_scale(step.x_t.shape[-1], rows)
+            images.append(trajectory_frame(step, rows, s, show_x0))
+    if not images:
+        raise ValueError("the trajectory is empty")
+    durations = [duration_ms] * (len(images) - 1) + [max(duration_ms, hold_ms)]
+    with atomic_write(path) as tmp:
+        iio.imwrite(tmp, np.stack(images), extension=".gif", duration=durations, loop=loop)
+    return Path(path)
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    return iio.imwrite("<bytes>", image, extension=".png")
+
+
+class TimestepViewer:
+    """An ipywidgets slider over the timestep t and the picture ``render(t)`` for it.
+
+    ``render`` maps a 0-based t to a uint8 image. Moving the slider (or setting
+    ``viewer.slider.value`` in code) re-renders: ``viewer.frame`` holds the array and
+    ``viewer.image`` the PNG shown. The slider's bounds clamp out-of-range values.
+    """
+
+    def __init__(
+        self, render: Callable[[int], np.ndarray], t_min: int, t_max: int, step: int = 1, value: int | None = None, description: str = "t"
+    ):
+        self.render = render
+        self.slider = widgets.IntSlider(
+            value=t_max if value is None else value, min=t_min, max=t_max, step=step, description=description, continuous_update=True
+        )
+        self.image = widgets.Image(format="png")
+        self.widget = widgets.VBox([self.slider, self.image])
+        self.slider.observe(lambda change: self.show(change["new"]), names="value")
+        self.show(self.slider.value)
+
+    def show(self, t: int) -> None:
+        self.t = t
+        self.frame = self.render(t)
+        self.image.value = png_bytes(self.frame)
+
+    def _repr_mimebundle_(self, **kwargs):
+        return self.widget._repr_mimebundle_(**kwargs)
+
+
+def forward_viewer(
+    x0: torch.Tensor, schedule: NoiseSchedule, noise: torch.Tensor | None = None, nrow: int | None = None, scale: int = 2
+) -> TimestepViewer:
+    """Scrub q(x_t | x0): the grid shows ``q_sample(x0, t, schedule, noise)`` with fixed noise."""
+    noise = torch.randn_like(x0) if noise is None else noise
+    return TimestepViewer(lambda t: image_grid(q_sample(x0, t, schedule, noise), nrow, scale=scale), 0, schedule.T - 1, value=0)
+
+
+def trajectory_viewer(steps: Sequence[SamplerStep], nrow: int | None = None, scale: int = 2, show_x0: bool = True) -> TimestepViewer:
+    """Scrub a stored reverse trajectory: x_t and the predicted x0 at the visited t nearest the slider.
+
+    t = -1 shows the finished sample.
+    """
+    by_t = {step.t: step for step in steps}
+    ts = sorted(by_t)
+    frames: dict[int, np.ndarray] = {}  # rendered once, then instant
+
+    def render(t: int) -> np.ndarray:
+        nearest = min(ts, key=lambda s: abs(s - t))
+        if nearest not in frames:
+            frames[nearest] = trajectory_frame(by_t[nearest], nrow, scale, show_x0)
+        return frames[nearest]
+
+    return TimestepViewer(render, ts[0], ts[-1], value=ts[-1])
