@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +57,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CheckpointError(
             f"refused to load {path}: it holds pickled Python objects (possibly code), which a ddpm_lib checkpoint never does"
         ) from e
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
+    except Exception as e:  # garbage bytes make the unpickler fail in many ways (KeyError, EOFError, RuntimeError, ...)
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): {' '.join(str(e).split())}") from e
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is a PyTorch file but not a ddpm_lib checkpoint")

@@ -156,7 +156,14 @@ class Trainer:
         until = steps if steps is not None else self.config.steps
         cfg = self.config
         batches = EpochBatches(len(self.dataset), cfg.batch_size, cfg.seed, start_step=self.step)
-        loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=cfg.num_workers, pin_memory=self.device.type == "cuda")
+        # The loader's own generator: creating its iterator would otherwise draw from the global RNG (dropout's stream).
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=batches,
+            num_workers=cfg.num_workers,
+            pin_memory=self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(cfg.seed),
+        )
         bar = tqdm(total=until, initial=self.step, disable=not progress, desc="training", unit="step")
         with self._own_rng(), bar:
             for x0, _ in loader:

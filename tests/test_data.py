@@ -1,0 +1,68 @@
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from torchvision import datasets
+
+from ddpm_lib.data import DatasetNotFoundError, data_root, get_dataset
+
+
+def test_data_root_precedence(monkeypatch):
+    monkeypatch.delenv("DDPM_DATA", raising=False)
+    assert data_root() == Path("data")
+    monkeypatch.setenv("DDPM_DATA", "/somewhere")
+    assert data_root() == Path("/somewhere")
+    assert data_root("explicit") == Path("explicit")
+
+
+def make_images(folder: Path, n: int = 5) -> None:
+    (folder / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        size = (20 + 3 * i, 30)
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(folder / ("sub" if i % 2 else "") / f"img{i}.png")
+    (folder / "notes.txt").write_text("not an image")
+
+
+def test_folder_of_images_is_resized_cropped_and_scaled(tmp_path):
+    make_images(tmp_path)
+    ds = get_dataset("folder", tmp_path, image_size=16)
+    assert len(ds) == 5  # recursive, the .txt skipped
+    x, _ = ds[3]
+    assert x.shape == (3, 16, 16) and x.min() >= -1 and x.max() <= 1 and x.min() < -0.5 < 0.5 < x.max()
+
+
+def test_folder_without_images_is_a_clear_error(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match="no image files"):
+        get_dataset("folder", tmp_path, image_size=16)
+    with pytest.raises(ValueError, match="needs an image_size"):
+        get_dataset("folder", tmp_path)
+
+
+def test_missing_dataset_offline_names_dataset_folder_and_env_var(tmp_path, monkeypatch):
+    with pytest.raises(DatasetNotFoundError, match=r"'mnist' not found.*looked in .*DDPM_DATA"):
+        get_dataset("mnist", tmp_path, download=False)
+
+    def no_network(self):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried https://..., got:\n<urlopen error>")
+
+    monkeypatch.setattr(datasets.FashionMNIST, "download", no_network)
+    with pytest.raises(DatasetNotFoundError, match=f"'fashion-mnist' is missing and could not be downloaded .*{tmp_path}.*DDPM_DATA") as e:
+        get_dataset("fashion-mnist", tmp_path)
+    assert "\n" not in str(e.value)
+
+
+def test_unknown_dataset_lists_the_valid_names():
+    with pytest.raises(ValueError, match="mnist, fashion-mnist, cifar10, folder"):
+        get_dataset("imagenet")
+
+
+@pytest.mark.skipif(not (data_root() / "MNIST" / "raw").is_dir(), reason="no MNIST copy under the data root (set DDPM_DATA)")
+def test_mnist_from_the_data_root_is_in_minus_one_to_one():
+    train, test = get_dataset("mnist", download=False), get_dataset("mnist", train=False, download=False)
+    assert len(test) == 10_000 and len(train) >= 23_797
+    x, y = train[0]
+    assert x.shape == (1, 28, 28) and x.min() == -1 and x.max() == 1 and 0 <= y <= 9
+    assert os.environ.get("CI") != "true" or len(train) == 23_797  # CI uses the offline copy

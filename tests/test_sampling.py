@@ -1,0 +1,135 @@
+import itertools
+
+import pytest
+import torch
+
+from ddpm_lib.diffusion import q_posterior, q_sample
+from ddpm_lib.sampling import SamplerStep, ddim_step, ddim_timesteps, ddpm_step, sample, sample_loop
+from ddpm_lib.schedules import get_schedule
+from ddpm_lib.unet import UNet
+
+SCHEDULE = get_schedule("linear", 1000)
+SHAPE = (4, 1, 6, 6)
+
+
+def data_and_noise():
+    return torch.rand(SHAPE) * 2 - 1, torch.randn(SHAPE)
+
+
+def test_ddpm_step_adds_no_noise_at_t0():
+    x_t, eps = torch.randn(SHAPE), torch.randn(SHAPE)
+    a = ddpm_step(x_t, 0, eps, SCHEDULE, noise=torch.randn(SHAPE))
+    b = ddpm_step(x_t, 0, eps, SCHEDULE, noise=torch.randn(SHAPE) * 100)
+    assert torch.equal(a.x_prev, b.x_prev)
+    torch.testing.assert_close(a.x_prev, a.x0)  # at t = 0 the posterior mean is the predicted x0
+
+
+@pytest.mark.parametrize("variance", ["beta_tilde", "beta"])
+def test_ddpm_step_is_posterior_mean_plus_sigma_times_noise(variance):
+    x0, eps = data_and_noise()
+    t = 300
+    x_t = q_sample(x0, t, SCHEDULE, eps)
+    z = torch.randn(SHAPE)
+    out = ddpm_step(x_t, t, eps, SCHEDULE, noise=z, variance=variance)
+    mean, _ = q_posterior(x0, x_t, t, SCHEDULE)
+    sigma2 = SCHEDULE.posterior_variance[t] if variance == "beta_tilde" else SCHEDULE.betas[t]
+    torch.testing.assert_close(out.x_prev, mean + sigma2.sqrt().float() * z, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("t", [0, 1, 50, 500, 999])
+def test_oracle_eps_recovers_x0(t):
+    x0, eps = data_and_noise()
+    x_t = q_sample(x0, t, SCHEDULE, eps)
+    out = ddpm_step(x_t, t, eps, SCHEDULE, clip_x0=False)
+    torch.testing.assert_close(out.x0, x0, atol=1e-4, rtol=0)
+    if t == 0:
+        torch.testing.assert_close(out.x_prev, x0, atol=1e-6, rtol=0)
+    # a deterministic DDIM step with the true eps lands exactly on q_sample at t_prev with that eps
+    t_prev = t // 2 - 1
+    ddim = ddim_step(x_t, t, t_prev, eps, SCHEDULE, eta=0.0, clip_x0=False)
+    expected = x0 if t_prev == -1 else q_sample(x0, t_prev, SCHEDULE, eps)
+    torch.testing.assert_close(ddim.x_prev, expected, atol=1e-4, rtol=0)
+
+
+def test_ddim_with_eta_1_and_every_step_is_the_ddpm_step():
+    x0, eps = data_and_noise()
+    t = 400
+    x_t = q_sample(x0, t, SCHEDULE, eps)
+    z, eps_hat = torch.randn(SHAPE), eps + 0.1 * torch.randn(SHAPE)  # an imperfect model
+    ddpm = ddpm_step(x_t, t, eps_hat, SCHEDULE, noise=z, variance="beta_tilde", clip_x0=False)
+    ddim = ddim_step(x_t, t, t - 1, eps_hat, SCHEDULE, eta=1.0, noise=z, clip_x0=False)
+    torch.testing.assert_close(ddim.x_prev, ddpm.x_prev, atol=1e-5, rtol=1e-5)
+
+
+def test_ddim_timesteps_spacing():
+    assert ddim_timesteps(1000, 1000) == list(range(999, -1, -1))
+    ts = ddim_timesteps(1000, 50)
+    assert len(ts) == 50 and ts[0] == 999 and ts[-1] == 19 and all(a - b == 20 for a, b in itertools.pairwise(ts))
+    ts = ddim_timesteps(1000, 7)
+    assert len(set(ts)) == 7 and ts[0] == 999 and ts == sorted(ts, reverse=True)
+    for bad in (0, 1001):
+        with pytest.raises(ValueError, match="between 1 and T=1000"):
+            ddim_timesteps(1000, bad)
+
+
+@pytest.fixture
+def model(tiny_config):
+    m = UNet(tiny_config)
+    for p in m.parameters():  # give the zero-initialised layers weights, so the output depends on the input
+        torch.nn.init.normal_(p, std=0.1)
+    return m
+
+
+SMALL = get_schedule("linear", 20)
+
+
+def test_sample_loop_yields_every_step_then_the_sample(model):
+    steps = list(sample_loop(model, SMALL, (2, 1, 8, 8), generator=torch.Generator().manual_seed(0)))
+    assert [s.t for s in steps] == list(range(19, -1, -1)) + [-1]
+    assert all(isinstance(s, SamplerStep) and s.x_t.shape == s.x0.shape == (2, 1, 8, 8) for s in steps)
+    assert torch.equal(steps[-1].x_t, steps[-1].x0)
+    ddim = list(sample_loop(model, SMALL, (2, 1, 8, 8), sampler="ddim", steps=5))
+    assert [s.t for s in ddim] == [19, 15, 11, 7, 3, -1]
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_same_seed_same_images_different_seed_different_images(model, sampler):
+    def run(seed):
+        return sample(
+            model,
+            SMALL,
+            (3, 1, 8, 8),
+            sampler=sampler,
+            steps=10 if sampler == "ddim" else None,
+            eta=1.0,
+            generator=torch.Generator().manual_seed(seed),
+        )
+
+    assert torch.equal(run(1), run(1))
+    assert not torch.allclose(run(1), run(2))
+
+
+def test_ddim_with_eta_0_is_deterministic_given_x_T(model):
+    x_T = torch.randn(3, 1, 8, 8)
+    a = sample(model, SMALL, x_T.shape, sampler="ddim", steps=10, x_T=x_T, generator=torch.Generator().manual_seed(1))
+    b = sample(model, SMALL, x_T.shape, sampler="ddim", steps=10, x_T=x_T, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a, b)
+
+
+def test_sampling_turns_dropout_off_and_restores_training_mode(tiny_config):
+    import dataclasses
+
+    m = UNet(dataclasses.replace(tiny_config, dropout=0.5))
+    m.train()
+    a = sample(m, SMALL, (2, 1, 8, 8), generator=torch.Generator().manual_seed(0))
+    b = sample(m, SMALL, (2, 1, 8, 8), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b) and m.training
+
+
+def test_bad_sampler_arguments_say_what_is_valid(model):
+    with pytest.raises(ValueError, match="ddpm, ddim"):
+        next(sample_loop(model, SMALL, (1, 1, 8, 8), sampler="euler"))
+    with pytest.raises(ValueError, match="use sampler='ddim'"):
+        next(sample_loop(model, SMALL, (1, 1, 8, 8), sampler="ddpm", steps=5))
+    with pytest.raises(ValueError, match="beta_tilde, beta"):
+        ddpm_step(torch.zeros(1), 3, torch.zeros(1), SMALL, variance="learned")

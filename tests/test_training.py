@@ -1,0 +1,129 @@
+import dataclasses
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from ddpm_lib.checkpoint import load_checkpoint
+from ddpm_lib.diffusion import DiffusionConfig
+from ddpm_lib.training import EpochBatches, TrainConfig, Trainer, lr_at
+
+DIFFUSION = DiffusionConfig(schedule="linear", T=50)
+CONFIG = TrainConfig(batch_size=4, steps=6, warmup_steps=2, sample_every=0, checkpoint_every=0, seed=3)
+
+
+@pytest.fixture
+def dataset():
+    g = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.rand(20, 1, 8, 8, generator=g) * 2 - 1, torch.zeros(20))
+
+
+@pytest.fixture
+def dropout_config(tiny_config):
+    return dataclasses.replace(tiny_config, dropout=0.3)  # exercises the saved dropout RNG stream
+
+
+def assert_same_state(a: Trainer, b: Trainer):
+    assert a.step == b.step and a.losses == b.losses
+    for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values(), strict=True):
+        assert torch.equal(x, y)
+    for x, y in zip(a.ema.module.state_dict().values(), b.ema.module.state_dict().values(), strict=True):
+        assert torch.equal(x, y)
+
+
+def test_checkpoint_round_trip(tmp_path, dataset, tiny_config):
+    trainer = Trainer(tiny_config, DIFFUSION, CONFIG, dataset, device="cpu")
+    trainer.fit(3, progress=False)
+    trainer.save(tmp_path / "run.pt")
+    restored = Trainer.from_checkpoint(tmp_path / "run.pt", dataset, device="cpu")
+    assert_same_state(trainer, restored)
+    assert restored.config == CONFIG and restored.model_config == tiny_config and restored.diffusion_config == DIFFUSION
+    assert restored.optimizer.state_dict()["state"][0]["step"] == 3
+
+
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_run(tmp_path, dataset, dropout_config):
+    straight = Trainer(dropout_config, DIFFUSION, CONFIG, dataset, device="cpu")
+    straight.fit(progress=False)
+
+    first = Trainer(dropout_config, DIFFUSION, CONFIG, dataset, device="cpu")
+    first.fit(4, progress=False)  # 4 steps: 20 images make 5 batches, so the epoch boundary falls after the resume
+    first.save(tmp_path / "run.pt")
+    torch.manual_seed(12345)  # whatever the global RNG does in between must not matter
+    torch.rand(100)
+    resumed = Trainer.from_checkpoint(tmp_path / "run.pt", dataset, device="cpu")
+    resumed.fit(progress=False)
+    assert_same_state(straight, resumed)
+    assert resumed.step == CONFIG.steps
+
+
+def test_same_seed_same_run_different_seed_different_run(dataset, tiny_config):
+    runs = []
+    for seed in (1, 1, 2):
+        trainer = Trainer(tiny_config, DIFFUSION, dataclasses.replace(CONFIG, seed=seed), dataset, device="cpu")
+        trainer.fit(2, progress=False)
+        runs.append(trainer.losses)
+    assert runs[0] == runs[1] != runs[2]
+
+
+def test_fit_writes_checkpoints_and_sample_grids(tmp_path, dataset, tiny_config):
+    config = dataclasses.replace(CONFIG, sample_every=3, checkpoint_every=2)
+    trainer = Trainer(tiny_config, DIFFUSION, config, dataset, device="cpu")
+    trainer.fit(progress=False, checkpoint_path=tmp_path / "run.pt")
+    assert [step for step, _ in trainer.samples] == [3, 6]
+    assert trainer.samples[0][1].shape == (16, 1, 8, 8)
+    state = load_checkpoint(tmp_path / "run.pt")
+    assert state["step"] == 6 and len(state["losses"]) == 6
+
+
+def test_ema_follows_its_closed_form(dataset, tiny_config):
+    trainer = Trainer(tiny_config, DIFFUSION, dataclasses.replace(CONFIG, ema_decay=0.9), dataset, device="cpu")
+    trainer.fit(1, progress=False)
+    weight = lambda m: next(m.parameters()).detach().clone()  # noqa: E731
+    assert torch.equal(weight(trainer.ema.module), weight(trainer.model))  # first update copies
+    before = weight(trainer.ema.module)
+    trainer.fit(2, progress=False)
+    decay = min(0.9, (1 + 1) / (10 + 1))  # warm-up: the second update uses decay 2/11
+    torch.testing.assert_close(weight(trainer.ema.module), decay * before + (1 - decay) * weight(trainer.model))
+
+
+def test_bf16_autocast_on_cpu_trains(dataset, tiny_config):
+    trainer = Trainer(tiny_config, DIFFUSION, dataclasses.replace(CONFIG, precision="bf16"), dataset, device="cpu")
+    assert trainer.bf16
+    trainer.fit(2, progress=False)
+    assert all(torch.isfinite(torch.tensor(trainer.losses)))
+    assert next(trainer.model.parameters()).dtype == torch.float32  # autocast keeps float32 master weights
+    assert not Trainer(tiny_config, DIFFUSION, CONFIG, dataset, device="cpu").bf16  # "auto" is fp32 on CPU
+
+
+def test_epoch_batches_are_permutations_and_resume_anywhere():
+    def take(sampler, n):
+        it = iter(sampler)
+        return [next(it) for _ in range(n)]
+
+    batches = take(EpochBatches(10, 3, seed=0), 6)  # 3 batches per epoch, 1 image dropped
+    for epoch in (batches[:3], batches[3:]):
+        flat = [i for b in epoch for i in b]
+        assert len(flat) == len(set(flat)) == 9
+    assert batches[:3] != batches[3:]
+    assert take(EpochBatches(10, 3, seed=0, start_step=4), 2) == batches[4:6]
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        EpochBatches(2, 3, seed=0)
+
+
+def test_learning_rate_warms_up_then_stays():
+    config = TrainConfig(lr=1e-3, warmup_steps=10)
+    assert lr_at(0, config) == pytest.approx(1e-4) and lr_at(9, config) == lr_at(500, config) == pytest.approx(1e-3)
+
+
+def test_train_config_validates_choices():
+    with pytest.raises(ValueError, match="auto, bf16, fp32"):
+        TrainConfig(precision="fp16")
+    with pytest.raises(ValueError, match="valid names: mnist"):
+        TrainConfig(dataset="svhn")
+
+
+def test_an_ema_only_checkpoint_cannot_be_resumed(tmp_path, dataset, tiny_config):
+    trainer = Trainer(tiny_config, DIFFUSION, CONFIG, dataset, device="cpu")
+    trainer.save(tmp_path / "ema.pt", full=False)
+    with pytest.raises(ValueError, match="only EMA weights"):
+        Trainer.from_checkpoint(tmp_path / "ema.pt", dataset, device="cpu")

@@ -1,0 +1,76 @@
+import math
+
+import pytest
+import torch
+
+from ddpm_lib.unet import UNet, UNetConfig, count_parameters, timestep_embedding
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        UNetConfig(),  # MNIST, 1x28x28
+        UNetConfig(in_channels=3, image_size=32, channel_mults=(1, 2, 2, 2), attention_resolutions=(8,)),  # CIFAR-10
+        UNetConfig(in_channels=3, image_size=64, channel_mults=(1, 2, 2, 2), attention_resolutions=(16,)),
+    ],
+    ids=["1x28x28", "3x32x32", "3x64x64"],
+)
+def test_output_shape_equals_input_shape(config):
+    model = UNet(config)
+    x = torch.randn(2, config.in_channels, config.image_size, config.image_size)
+    assert model(x, torch.tensor([0, 999])).shape == x.shape
+
+
+def test_default_mnist_model_has_1_to_5_million_parameters():
+    assert 1_000_000 <= count_parameters(UNet(UNetConfig())) <= 5_000_000
+
+
+def test_time_embedding_at_known_timesteps():
+    dim, half = 16, 8
+    emb = timestep_embedding(torch.tensor([0, 1, 250]), dim)
+    assert emb.shape == (3, dim)
+    torch.testing.assert_close(emb[0], torch.cat([torch.zeros(half), torch.ones(half)]))  # t = 0
+    torch.testing.assert_close(emb[1, 0], torch.tensor(math.sin(1.0)))  # w_0 = 1
+    torch.testing.assert_close(emb[1, half], torch.tensor(math.cos(1.0)))
+    freqs = [10000 ** (-i / half) for i in range(half)]
+    expected = [math.sin(250 * w) for w in freqs] + [math.cos(250 * w) for w in freqs]
+    torch.testing.assert_close(emb[2], torch.tensor(expected), atol=1e-4, rtol=0)
+
+
+def test_nearby_timesteps_embed_closer_than_distant_ones():
+    emb = timestep_embedding(torch.tensor([500, 501, 900]), 64)
+    assert torch.dist(emb[0], emb[1]) < torch.dist(emb[0], emb[2])
+
+
+def test_the_network_uses_t():
+    model = UNet(UNetConfig(dropout=0.0))
+    for p in model.parameters():  # zero-initialised output layers make a fresh network ignore t
+        if not p.any():
+            torch.nn.init.normal_(p, std=0.05)
+    x = torch.randn(1, 1, 28, 28)
+    assert not torch.allclose(model(x, torch.tensor([10])), model(x, torch.tensor([900])))
+
+
+def test_a_tiny_model_overfits_a_batch_of_8_images(tiny_config):
+    model = UNet(tiny_config)
+    x = torch.randn(8, 1, 8, 8)
+    t = torch.randint(0, 1000, (8,))
+    target = torch.randn(8, 1, 8, 8)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(60):
+        loss = torch.nn.functional.mse_loss(model(x, t), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
+
+
+def test_config_errors_say_what_to_change():
+    with pytest.raises(ValueError, match="divisible by 4"):
+        UNetConfig(image_size=30)
+    with pytest.raises(ValueError, match=r"valid: \[28, 14, 7\]"):
+        UNetConfig(attention_resolutions=(16,))
+    with pytest.raises(ValueError, match="num_groups"):
+        UNetConfig(base_channels=12)
