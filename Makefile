@@ -7,7 +7,7 @@ NOTEBOOKS := $(wildcard notebooks/*.ipynb)
 .PHONY: lab test setup clean
 
 lab: $(VENV)/.installed
-	$(BIN)/jupyter lab notebooks/
+	$(BIN)/jupyter lab
 
 test: $(VENV)/.installed
 	$(BIN)/ruff check .

@@ -68,7 +68,7 @@ def build_parser() -> Parser:
     t.add_argument("--base-channels", type=positive_int, default=m.base_channels)
     t.add_argument("--channel-mults", type=int_tuple, default=m.channel_mults, help="e.g. 1,2,2")
     t.add_argument("--num-res-blocks", type=positive_int, default=m.num_res_blocks)
-    t.add_argument("--attention-resolutions", type=int_tuple, default=m.attention_resolutions, help="e.g. 7 or 16,8; '' for none")
+    t.add_argument("--attention-resolutions", type=int_tuple, help="e.g. 16,8; '' for none (default: the lowest resolution, 7 for MNIST)")
     t.add_argument("--dropout", type=float, default=m.dropout)
     t.add_argument("--sample-every", type=int, default=c.sample_every, help="steps between sample grids saved beside --out (0: never)")
     t.add_argument("--checkpoint-every", type=int, default=c.checkpoint_every)
@@ -114,13 +114,15 @@ def cmd_train(args: argparse.Namespace) -> None:
         size = args.image_size or native
         if size is None:
             raise UsageError("--dataset folder needs --image-size")
+        lowest = size // 2 ** (len(args.channel_mults) - 1)
+        attention = (lowest,) if args.attention_resolutions is None else args.attention_resolutions
         model_config = UNetConfig(
             in_channels=channels,
             image_size=size,
             base_channels=args.base_channels,
             channel_mults=args.channel_mults,
             num_res_blocks=args.num_res_blocks,
-            attention_resolutions=args.attention_resolutions,
+            attention_resolutions=attention,
             dropout=args.dropout,
         )
         diffusion_config = DiffusionConfig(args.schedule, args.T, args.prediction)

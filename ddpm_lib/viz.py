@@ -58,9 +58,10 @@ def frame_indices(n: int, frames: int) -> list[int]:
     """Up to ``frames`` evenly spaced indices into n items, always the first and the last."""
     if n < 1 or frames < 1:
         raise ValueError(f"need at least one item and one frame, got n={n}, frames={frames}")
-    if frames == 1:
+    k = min(frames, n)
+    if k == 1:
         return [n - 1]
-    return sorted({round(i * (n - 1) / (frames - 1)) for i in range(min(frames, n))} | {n - 1})
+    return [round(i * (n - 1) / (k - 1)) for i in range(k)]  # distinct, since (n - 1) / (k - 1) >= 1
 
 
 def trajectory_frame(step: SamplerStep, nrow: int | None = None, scale: int = 1, show_x0: bool = True) -> np.ndarray:

@@ -1,0 +1,112 @@
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ddpm_lib.diffusion import q_sample
+from ddpm_lib.files import OutputPathError
+from ddpm_lib.sampling import SamplerStep, sample_loop
+from ddpm_lib.schedules import get_schedule
+from ddpm_lib.unet import UNet
+from ddpm_lib.viz import (
+    forward_viewer,
+    frame_indices,
+    image_grid,
+    save_grid,
+    save_trajectory_gif,
+    to_uint8,
+    trajectory_frame,
+    trajectory_viewer,
+)
+
+SCHEDULE = get_schedule("linear", 1000)
+
+
+def test_to_uint8_maps_the_pixel_range():
+    assert to_uint8(torch.tensor([-1.0, 0.0, 1.0, -7.0, 3.0])).tolist() == [0, 128, 255, 0, 255]
+
+
+def test_image_grid_shapes():
+    gray = image_grid(torch.zeros(16, 1, 28, 28), nrow=4)
+    assert gray.shape == (4 * 30 + 2, 4 * 30 + 2) and gray.dtype == np.uint8
+    assert image_grid(torch.zeros(6, 3, 8, 8), nrow=3).shape == (2 * 10 + 2, 3 * 10 + 2, 3)
+    assert image_grid(torch.zeros(4, 1, 8, 8), nrow=2, scale=3).shape == (3 * 22, 3 * 22)
+    assert image_grid(torch.ones(1, 1, 4, 4), padding=0).min() == 255
+
+
+def test_save_grid_writes_a_png_that_reads_back(tmp_path):
+    x = torch.rand(4, 1, 8, 8) * 2 - 1
+    save_grid(x, tmp_path / "g.png", nrow=2)
+    assert np.array_equal(iio.imread(tmp_path / "g.png"), image_grid(x, 2))
+
+
+def test_frame_indices_are_evenly_spread_and_keep_both_ends():
+    assert frame_indices(1001, 5) == [0, 250, 500, 750, 1000]
+    assert frame_indices(3, 10) == [0, 1, 2]
+    assert frame_indices(10, 1) == [9]
+
+
+def fake_trajectory(n=11, b=4):
+    return [
+        SamplerStep(t, torch.full((b, 1, 8, 8), -1 + 2 * i / (n - 1)), torch.zeros(b, 1, 8, 8)) for i, t in enumerate(range(n - 2, -2, -1))
+    ]
+
+
+def test_gif_has_the_requested_frames_size_duration_and_loop(tmp_path):
+    steps = fake_trajectory()
+    path = save_trajectory_gif(steps, tmp_path / "r.gif", frames=6, duration_ms=50, hold_ms=400, loop=0, scale=3)
+    frames = iio.imread(path, index=None)
+    expected = trajectory_frame(steps[0], 2, 3)
+    assert frames.shape[0] == 6 and frames.shape[1:3] == expected.shape
+    with Image.open(path) as im:
+        durations = []
+        for i in range(im.n_frames):
+            im.seek(i)
+            durations.append(im.info["duration"])
+        assert im.info["loop"] == 0
+    assert durations == [50] * 5 + [400]
+    assert np.array_equal(frames[-1][..., 0], trajectory_frame(steps[-1], 2, 3))  # the last frame is the sample
+    save_trajectory_gif(steps, tmp_path / "once.gif", frames=3, loop=1, show_x0=False)
+    with Image.open(tmp_path / "once.gif") as im:
+        assert im.info["loop"] == 1 and im.n_frames == 3
+
+
+def test_gif_from_a_live_sampler_needs_its_length(tmp_path, tiny_config):
+    steps = sample_loop(UNet(tiny_config), get_schedule("linear", 10), (2, 1, 8, 8))
+    with pytest.raises(ValueError, match="num_steps"):
+        save_trajectory_gif(steps, tmp_path / "x.gif")
+    save_trajectory_gif(steps, tmp_path / "x.gif", num_steps=11, frames=4)
+    assert iio.imread(tmp_path / "x.gif", index=None).shape[0] == 4
+
+
+def test_gif_to_an_unwritable_path_is_a_clear_error_and_leaves_nothing(tmp_path):
+    with pytest.raises(OutputPathError, match="does not exist"):
+        save_trajectory_gif(fake_trajectory(), tmp_path / "missing" / "r.gif")
+    (tmp_path / "r.gif").write_bytes(b"precious")
+    with pytest.raises(ValueError):
+        save_trajectory_gif(fake_trajectory(), tmp_path / "r.gif", frames=0)
+    assert [p.name for p in tmp_path.iterdir()] == ["r.gif"] and (tmp_path / "r.gif").read_bytes() == b"precious"
+
+
+def test_forward_viewer_shows_q_sample_at_the_slider_value():
+    x0, noise = torch.rand(4, 1, 8, 8) * 2 - 1, torch.randn(4, 1, 8, 8)
+    viewer = forward_viewer(x0, SCHEDULE, noise, nrow=4, scale=1)
+    assert viewer.slider.min == 0 and viewer.slider.max == 999
+    first_png = viewer.image.value
+    viewer.slider.value = 300
+    assert viewer.t == 300
+    assert np.array_equal(viewer.frame, image_grid(q_sample(x0, 300, SCHEDULE, noise), 4))
+    assert viewer.image.value != first_png and viewer.image.value[:4] == b"\x89PNG"
+    viewer.slider.value = 5000  # out of bounds: the slider clamps it
+    assert viewer.slider.value == 999 and viewer.t == 999
+
+
+def test_trajectory_viewer_shows_the_stored_step_at_the_slider_value():
+    steps = fake_trajectory()
+    viewer = trajectory_viewer(steps, nrow=2, scale=1)
+    assert (viewer.slider.min, viewer.slider.max, viewer.t) == (-1, 9, 9)
+    viewer.slider.value = 4
+    assert np.array_equal(viewer.frame, trajectory_frame(steps[5], 2, 1))
+    viewer.slider.value = -1
+    assert np.array_equal(viewer.frame, trajectory_frame(steps[-1], 2, 1))
