@@ -126,7 +126,8 @@ def cmd_train(args: argparse.Namespace) -> None:
             dropout=args.dropout,
         )
         diffusion_config = DiffusionConfig(args.schedule, args.T, args.prediction)
-        dataset = get_dataset(args.dataset, args.data_root, True, args.image_size, hflip=args.dataset in ("cifar10", "folder"))
+        hflip = args.dataset in ("cifar10", "folder")  # photos may be mirrored, digits may not
+        dataset = get_dataset(args.dataset, args.data_root, True, args.image_size, hflip)
         steps = args.steps or (epochs_to_steps(args.epochs, len(dataset), args.batch_size) if args.epochs else TrainConfig.steps)
         train_config = TrainConfig(
             dataset=args.dataset,
@@ -137,7 +138,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             ema_decay=args.ema_decay,
             precision=args.precision,
             seed=args.seed,
-            hflip=args.dataset in ("cifar10", "folder"),
+            hflip=hflip,
             sample_every=args.sample_every,
             checkpoint_every=args.checkpoint_every,
             num_workers=args.num_workers,
@@ -145,10 +146,9 @@ def cmd_train(args: argparse.Namespace) -> None:
         trainer = Trainer(model_config, diffusion_config, train_config, dataset, args.device)
     trainer.config = dataclasses.replace(trainer.config, steps=steps)
     print(f"training on {trainer.device}, {len(trainer.dataset)} images, steps {trainer.step} -> {steps}", file=sys.stderr)
-    n_grids = len(trainer.samples)
-    trainer.fit(steps, checkpoint_path=out)
-    for step, grid in trainer.samples[n_grids:]:
-        save_grid(grid, out.with_name(f"{out.stem}_samples_{step:07d}.png"))
+    trainer.fit(
+        steps, checkpoint_path=out, on_sample=lambda step, grid: save_grid(grid, out.with_name(f"{out.stem}_samples_{step:07d}.png"))
+    )
     print(f"wrote {out} (step {trainer.step}, last loss {trainer.losses[-1]:.4f})", file=sys.stderr)
 
 

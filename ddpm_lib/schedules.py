@@ -140,6 +140,6 @@ def extract(values: torch.Tensor, t: torch.Tensor | int, shape: torch.Size | tup
     the batch dimension, so ``extract(schedule.alpha_bar, t, x.shape) * x`` works at any rank.
     """
     if isinstance(t, int):
-        t = torch.tensor([t])
+        t = torch.tensor([t], device=values.device)  # stay on the schedule's device (CUDA while sampling on a GPU)
     out = values.to(t.device)[t].float()
     return out.reshape(len(t), *([1] * (len(shape) - 1)))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -34,7 +34,7 @@ class TrainConfig:
     weight_decay: float = 0.0  # AdamW weight decay
     ema_decay: float = 0.9995  # EMA decay per step, warmed up as min(decay, (1 + n) / (10 + n))
     grad_clip: float = 1.0  # clip the global gradient norm to this (Ho et al.: 1.0)
-    precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU; "bf16" or "fp32" to choose
+    precision: str = "auto"  # "auto": bf16 autocast on CUDA GPUs that have it, else fp32; "bf16" or "fp32" to choose
     hflip: bool = False  # random horizontal flips (photos yes, digits no)
     seed: int = 0  # seeds the weights, the data order, t, the noise and dropout
     sample_every: int = 1000  # steps between sample grids of the EMA model (0: never)
@@ -111,7 +111,8 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.schedule = diffusion_config.make_schedule().to(self.device)
         self.generator = torch.Generator(self.device).manual_seed(cfg.seed)  # t and eps of every step
-        self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
+        cuda_bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda_bf16)
         self.step = 0
         self.losses: list[float] = []  # training loss of every step
         self.samples: list[tuple[int, torch.Tensor]] = []  # (step, (16, C, H, W) EMA samples in [-1, 1])
@@ -151,8 +152,18 @@ class Trainer:
         self.losses.append(loss.item())
         return self.losses[-1]
 
-    def fit(self, steps: int | None = None, checkpoint_path: str | os.PathLike | None = None, progress: bool = True) -> None:
-        """Train until ``steps`` optimizer steps in total (default: the config's), checkpointing to ``checkpoint_path``."""
+    def fit(
+        self,
+        steps: int | None = None,
+        checkpoint_path: str | os.PathLike | None = None,
+        progress: bool = True,
+        on_sample: Callable[[int, torch.Tensor], None] | None = None,
+    ) -> None:
+        """Train until ``steps`` optimizer steps in total (default: the config's), checkpointing to ``checkpoint_path``.
+
+        Every ``sample_every`` steps a grid of EMA samples is appended to ``self.samples`` and
+        passed to ``on_sample(step, grid)``.
+        """
         until = steps if steps is not None else self.config.steps
         cfg = self.config
         batches = EpochBatches(len(self.dataset), cfg.batch_size, cfg.seed, start_step=self.step)
@@ -174,6 +185,8 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
                 if cfg.sample_every and self.step % cfg.sample_every == 0:
                     self.samples.append((self.step, self.sample_grid()))
+                    if on_sample is not None:
+                        on_sample(*self.samples[-1])
                 if checkpoint_path is not None and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self.save(checkpoint_path)
         if checkpoint_path is not None:

@@ -74,3 +74,4 @@ def test_extract_broadcasts_for_any_rank():
     torch.testing.assert_close(out.flatten(), s.alpha_bar[t].float())
     assert extract(s.betas, t, (3, 7)).shape == (3, 1)
     assert extract(s.betas, 4, (2, 1, 8, 8)).shape == (1, 1, 1, 1)
+    assert extract(s.to("meta").betas, 4, (2, 1, 8, 8)).device.type == "meta"  # an int t follows the schedule's device

@@ -68,8 +68,9 @@ def test_same_seed_same_run_different_seed_different_run(dataset, tiny_config):
 def test_fit_writes_checkpoints_and_sample_grids(tmp_path, dataset, tiny_config):
     config = dataclasses.replace(CONFIG, sample_every=3, checkpoint_every=2)
     trainer = Trainer(tiny_config, DIFFUSION, config, dataset, device="cpu")
-    trainer.fit(progress=False, checkpoint_path=tmp_path / "run.pt")
-    assert [step for step, _ in trainer.samples] == [3, 6]
+    seen = []
+    trainer.fit(progress=False, checkpoint_path=tmp_path / "run.pt", on_sample=lambda step, grid: seen.append(step))
+    assert [step for step, _ in trainer.samples] == seen == [3, 6]
     assert trainer.samples[0][1].shape == (16, 1, 8, 8)
     state = load_checkpoint(tmp_path / "run.pt")
     assert state["step"] == 6 and len(state["losses"]) == 6
