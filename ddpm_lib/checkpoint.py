@@ -76,3 +76,21 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     except (KeyError, TypeError, RuntimeError, ValueError) as e:
         raise CheckpointError(f"{path} does not hold a usable model: {' '.join(str(e).split())}") from e
     return model.to(device).eval(), diffusion
+
+
+SHARED_KEYS = ("model_config", "diffusion_config", "train_config", "ema", "step")
+
+
+def export_ema(source: str | os.PathLike, out: str | os.PathLike) -> dict[str, Any]:
+    """Write the configs and EMA weights of a training checkpoint, without optimizer or raw weights.
+
+    The result is about a quarter of the size, loads with :func:`load_model` and the CLI's
+    --checkpoint, and cannot be resumed. Returns what was written.
+    """
+    state = load_checkpoint(source)
+    missing = [k for k in SHARED_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"{source} lacks {', '.join(missing)}; it is not a training checkpoint")
+    shared = {k: state[k] for k in SHARED_KEYS}
+    save_checkpoint(out, shared)
+    return shared

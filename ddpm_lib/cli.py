@@ -1,4 +1,4 @@
-"""python -m ddpm_lib train | sample | gif: the course's library from the shell.
+"""python -m ddpm_lib train | export | sample | gif: the course's library from the shell.
 
 Every failure a user can cause (a bad argument, a missing or corrupt checkpoint, an
 unwritable output) ends with a one-line message on stderr and exit status 2, no traceback.
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError, load_model
+from .checkpoint import CheckpointError, export_ema, load_model
 from .data import DATASETS, DatasetNotFoundError, dataset_info, get_dataset
 from .diffusion import PREDICTIONS, DiffusionConfig
 from .files import OutputPathError, atomic_write, check_writable
@@ -76,6 +76,10 @@ def build_parser() -> Parser:
     t.add_argument("--out", required=True, help="checkpoint to write (.pt)")
     t.add_argument("--resume", action="store_true", help="continue the run saved in --out up to --steps/--epochs")
     t.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+
+    e = sub.add_parser("export", help="write only the configs and EMA weights of a training checkpoint, for sharing")
+    e.add_argument("--checkpoint", required=True, help="a checkpoint written by train")
+    e.add_argument("--out", required=True, help="the small checkpoint to write (.pt)")
 
     for name, helptext in (
         ("sample", "draw samples from a checkpoint into a PNG grid or a .npy array"),
@@ -200,9 +204,16 @@ def cmd_gif(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}", file=sys.stderr)
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    if Path(args.out).resolve() == Path(args.checkpoint).resolve():
+        raise UsageError("--out must differ from --checkpoint: export never replaces the training state")
+    state = export_ema(args.checkpoint, args.out)
+    print(f"wrote {args.out} (EMA weights at step {state['step']}, {Path(args.out).stat().st_size / 2**20:.1f} MiB)", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    command = {"train": cmd_train, "sample": cmd_sample, "gif": cmd_gif}[args.command]
+    command = {"train": cmd_train, "export": cmd_export, "sample": cmd_sample, "gif": cmd_gif}[args.command]
     try:
         command(args)
     except (UsageError, CheckpointError, DatasetNotFoundError, OutputPathError, ValueError) as e:

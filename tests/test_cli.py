@@ -4,6 +4,7 @@ import sys
 import imageio.v3 as iio
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from ddpm_lib.checkpoint import load_checkpoint
@@ -117,6 +118,21 @@ def test_train_by_epochs_and_missing_data(images, capsys, tmp_path):
     assert not (tmp_path / "m.pt").exists()
 
 
+def test_export_keeps_configs_and_ema_weights_only(checkpoint, capsys, tmp_path):
+    code, err = run(capsys, "export", "--checkpoint", checkpoint, "--out", tmp_path / "small.pt")
+    assert code == 0, err
+    full, small = load_checkpoint(checkpoint), load_checkpoint(tmp_path / "small.pt")
+    assert set(small) == {"format", "version", "model_config", "diffusion_config", "train_config", "ema", "step"}
+    assert all(torch.equal(small["ema"][k], full["ema"][k]) for k in full["ema"])
+    assert (tmp_path / "small.pt").stat().st_size < checkpoint.stat().st_size / 2
+    code, err = run(
+        capsys, "sample", "--checkpoint", tmp_path / "small.pt", "--num", 2, "--sampler", "ddim", "--steps", 2, "--out", tmp_path / "s.npy"
+    )
+    assert code == 0, err
+    code, err = run(capsys, "export", "--checkpoint", checkpoint, "--out", checkpoint)
+    assert_one_line_error(code, err, "must differ")
+
+
 @pytest.mark.parametrize(
     "sampler_args", [["--sampler", "ddpm"], ["--sampler", "ddim", "--steps", "5"], ["--sampler", "ddim", "--eta", "1"]]
 )
@@ -143,7 +159,9 @@ def test_gif_writes_the_reverse_diffusion(checkpoint, capsys, tmp_path):
     assert frames.shape[0] == 7 and frames.shape[2] > 2 * frames.shape[1]  # x_t and predicted x0 side by side
 
 
-@pytest.mark.parametrize("command, option", [("train", "--resume"), ("sample", "--sampler"), ("gif", "--frames")])
+@pytest.mark.parametrize(
+    "command, option", [("train", "--resume"), ("export", "--checkpoint"), ("sample", "--sampler"), ("gif", "--frames")]
+)
 def test_every_subcommand_has_help(command, option, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
