@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 NOTEBOOKS := $(wildcard notebooks/*.ipynb)
+# The data root, made absolute: notebook kernels run inside notebooks/, not here.
+export DDPM_DATA := $(abspath $(or $(DDPM_DATA),data))
 
 .PHONY: lab test setup clean
 

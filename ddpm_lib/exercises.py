@@ -1,0 +1,120 @@
+"""Checkers for the course's exercises.
+
+Each ``check_*`` runs the reader's function on random inputs, compares it with ddpm_lib's own
+implementation, prints what is right or, for the usual mistakes, what exactly is wrong, and
+returns True or False. A function that still raises NotImplementedError is reported as not
+attempted yet. The reference solutions in the notebooks are checked with ``assert check_...(...)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .diffusion import q_sample
+from .sampling import ddpm_step
+from .schedules import extract, get_schedule
+from .unet import timestep_embedding
+
+
+def _verdict(
+    name: str, fn: Callable, args: tuple, expected: torch.Tensor, mistakes: dict[str, torch.Tensor], atol: float = 1e-4, quiet: bool = False
+) -> bool:
+    """Call fn(*args), compare with ``expected``, print the verdict (no line on success if ``quiet``)."""
+    try:
+        got = fn(*args)
+    except NotImplementedError:
+        print(f"✗ {name}: not attempted yet; replace `raise NotImplementedError` with your code.")
+        return False
+    except Exception as e:  # the reader's code may fail in any way; say how
+        print(f"✗ {name} raised {type(e).__name__}: {e}")
+        return False
+    if not isinstance(got, torch.Tensor):
+        print(f"✗ {name} returned a {type(got).__name__}; it should return a tensor of shape {tuple(expected.shape)}.")
+        return False
+    if got.shape != expected.shape:
+        print(f"✗ {name} returned shape {tuple(got.shape)}; expected {tuple(expected.shape)}.")
+        return False
+    got = got.detach().to(expected.dtype)
+    if torch.allclose(got, expected, atol=atol, rtol=1e-4):
+        if not quiet:
+            print(f"✓ {name} is correct: it matches ddpm_lib on {len(expected)} random examples.")
+        return True
+    for hint, wrong in mistakes.items():
+        if torch.allclose(got, wrong, atol=atol, rtol=1e-4):
+            print(f"✗ {name}: {hint}")
+            return False
+    error = (got - expected).abs().max().item()
+    print(f"✗ {name}: wrong values (largest error {error:.3g}). Compare your formula with the equation in the text.")
+    return False
+
+
+def check_q_sample(fn: Callable) -> bool:
+    """fn(x0, t, schedule, noise) -> x_t, for a (B,) tensor of 0-based t (Eq. 4)."""
+    g = torch.Generator().manual_seed(0)
+    schedule = get_schedule("linear", 1000)
+    x0 = torch.rand(8, 1, 6, 6, generator=g) * 2 - 1
+    noise = torch.randn(8, 1, 6, 6, generator=g)
+    t = torch.tensor([1, 10, 100, 250, 500, 750, 900, 999])
+    a_bar, a = extract(schedule.alpha_bar, t, x0.shape), extract(schedule.alphas, t, x0.shape)
+    a_bar_prev = extract(schedule.alpha_bar_prev, t, x0.shape)
+    mistakes = {
+        "you used alpha_t (one step) where Eq. 4 needs alpha_bar_t (the product over all steps up to t).": a.sqrt() * x0
+        + (1 - a).sqrt() * noise,
+        "the square roots are missing: the weights are sqrt(alpha_bar_t) and sqrt(1 - alpha_bar_t).": a_bar * x0 + (1 - a_bar) * noise,
+        "off by one step: t is 0-based, so read alpha_bar[t], not alpha_bar[t - 1].": a_bar_prev.sqrt() * x0
+        + (1 - a_bar_prev).sqrt() * noise,
+        "x0 and the noise are swapped.": a_bar.sqrt() * noise + (1 - a_bar).sqrt() * x0,
+    }
+    return _verdict("q_sample", fn, (x0, t, schedule, noise), q_sample(x0, t, schedule, noise), mistakes)
+
+
+def check_alpha_bar(fn: Callable) -> bool:
+    """fn(betas) -> alpha_bar, both float64 tensors of shape (T,)."""
+    betas = get_schedule("cosine", 200).betas
+    alphas = 1 - betas
+    mistakes = {
+        "that is the cumulative product of the betas; alpha_bar multiplies alpha_t = 1 - beta_t.": torch.cumprod(betas, 0),
+        "that is 1 - cumsum(beta): a sum, not a product. alpha_bar_t = prod_{s <= t} (1 - beta_s).": 1 - torch.cumsum(betas, 0),
+        "off by one: alpha_bar[0] should already include step 0, i.e. equal 1 - beta_0.": torch.cat(
+            [torch.ones(1, dtype=betas.dtype), torch.cumprod(alphas, 0)[:-1]]
+        ),
+    }
+    return _verdict("alpha_bar", fn, (betas,), torch.cumprod(alphas, 0), mistakes, atol=1e-10)
+
+
+def check_timestep_embedding(fn: Callable) -> bool:
+    """fn(t, dim) -> (B, dim) sinusoidal embedding, sines first, frequencies 10000 ** (-i / (dim / 2))."""
+    t, dim, half = torch.tensor([0, 1, 17, 500, 999]), 32, 16
+    args = t.float()[:, None] * torch.exp(-torch.log(torch.tensor(10000.0)) * torch.arange(half) / half)[None]
+    mistakes = {
+        "sines and cosines are swapped: this course puts the sines first.": torch.cat([args.cos(), args.sin()], 1),
+        "sines and cosines are interleaved; this course concatenates all sines, then all cosines.": torch.stack(
+            [args.sin(), args.cos()], 2
+        ).reshape(len(t), dim),
+    }
+    return _verdict("timestep_embedding", fn, (t, dim), timestep_embedding(t, dim), mistakes)
+
+
+def check_ddpm_step(fn: Callable) -> bool:
+    """fn(x_t, t, eps, schedule, noise) -> x_{t-1} for an int 0-based t, variance beta tilde, no clipping (Alg. 2)."""
+    g = torch.Generator().manual_seed(1)
+    schedule = get_schedule("linear", 1000)
+    for t in (999, 400, 3, 0):
+        x_t, eps, noise = (torch.randn(6, 1, 5, 5, generator=g) for _ in range(3))
+        expected = ddpm_step(x_t, t, eps, schedule, noise, clip_x0=False).x_prev
+        mean = ddpm_step(x_t, t, eps, schedule, torch.zeros_like(noise), clip_x0=False).x_prev
+        if t == 0:
+            mistakes = {"at t = 0 no noise is added (Alg. 2: z = 0 on the last step).": mean + schedule.betas[0].sqrt().float() * noise}
+        else:
+            mistakes = {
+                "that uses sigma_t^2 = beta_t; this exercise asks for beta tilde_t (schedule.posterior_variance).": ddpm_step(
+                    x_t, t, eps, schedule, noise, variance="beta", clip_x0=False
+                ).x_prev,
+                "the noise is missing: x_{t-1} = mean + sigma_t z for t > 0.": mean,
+            }
+        if not _verdict(f"ddpm_step at t={t}", fn, (x_t, t, eps, schedule, noise), expected, mistakes, quiet=True):
+            return False
+    print("✓ ddpm_step is correct: it matches ddpm_lib at t = 999, 400, 3 and 0.")
+    return True

@@ -1,0 +1,79 @@
+import pytest
+import torch
+
+from ddpm_lib.diffusion import q_sample
+from ddpm_lib.exercises import check_alpha_bar, check_ddpm_step, check_q_sample, check_timestep_embedding
+from ddpm_lib.sampling import ddpm_step
+from ddpm_lib.schedules import extract
+from ddpm_lib.unet import timestep_embedding
+
+
+def correct_ddpm_step(x_t, t, eps, schedule, noise):
+    return ddpm_step(x_t, t, eps, schedule, noise, clip_x0=False).x_prev
+
+
+@pytest.mark.parametrize(
+    "check, fn",
+    [
+        (check_q_sample, q_sample),
+        (check_alpha_bar, lambda betas: torch.cumprod(1 - betas, 0)),
+        (check_timestep_embedding, timestep_embedding),
+        (check_ddpm_step, correct_ddpm_step),
+    ],
+)
+def test_the_reference_solutions_pass(check, fn, capsys):
+    assert check(fn) is True
+    assert capsys.readouterr().out.startswith("✓")
+
+
+def wrong_alpha(x0, t, schedule, noise):
+    a = extract(schedule.alphas, t, x0.shape)
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+
+def no_sqrt(x0, t, schedule, noise):
+    a = extract(schedule.alpha_bar, t, x0.shape)
+    return a * x0 + (1 - a) * noise
+
+
+def one_based(x0, t, schedule, noise):
+    return q_sample(x0, t - 1, schedule, noise)  # the checker's t are all >= 1
+
+
+@pytest.mark.parametrize(
+    "check, fn, hint",
+    [
+        (check_q_sample, wrong_alpha, "alpha_t (one step)"),
+        (check_q_sample, no_sqrt, "square roots are missing"),
+        (check_q_sample, one_based, "off by one step"),
+        (check_q_sample, lambda x0, t, s, noise: x0 * 0, "wrong values"),
+        (check_alpha_bar, lambda betas: torch.cumprod(betas, 0), "cumulative product of the betas"),
+        (check_alpha_bar, lambda betas: 1 - torch.cumsum(betas, 0), "a sum, not a product"),
+        (check_timestep_embedding, lambda t, d: timestep_embedding(t, d).roll(d // 2, 1), "swapped"),
+        (check_ddpm_step, lambda x_t, t, eps, s, z: ddpm_step(x_t, t, eps, s, z, variance="beta", clip_x0=False).x_prev, "beta tilde"),
+        (check_ddpm_step, lambda x_t, t, eps, s, z: ddpm_step(x_t, t, eps, s, z * 0, clip_x0=False).x_prev, "noise is missing"),
+    ],
+)
+def test_known_mistakes_get_their_own_hint(check, fn, hint, capsys):
+    assert check(fn) is False
+    out = capsys.readouterr().out
+    assert out.startswith("✗") and hint in out, out
+
+
+def test_the_t0_noise_mistake_is_named(capsys):
+    def adds_noise_at_t0(x_t, t, eps, schedule, noise):
+        out = ddpm_step(x_t, t, eps, schedule, noise, clip_x0=False).x_prev
+        return out + schedule.betas[0].sqrt().float() * noise if t == 0 else out
+
+    assert check_ddpm_step(adds_noise_at_t0) is False
+    assert "no noise is added" in capsys.readouterr().out
+
+
+def test_stubs_errors_and_wrong_shapes_are_reported_not_raised(capsys):
+    def stub(*args):
+        raise NotImplementedError
+
+    assert check_q_sample(stub) is False and "not attempted yet" in capsys.readouterr().out
+    assert check_q_sample(lambda *a: 1 / 0) is False and "ZeroDivisionError" in capsys.readouterr().out
+    assert check_q_sample(lambda x0, *a: x0[0]) is False and "returned shape (1, 6, 6)" in capsys.readouterr().out
+    assert check_alpha_bar(lambda b: b.tolist()) is False and "returned a list" in capsys.readouterr().out
