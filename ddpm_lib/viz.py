@@ -7,6 +7,7 @@ for one channel or (H, W, 3) for three. The widgets only need ipywidgets, not a 
 
 from __future__ import annotations
 
+import base64
 import math
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -45,6 +46,69 @@ def side_by_side(*images: np.ndarray, gap: int = 8) -> np.ndarray:
     spacer = np.full((images[0].shape[0], gap, *images[0].shape[2:]), 255, np.uint8)
     parts = [p for img in images for p in (img, spacer)][:-1]
     return np.concatenate(parts, axis=1)
+
+
+def stack(*images: np.ndarray, gap: int = 8) -> np.ndarray:
+    """Join images top to bottom with a white gap, as RGB, padding narrower ones with white on the right."""
+    rgb = [np.repeat(img[..., None], 3, axis=2) if img.ndim == 2 else img for img in images]
+    width = max(img.shape[1] for img in rgb)
+    rows = []
+    for img in rgb:
+        rows += [np.pad(img, ((0, 0), (0, width - img.shape[1]), (0, 0)), constant_values=255), np.full((gap, width, 3), 255, np.uint8)]
+    return np.concatenate(rows[:-1], axis=0)
+
+
+def beside(*images: np.ndarray, gap: int = 8) -> np.ndarray:
+    """Join images left to right with a white gap, as RGB, padding shorter ones with white at the bottom."""
+    rgb = [np.repeat(img[..., None], 3, axis=2) if img.ndim == 2 else img for img in images]
+    height = max(img.shape[0] for img in rgb)
+    return side_by_side(*(np.pad(img, ((0, height - img.shape[0]), (0, 0), (0, 0)), constant_values=255) for img in rgb), gap=gap)
+
+
+class CurvePanel:
+    """Line plots drawn once with matplotlib; ``render(x)`` returns them as an RGB array with a
+    marker at x on every line, fast enough for a slider (no matplotlib work per update).
+
+    ``curves`` maps a panel title to {line label: y values over ``x``}.
+    """
+
+    def __init__(self, x: Sequence[float], curves: dict[str, dict[str, Sequence[float]]], xlabel: str = "t", dpi: int = 80):
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        self.x = np.asarray(x, dtype=float)
+        fig = Figure(figsize=(3.4 * len(curves), 2.4), dpi=dpi, layout="constrained")
+        canvas = FigureCanvasAgg(fig)
+        axes = fig.subplots(1, len(curves), squeeze=False)[0]
+        for ax, (title, lines) in zip(axes, curves.items(), strict=True):
+            for label, y in lines.items():
+                ax.plot(self.x, np.asarray(y, dtype=float), label=label or None)
+            ax.set_title(title)
+            ax.set_xlabel(xlabel)
+            if len(lines) > 1:
+                ax.legend(fontsize="small")
+        canvas.draw()
+        self.base = np.asarray(canvas.buffer_rgba())[..., :3].copy()
+        h = self.base.shape[0]
+        self.dots = []  # (len(x), 2) pixel (column, row) of every point of every line
+        self.columns = []  # per panel: (top row, bottom row, pixel column of every x)
+        for ax, lines in zip(axes, curves.values(), strict=True):
+            for y in lines.values():
+                xy = ax.transData.transform(np.c_[self.x, np.asarray(y, dtype=float)])
+                self.dots.append(np.c_[xy[:, 0], h - xy[:, 1]].round().astype(int))
+            _, y0, _, y1 = ax.bbox.extents
+            cols = ax.transData.transform(np.c_[self.x, np.zeros_like(self.x)])[:, 0].round().astype(int)
+            self.columns.append((int(h - y1), int(h - y0), cols))
+
+    def render(self, x: float) -> np.ndarray:
+        i = int(np.abs(self.x - x).argmin())
+        img = self.base.copy()
+        for top, bottom, cols in self.columns:  # a thin grey line across each panel
+            img[top:bottom, cols[i] : cols[i] + 1] = (190, 190, 190)
+        for dots in self.dots:  # a red dot on each curve
+            c, r = dots[i]
+            img[max(r - 3, 0) : r + 4, max(c - 3, 0) : c + 4] = (214, 39, 40)
+        return img
 
 
 def save_grid(x: torch.Tensor, path: str | os.PathLike, nrow: int | None = None) -> Path:
@@ -126,9 +190,17 @@ class TimestepViewer:
     """
 
     def __init__(
-        self, render: Callable[[int], np.ndarray], t_min: int, t_max: int, step: int = 1, value: int | None = None, description: str = "t"
+        self,
+        render: Callable[[int], np.ndarray],
+        t_min: int,
+        t_max: int,
+        step: int = 1,
+        value: int | None = None,
+        description: str = "t",
+        static_ts: Sequence[int] | None = None,
     ):
         self.render = render
+        self.static_ts = list(static_ts) if static_ts is not None else [t_max, (t_min + t_max) // 2, t_min]
         self.slider = widgets.IntSlider(
             value=t_max if value is None else value, min=t_min, max=t_max, step=step, description=description, continuous_update=True
         )
@@ -142,8 +214,15 @@ class TimestepViewer:
         self.frame = self.render(t)
         self.image.value = png_bytes(self.frame)
 
+    def static_image(self) -> np.ndarray:
+        """What the slider would show at each of ``static_ts``, stacked top to bottom."""
+        return stack(*(self.render(t) for t in self.static_ts), gap=16)
+
     def _repr_mimebundle_(self, **kwargs):
-        return self.widget._repr_mimebundle_(**kwargs)
+        # The live widget for JupyterLab, and a static picture for viewers without a kernel (GitHub).
+        bundle = self.widget._repr_mimebundle_(**kwargs)
+        bundle["image/png"] = base64.b64encode(png_bytes(self.static_image())).decode()
+        return bundle
 
 
 def forward_viewer(
@@ -170,3 +249,38 @@ def trajectory_viewer(steps: Sequence[SamplerStep], nrow: int | None = None, sca
         return frames[nearest]
 
     return TimestepViewer(render, ts[0], ts[-1], value=ts[-1])
+
+
+def forward_explorer(x0: torch.Tensor, schedule: NoiseSchedule, noise: torch.Tensor | None = None, scale: int = 2) -> TimestepViewer:
+    """Scrub q(x_t | x0) for a row of images: x_t, the fixed noise eps it mixes in, and a marker
+    moving along the alpha_bar_t and log-SNR curves."""
+    noise = torch.randn_like(x0) if noise is None else noise
+    t = np.arange(schedule.T)
+    panel = CurvePanel(t, {"alpha_bar_t": {"": schedule.alpha_bar.cpu()}, "log SNR": {"": schedule.snr.log().cpu()}})
+    noise_row = image_grid(noise, len(noise), scale=scale)
+
+    def render(t: int) -> np.ndarray:
+        return beside(stack(image_grid(q_sample(x0, t, schedule, noise), len(x0), scale=scale), noise_row), panel.render(t))
+
+    return TimestepViewer(
+        render, 0, schedule.T - 1, value=0, static_ts=[0, schedule.T // 10, schedule.T // 4, schedule.T // 2, schedule.T - 1]
+    )
+
+
+def schedule_explorer(
+    x0: torch.Tensor, schedules: dict[str, NoiseSchedule], noise: torch.Tensor | None = None, scale: int = 3
+) -> TimestepViewer:
+    """Scrub t for one image (1, C, H, W) under several schedules of the same T at once, with the
+    same noise: one image per schedule, and a marker on each schedule's alpha_bar curve."""
+    T = {s.T for s in schedules.values()}
+    if len(T) != 1:
+        raise ValueError(f"the schedules must share T, got {sorted(T)}")
+    T = T.pop()
+    noise = torch.randn_like(x0) if noise is None else noise
+    panel = CurvePanel(np.arange(T), {"alpha_bar_t": {name: s.alpha_bar.cpu() for name, s in schedules.items()}})
+
+    def render(t: int) -> np.ndarray:
+        row = torch.cat([q_sample(x0, t, s, noise) for s in schedules.values()])
+        return beside(image_grid(row, len(row), scale=scale), panel.render(t))
+
+    return TimestepViewer(render, 0, T - 1, value=0, static_ts=[0, T // 4, T // 2, 3 * T // 4, T - 1])

@@ -1,3 +1,5 @@
+import base64
+
 import imageio.v3 as iio
 import numpy as np
 import pytest
@@ -10,11 +12,14 @@ from ddpm_lib.sampling import SamplerStep, sample_loop
 from ddpm_lib.schedules import get_schedule
 from ddpm_lib.unet import UNet
 from ddpm_lib.viz import (
+    CurvePanel,
+    forward_explorer,
     forward_viewer,
     frame_indices,
     image_grid,
     save_grid,
     save_trajectory_gif,
+    schedule_explorer,
     to_uint8,
     trajectory_frame,
     trajectory_viewer,
@@ -110,3 +115,47 @@ def test_trajectory_viewer_shows_the_stored_step_at_the_slider_value():
     assert np.array_equal(viewer.frame, trajectory_frame(steps[5], 2, 1))
     viewer.slider.value = -1
     assert np.array_equal(viewer.frame, trajectory_frame(steps[-1], 2, 1))
+
+
+def test_curve_panel_marker_moves_with_x():
+    panel = CurvePanel(np.arange(100), {"a": {"": np.linspace(1, 0, 100)}, "b": {"x": np.zeros(100), "y": np.ones(100)}})
+    early, late = panel.render(5), panel.render(90)
+    assert early.shape == late.shape == panel.base.shape
+    red = np.array([214, 39, 40])
+
+    def red_columns(img):
+        return np.unique(np.nonzero((img == red).all(axis=2))[1])
+
+    assert red_columns(early).mean() < red_columns(late).mean()
+    assert np.array_equal(panel.render(5), early) and not np.array_equal(early, panel.base)
+
+
+def test_forward_explorer_shows_q_sample_and_the_noise_at_the_slider_value():
+    x0, noise = torch.rand(3, 1, 8, 8) * 2 - 1, torch.randn(3, 1, 8, 8)
+    viewer = forward_explorer(x0, SCHEDULE, noise, scale=1)
+    viewer.slider.value = 420
+    top_row = image_grid(q_sample(x0, 420, SCHEDULE, noise), 3)
+    assert np.array_equal(viewer.frame[: top_row.shape[0], : top_row.shape[1], 0], top_row)
+    noise_row = image_grid(noise, 3)
+    start = top_row.shape[0] + 8
+    assert np.array_equal(viewer.frame[start : start + noise_row.shape[0], : noise_row.shape[1], 0], noise_row)
+
+
+def test_schedule_explorer_shows_one_image_per_schedule():
+    schedules = {name: get_schedule(name, 100) for name in ("linear", "cosine")}
+    x0, noise = torch.rand(1, 1, 8, 8) * 2 - 1, torch.randn(1, 1, 8, 8)
+    viewer = schedule_explorer(x0, schedules, noise, scale=1)
+    viewer.slider.value = 30
+    row = image_grid(torch.cat([q_sample(x0, 30, s, noise) for s in schedules.values()]), 2)
+    assert np.array_equal(viewer.frame[: row.shape[0], : row.shape[1], 0], row)
+    with pytest.raises(ValueError, match="share T"):
+        schedule_explorer(x0, {"a": get_schedule("linear", 10), "b": get_schedule("linear", 20)})
+
+
+def test_viewers_carry_a_static_picture_for_readers_without_a_kernel():
+    viewer = forward_viewer(torch.rand(2, 1, 8, 8), SCHEDULE, nrow=2, scale=1)
+    bundle = viewer._repr_mimebundle_()
+    assert "application/vnd.jupyter.widget-view+json" in bundle
+    static = iio.imread(base64.b64decode(bundle["image/png"]))
+    assert static.shape[0] == 3 * viewer.frame.shape[0] + 2 * 16  # t = 999, 499 and 0, stacked
+    assert viewer.t == 0  # drawing the static picture does not move the slider
