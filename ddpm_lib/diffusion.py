@@ -81,6 +81,16 @@ def q_posterior(x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | int, sche
     return mean, extract(schedule.posterior_variance, t, x_t.shape)
 
 
+def correlation_with_x0(x0: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation between each image and its noised version over the pixels, shape (B,).
+
+    For data with pixel variance v, Eq. 4 predicts sqrt(a v) / sqrt(a v + 1 - a) with a = alpha_bar_t.
+    """
+    a = x0.flatten(1) - x0.flatten(1).mean(1, keepdim=True)
+    b = x_t.flatten(1) - x_t.flatten(1).mean(1, keepdim=True)
+    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
+
+
 # Conversions between the three things a network can predict. With a = alpha_bar_t:
 #   x_t = sqrt(a) x0 + sqrt(1 - a) eps          (Eq. 4)
 #   v   = sqrt(a) eps - sqrt(1 - a) x0          (Salimans & Ho 2022, Sec. 4)

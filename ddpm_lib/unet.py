@@ -199,3 +199,23 @@ class UNet(nn.Module):
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def layer_shapes(model: UNet, x: torch.Tensor, t: torch.Tensor) -> list[tuple[str, tuple[int, ...], int]]:
+    """(layer name, output shape, parameter count) for every top-level layer, in the order a forward pass runs them."""
+    rows, hooks = [], []
+    for name, module in model.named_modules():
+        is_layer = name in ("time_mlp", "stem", "mid1", "mid_attn", "mid2", "head") or (
+            name.count(".") == 1 and name.split(".")[0] in ("down", "up")
+        )
+        if is_layer:
+            hooks.append(
+                module.register_forward_hook(lambda m, args, out, name=name: rows.append((name, tuple(out.shape), count_parameters(m))))
+            )
+    try:
+        with torch.no_grad():
+            model(x, t)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return rows

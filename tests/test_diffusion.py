@@ -4,6 +4,7 @@ import torch
 from ddpm_lib.diffusion import (
     PREDICTIONS,
     DiffusionConfig,
+    correlation_with_x0,
     eps_from_x0,
     loss_simple,
     q_chain,
@@ -119,3 +120,13 @@ def test_diffusion_config_validates_choices():
     with pytest.raises(ValueError, match="valid names: linear"):
         DiffusionConfig(schedule="nope")
     assert DiffusionConfig(schedule="cosine", T=50).make_schedule().T == 50
+
+
+def test_correlation_with_x0_follows_eq_4():
+    x0 = torch.rand(64, 1, 16, 16) * 2 - 1  # uniform pixels: variance 1/3
+    for t in (0, 200, 400, 700):
+        a = SCHEDULE.alpha_bar[t].item()
+        predicted = (a / 3) ** 0.5 / (a / 3 + 1 - a) ** 0.5
+        measured = correlation_with_x0(x0, q_sample(x0, t, SCHEDULE)).mean().item()
+        assert abs(measured - predicted) < 0.02, (t, measured, predicted)
+    assert torch.allclose(correlation_with_x0(x0, 2 * x0 + 1), torch.ones(64))

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from ddpm_lib.unet import UNet, UNetConfig, count_parameters, timestep_embedding
+from ddpm_lib.unet import UNet, UNetConfig, count_parameters, layer_shapes, timestep_embedding
 
 
 @pytest.mark.parametrize(
@@ -74,3 +74,15 @@ def test_config_errors_say_what_to_change():
         UNetConfig(attention_resolutions=(16,))
     with pytest.raises(ValueError, match="num_groups"):
         UNetConfig(base_channels=12)
+
+
+def test_layer_shapes_follow_the_u_and_count_every_parameter():
+    model = UNet(UNetConfig())
+    rows = layer_shapes(model, torch.randn(2, 1, 28, 28), torch.tensor([0, 1]))
+    names = [name for name, _, _ in rows]
+    assert names[:2] == ["time_mlp", "stem"] and names[-1] == "head" and names.index("mid1") < names.index("up.0")
+    shapes = dict((name, shape) for name, shape, _ in rows)
+    assert shapes["time_mlp"] == (2, 64) and shapes["stem"] == (2, 16, 28, 28)
+    assert shapes["mid2"] == (2, 64, 7, 7) and shapes["head"] == (2, 1, 28, 28)
+    assert sum(p for _, _, p in rows) == count_parameters(model)
+    assert not model._forward_hooks and all(not m._forward_hooks for m in model.modules())
