@@ -82,7 +82,7 @@ SHARED_KEYS = ("model_config", "diffusion_config", "train_config", "ema", "step"
 
 
 def export_ema(source: str | os.PathLike, out: str | os.PathLike) -> dict[str, Any]:
-    """Write the configs and EMA weights of a training checkpoint, without optimizer or raw weights.
+    """Write the configs, EMA weights and loss history of a training checkpoint, without optimizer or raw weights.
 
     The result is about a quarter of the size, loads with :func:`load_model` and the CLI's
     --checkpoint, and cannot be resumed. Returns what was written.
@@ -91,6 +91,6 @@ def export_ema(source: str | os.PathLike, out: str | os.PathLike) -> dict[str, A
     missing = [k for k in SHARED_KEYS if k not in state]
     if missing:
         raise CheckpointError(f"{source} lacks {', '.join(missing)}; it is not a training checkpoint")
-    shared = {k: state[k] for k in SHARED_KEYS}
+    shared = {k: state[k] for k in (*SHARED_KEYS, "losses") if k in state}  # the loss history is small: keep it
     save_checkpoint(out, shared)
     return shared
