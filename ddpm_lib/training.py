@@ -18,6 +18,7 @@ from .checkpoint import config_from_dict, load_checkpoint, save_checkpoint
 from .data import dataset_info, get_dataset
 from .diffusion import DiffusionConfig, loss_simple
 from .sampling import sample
+from .schedules import NoiseSchedule
 from .unet import UNet, UNetConfig
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -263,6 +264,30 @@ class Trainer:
             trainer.cuda_rng_state = state["rng"]["cuda"].cpu()
         trainer.generator.set_state(state["rng"]["noise"].cpu())
         return trainer
+
+
+@torch.inference_mode()
+def loss_by_timestep(
+    model: torch.nn.Module,
+    x0: torch.Tensor,
+    schedule: NoiseSchedule,
+    prediction: str = "eps",
+    bins: int = 20,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """L_simple averaged over the images x0 (B, C, H, W) at the centre timestep of each of ``bins``
+    equal bins of t. Returns (t of each bin, mean loss), each of shape (bins,)."""
+    centres = ((torch.arange(bins) + 0.5) * schedule.T / bins).long()
+    losses = []
+    was_training = model.training
+    model.eval()
+    try:
+        for t in centres.tolist():
+            t_batch = torch.full((len(x0),), t, dtype=torch.long, device=x0.device)
+            losses.append(loss_simple(model, x0, schedule, prediction, t=t_batch, generator=generator).item())
+    finally:
+        model.train(was_training)
+    return centres, torch.tensor(losses)
 
 
 def epochs_to_steps(epochs: float, dataset_size: int, batch_size: int) -> int:

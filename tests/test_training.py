@@ -128,3 +128,20 @@ def test_an_ema_only_checkpoint_cannot_be_resumed(tmp_path, dataset, tiny_config
     trainer.save(tmp_path / "ema.pt", full=False)
     with pytest.raises(ValueError, match="only EMA weights"):
         Trainer.from_checkpoint(tmp_path / "ema.pt", dataset, device="cpu")
+
+
+def test_loss_by_timestep_bins_l_simple():
+    from ddpm_lib.training import loss_by_timestep
+
+    schedule = DIFFUSION.make_schedule()
+    x0 = torch.rand(16, 1, 8, 8) * 2 - 1
+
+    class PredictsXt(torch.nn.Module):  # a model whose eps-error shrinks as x_t becomes noise
+        def forward(self, x_t, t):
+            return x_t
+
+    model = PredictsXt().train()
+    t, loss = loss_by_timestep(model, x0, schedule, bins=5, generator=torch.Generator().manual_seed(0))
+    assert t.tolist() == [5, 15, 25, 35, 45] and loss.shape == (5,)
+    assert (loss[1:] < loss[:-1]).all()  # eps - x_t = sqrt(a) (eps - x0) + ..., smaller as alpha_bar falls
+    assert model.training  # the mode is restored
