@@ -12,14 +12,20 @@ from collections.abc import Callable
 
 import torch
 
-from .diffusion import q_sample
+from .diffusion import loss_simple, q_sample
 from .sampling import ddpm_step
 from .schedules import extract, get_schedule
-from .unet import timestep_embedding
+from .unet import UNet, UNetConfig, timestep_embedding
 
 
 def _verdict(
-    name: str, fn: Callable, args: tuple, expected: torch.Tensor, mistakes: dict[str, torch.Tensor], atol: float = 1e-4, quiet: bool = False
+    name: str,
+    fn: Callable,
+    args: tuple,
+    expected: torch.Tensor,
+    mistakes: dict[str, torch.Tensor],
+    atol: float = 1e-4,
+    quiet: bool = False,
 ) -> bool:
     """Call fn(*args), compare with ``expected``, print the verdict (no line on success if ``quiet``)."""
     try:
@@ -39,7 +45,7 @@ def _verdict(
     got = got.detach().to(expected.dtype)
     if torch.allclose(got, expected, atol=atol, rtol=1e-4):
         if not quiet:
-            print(f"✓ {name} is correct: it matches ddpm_lib on {len(expected)} random examples.")
+            print(f"✓ {name} is correct: it matches ddpm_lib on random inputs.")
         return True
     for hint, wrong in mistakes.items():
         if torch.allclose(got, wrong, atol=atol, rtol=1e-4):
@@ -95,6 +101,36 @@ def check_timestep_embedding(fn: Callable) -> bool:
         ).reshape(len(t), dim),
     }
     return _verdict("timestep_embedding", fn, (t, dim), timestep_embedding(t, dim), mistakes)
+
+
+def check_loss_simple(fn: Callable) -> bool:
+    """fn(model, x0, t, noise, schedule) -> the scalar L_simple for eps-prediction (Eq. 14), on a small random U-Net."""
+    g = torch.Generator().manual_seed(2)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(2)
+        model = UNet(
+            UNetConfig(image_size=8, base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(4,), num_heads=2)
+        )
+        for p in model.parameters():  # the output layers start at zero; give them weights so mistakes show
+            torch.nn.init.normal_(p, std=0.1)
+    model.eval()
+    schedule = get_schedule("linear", 1000)
+    x0 = torch.rand(8, 1, 8, 8, generator=g) * 2 - 1
+    noise = torch.randn(8, 1, 8, 8, generator=g)
+    t = torch.randint(0, 1000, (8,), generator=g)
+    x_t = q_sample(x0, t, schedule, noise)
+    with torch.no_grad():
+        expected = loss_simple(model, x0, schedule, t=t, noise=noise)
+        pred = model(x_t, t)
+        a_bar = extract(schedule.alpha_bar, t, x0.shape)
+        mistakes = {
+            "the target is the noise eps, not the clean image x0.": ((x0 - pred) ** 2).mean(),
+            "that is a sum; L_simple averages the squared error.": ((noise - pred) ** 2).sum(),
+            "x_t needs the square roots: sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps.": (
+                (noise - model(a_bar * x0 + (1 - a_bar) * noise, t)) ** 2
+            ).mean(),
+        }
+        return _verdict("loss_simple", fn, (model, x0, t, noise, schedule), expected, mistakes)
 
 
 def check_ddpm_step(fn: Callable) -> bool:

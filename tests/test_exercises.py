@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from ddpm_lib.diffusion import q_sample
-from ddpm_lib.exercises import check_alpha_bar, check_ddpm_step, check_q_sample, check_timestep_embedding
+from ddpm_lib.diffusion import loss_simple, q_sample
+from ddpm_lib.exercises import check_alpha_bar, check_ddpm_step, check_loss_simple, check_q_sample, check_timestep_embedding
 from ddpm_lib.sampling import ddpm_step
 from ddpm_lib.schedules import extract
 from ddpm_lib.unet import timestep_embedding
@@ -19,6 +19,7 @@ def correct_ddpm_step(x_t, t, eps, schedule, noise):
         (check_alpha_bar, lambda betas: torch.cumprod(1 - betas, 0)),
         (check_timestep_embedding, timestep_embedding),
         (check_ddpm_step, correct_ddpm_step),
+        (check_loss_simple, lambda model, x0, t, noise, schedule: loss_simple(model, x0, schedule, t=t, noise=noise)),
     ],
 )
 def test_the_reference_solutions_pass(check, fn, capsys):
@@ -52,6 +53,8 @@ def one_based(x0, t, schedule, noise):
         (check_timestep_embedding, lambda t, d: timestep_embedding(t, d).roll(d // 2, 1), "swapped"),
         (check_ddpm_step, lambda x_t, t, eps, s, z: ddpm_step(x_t, t, eps, s, z, variance="beta", clip_x0=False).x_prev, "beta tilde"),
         (check_ddpm_step, lambda x_t, t, eps, s, z: ddpm_step(x_t, t, eps, s, z * 0, clip_x0=False).x_prev, "noise is missing"),
+        (check_loss_simple, lambda model, x0, t, noise, s: ((x0 - model(q_sample(x0, t, s, noise), t)) ** 2).mean(), "not the clean image"),
+        (check_loss_simple, lambda model, x0, t, noise, s: ((noise - model(q_sample(x0, t, s, noise), t)) ** 2).sum(), "a sum"),
     ],
 )
 def test_known_mistakes_get_their_own_hint(check, fn, hint, capsys):
