@@ -6,14 +6,19 @@ NOTEBOOKS := $(wildcard notebooks/*.ipynb)
 # The data root, made absolute: notebook kernels run inside notebooks/, not here.
 export DDPM_DATA := $(abspath $(or $(DDPM_DATA),data))
 
-.PHONY: lab test setup clean
+.PHONY: lab test figures setup clean
 
 lab: $(VENV)/.installed
 	$(BIN)/jupyter lab
 
+# Notebooks run in quick mode (DDPM_SMOKE=1): fewer images and training steps, the same code.
 test: $(VENV)/.installed
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest tests $(if $(NOTEBOOKS),--nbval-lax notebooks)
+	DDPM_SMOKE=1 $(BIN)/python -m pytest tests $(if $(NOTEBOOKS),--nbval-lax notebooks)
+
+# The README's pictures, from the shipped checkpoint.
+figures: $(VENV)/.installed
+	$(BIN)/python scripts/make_figures.py
 
 setup: $(VENV)/.installed
 

@@ -134,7 +134,7 @@ def trajectory_frame(step: SamplerStep, nrow: int | None = None, scale: int = 1,
     return side_by_side(grid, image_grid(step.x0, nrow, scale=scale)) if show_x0 else grid
 
 
-def auto_scale(image_size: int, nrow: int, target: int = 256) -> int:
+def auto_scale(image_size: int, nrow: int, target: int = 200) -> int:
     """The integer upscaling that makes a grid of ``nrow`` images at least ``target`` pixels wide."""
     return max(1, math.ceil(target / (nrow * (image_size + 2))))
 
@@ -156,7 +156,7 @@ def save_trajectory_gif(
     ``steps`` is what :func:`sampling.sample_loop` yields (a list, or the live generator with
     ``num_steps`` = how many items it will yield); ``frames`` of them, evenly spaced, become
     frames of ``duration_ms`` each, the last held for ``hold_ms``. ``loop=0`` loops forever.
-    Small images are upscaled (nearest neighbour) by ``scale``, by default to >= 256 px a grid.
+    Small images are upscaled (nearest neighbour) by ``scale``, by default to >= 200 px a grid.
     """
     if num_steps is None:
         if not isinstance(steps, Sequence):
