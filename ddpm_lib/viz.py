@@ -41,28 +41,33 @@ def image_grid(x: torch.Tensor, nrow: int | None = None, padding: int = 2, scale
     return grid[..., 0].copy() if x.shape[1] == 1 else grid
 
 
-def side_by_side(*images: np.ndarray, gap: int = 8) -> np.ndarray:
-    """Join images of equal height left to right with a white gap."""
-    spacer = np.full((images[0].shape[0], gap, *images[0].shape[2:]), 255, np.uint8)
-    parts = [p for img in images for p in (img, spacer)][:-1]
-    return np.concatenate(parts, axis=1)
-
-
-def stack(*images: np.ndarray, gap: int = 8) -> np.ndarray:
-    """Join images top to bottom with a white gap, as RGB, padding narrower ones with white on the right."""
-    rgb = [np.repeat(img[..., None], 3, axis=2) if img.ndim == 2 else img for img in images]
-    width = max(img.shape[1] for img in rgb)
-    rows = []
-    for img in rgb:
-        rows += [np.pad(img, ((0, 0), (0, width - img.shape[1]), (0, 0)), constant_values=255), np.full((gap, width, 3), 255, np.uint8)]
-    return np.concatenate(rows[:-1], axis=0)
+def _common_channels(images: tuple[np.ndarray, ...]) -> list[np.ndarray]:
+    """The images as they are if all are grayscale (H, W), else all as RGB (H, W, 3)."""
+    if all(img.ndim == 2 for img in images):
+        return list(images)
+    return [np.repeat(img[..., None], 3, axis=2) if img.ndim == 2 else img for img in images]
 
 
 def beside(*images: np.ndarray, gap: int = 8) -> np.ndarray:
-    """Join images left to right with a white gap, as RGB, padding shorter ones with white at the bottom."""
-    rgb = [np.repeat(img[..., None], 3, axis=2) if img.ndim == 2 else img for img in images]
-    height = max(img.shape[0] for img in rgb)
-    return side_by_side(*(np.pad(img, ((0, height - img.shape[0]), (0, 0), (0, 0)), constant_values=255) for img in rgb), gap=gap)
+    """Join images left to right with a white gap, padding shorter ones with white at the bottom."""
+    images = _common_channels(images)
+    height = max(img.shape[0] for img in images)
+    parts = []
+    for img in images:
+        pad = [(0, height - img.shape[0]), (0, 0)] + [(0, 0)] * (img.ndim - 2)
+        parts += [np.pad(img, pad, constant_values=255), np.full((height, gap, *img.shape[2:]), 255, np.uint8)]
+    return np.concatenate(parts[:-1], axis=1)
+
+
+def stack(*images: np.ndarray, gap: int = 8) -> np.ndarray:
+    """Join images top to bottom with a white gap, padding narrower ones with white on the right."""
+    images = _common_channels(images)
+    width = max(img.shape[1] for img in images)
+    parts = []
+    for img in images:
+        pad = [(0, 0), (0, width - img.shape[1])] + [(0, 0)] * (img.ndim - 2)
+        parts += [np.pad(img, pad, constant_values=255), np.full((gap, width, *img.shape[2:]), 255, np.uint8)]
+    return np.concatenate(parts[:-1], axis=0)
 
 
 class CurvePanel:
@@ -131,7 +136,7 @@ def frame_indices(n: int, frames: int) -> list[int]:
 def trajectory_frame(step: SamplerStep, nrow: int | None = None, scale: int = 1, show_x0: bool = True) -> np.ndarray:
     """One picture of a sampler step: the grid of x_t, and beside it the predicted x0."""
     grid = image_grid(step.x_t, nrow, scale=scale)
-    return side_by_side(grid, image_grid(step.x0, nrow, scale=scale)) if show_x0 else grid
+    return beside(grid, image_grid(step.x0, nrow, scale=scale)) if show_x0 else grid
 
 
 def auto_scale(image_size: int, nrow: int, target: int = 200) -> int:

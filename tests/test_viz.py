@@ -13,6 +13,7 @@ from ddpm_lib.schedules import get_schedule
 from ddpm_lib.unet import UNet
 from ddpm_lib.viz import (
     CurvePanel,
+    beside,
     forward_explorer,
     forward_viewer,
     frame_indices,
@@ -20,6 +21,7 @@ from ddpm_lib.viz import (
     save_grid,
     save_trajectory_gif,
     schedule_explorer,
+    stack,
     to_uint8,
     trajectory_frame,
     trajectory_viewer,
@@ -159,3 +161,11 @@ def test_viewers_carry_a_static_picture_for_readers_without_a_kernel():
     static = iio.imread(base64.b64decode(bundle["image/png"]))
     assert static.shape[0] == 3 * viewer.frame.shape[0] + 2 * 16  # t = 999, 499 and 0, stacked
     assert viewer.t == 0  # drawing the static picture does not move the slider
+
+
+def test_beside_and_stack_pad_with_white_and_keep_gray_when_they_can():
+    gray, tall, rgb = np.zeros((4, 5), np.uint8), np.zeros((6, 2), np.uint8), np.zeros((4, 3, 3), np.uint8)
+    joined = beside(gray, tall, gap=1)
+    assert joined.shape == (6, 5 + 1 + 2) and (joined[4:, :5] == 255).all() and (joined[:, 5] == 255).all()
+    assert beside(gray, rgb).shape == (4, 5 + 8 + 3, 3)
+    assert stack(gray, tall, gap=2).shape == (4 + 2 + 6, 5) and (stack(gray, tall)[-6:, 2:] == 255).all()
