@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -109,6 +110,17 @@ def ddim_timesteps(T: int, steps: int) -> list[int]:
     return [round(T - i * T / steps) - 1 for i in range(steps)]
 
 
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run with ``model`` in eval mode (dropout off), then restore the mode it had."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 @torch.inference_mode()
 def sample_loop(
     model: nn.Module,
@@ -148,10 +160,8 @@ def sample_loop(
         return torch.randn(shape, generator=generator, device=gen_device).to(device)
 
     x = x_T.to(device) if x_T is not None else randn()
-    was_training = model.training
-    model.eval()  # dropout off: the same seed must give the same images
     timesteps = list(range(schedule.T - 1, -1, -1)) if sampler == "ddpm" else ddim_timesteps(schedule.T, steps or schedule.T)
-    try:
+    with eval_mode(model):  # dropout off: the same seed must give the same images
         for i, t in enumerate(timesteps):
             output = model(x, torch.full((shape[0],), t, device=device, dtype=torch.long)).float()
             eps, _ = to_eps_x0(output, x, t, schedule, prediction)
@@ -163,8 +173,6 @@ def sample_loop(
             yield SamplerStep(t, x, step.x0)
             x = step.x_prev
         yield SamplerStep(-1, x, x)
-    finally:
-        model.train(was_training)
 
 
 def sample(model: nn.Module, schedule: NoiseSchedule, shape: tuple[int, ...], **kwargs) -> torch.Tensor:

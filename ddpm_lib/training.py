@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from .checkpoint import config_from_dict, load_checkpoint, save_checkpoint
 from .data import dataset_info, get_dataset
 from .diffusion import DiffusionConfig, loss_simple
-from .sampling import sample
+from .sampling import eval_mode, sample
 from .schedules import NoiseSchedule
 from .unet import UNet, UNetConfig
 
@@ -279,14 +279,10 @@ def loss_by_timestep(
     equal bins of t. Returns (t of each bin, mean loss), each of shape (bins,)."""
     centres = ((torch.arange(bins) + 0.5) * schedule.T / bins).long()
     losses = []
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for t in centres.tolist():
             t_batch = torch.full((len(x0),), t, dtype=torch.long, device=x0.device)
             losses.append(loss_simple(model, x0, schedule, prediction, t=t_batch, generator=generator).item())
-    finally:
-        model.train(was_training)
     return centres, torch.tensor(losses)
 
 
