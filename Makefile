@@ -6,7 +6,7 @@ NOTEBOOKS := $(wildcard notebooks/*.ipynb)
 # The data root, made absolute: notebook kernels run inside notebooks/, not here.
 export DDPM_DATA := $(abspath $(or $(DDPM_DATA),data))
 
-.PHONY: lab test figures setup clean
+.PHONY: lab test figures evaluate benchmark setup clean
 
 lab: $(VENV)/.installed
 	$(BIN)/jupyter lab
@@ -19,6 +19,14 @@ test: $(VENV)/.installed
 # The README's pictures, from the shipped checkpoint.
 figures: $(VENV)/.installed
 	$(BIN)/python scripts/make_figures.py
+
+# The quality table of every sampler (docs/quality.md, figures/quality_vs_steps.png): about an hour on 2 CPU cores.
+evaluate: $(VENV)/.installed
+	$(BIN)/python scripts/evaluate.py
+
+# Speed: training, sampling, sliders, GIF export and the nbval run (docs/benchmarks.md): about 10 minutes on 2 CPU cores.
+benchmark: $(VENV)/.installed
+	$(BIN)/python scripts/benchmark.py
 
 setup: $(VENV)/.installed
 

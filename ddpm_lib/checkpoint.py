@@ -9,6 +9,7 @@ Loading never unpickles arbitrary objects, so a checkpoint cannot run code. Keys
     ema                    state dict of the EMA weights (used for sampling)
     model, optimizer       raw weights and AdamW state (training checkpoints only)
     step, ema_updates      optimizer steps taken, EMA updates made
+    train_seconds          wall time spent training, over every resumed part of the run
     losses                 the training loss of every step
     rng                    random-number-generator states, so a resumed run continues exactly
 """
@@ -91,6 +92,6 @@ def export_ema(source: str | os.PathLike, out: str | os.PathLike) -> dict[str, A
     missing = [k for k in SHARED_KEYS if k not in state]
     if missing:
         raise CheckpointError(f"{source} lacks {', '.join(missing)}; it is not a training checkpoint")
-    shared = {k: state[k] for k in (*SHARED_KEYS, "losses") if k in state}  # the loss history is small: keep it
+    shared = {k: state[k] for k in (*SHARED_KEYS, "losses", "train_seconds") if k in state}  # the loss history is small: keep it
     save_checkpoint(out, shared)
     return shared

@@ -20,7 +20,7 @@ from .diffusion import PREDICTIONS, DiffusionConfig
 from .files import OutputPathError, atomic_write, check_writable
 from .sampling import SAMPLERS, VARIANCES, ddim_timesteps, sample, sample_loop
 from .schedules import SCHEDULES
-from .training import PRECISIONS, TrainConfig, Trainer, default_device, epochs_to_steps
+from .training import LOSS_WEIGHTINGS, LR_SCHEDULES, PRECISIONS, TrainConfig, Trainer, default_device, epochs_to_steps, fast_bf16
 from .unet import UNetConfig
 from .viz import save_grid, save_trajectory_gif, to_uint8
 
@@ -62,8 +62,11 @@ def build_parser() -> Parser:
     length.add_argument("--epochs", type=float, help="passes over the training set, instead of --steps")
     t.add_argument("--batch-size", type=positive_int, default=c.batch_size)
     t.add_argument("--lr", type=float, default=c.lr)
+    t.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=c.lr_schedule, help="after warm-up: cosine decay to 0, or constant")
+    t.add_argument("--warmup-steps", type=int, default=c.warmup_steps)
     t.add_argument("--ema-decay", type=float, default=c.ema_decay)
-    t.add_argument("--precision", choices=PRECISIONS, default=c.precision, help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    t.add_argument("--loss-weighting", choices=LOSS_WEIGHTINGS, default=c.loss_weighting, help="min_snr (Hang et al.) or uniform")
+    t.add_argument("--precision", choices=PRECISIONS, default=c.precision, help="auto: bf16 where the hardware runs it fast, else fp32")
     t.add_argument("--seed", type=int, default=c.seed)
     t.add_argument("--base-channels", type=positive_int, default=m.base_channels)
     t.add_argument("--channel-mults", type=int_tuple, default=m.channel_mults, help="e.g. 1,2,2")
@@ -72,6 +75,7 @@ def build_parser() -> Parser:
     t.add_argument("--dropout", type=float, default=m.dropout)
     t.add_argument("--sample-every", type=int, default=c.sample_every, help="steps between sample grids saved beside --out (0: never)")
     t.add_argument("--checkpoint-every", type=int, default=c.checkpoint_every)
+    t.add_argument("--snapshot-every", type=int, default=c.snapshot_every, help="steps between EMA-only snapshots beside --out (0: never)")
     t.add_argument("--num-workers", type=int, default=c.num_workers)
     t.add_argument("--out", required=True, help="checkpoint to write (.pt)")
     t.add_argument("--resume", action="store_true", help="continue the run saved in --out up to --steps/--epochs")
@@ -94,6 +98,7 @@ def build_parser() -> Parser:
         s.add_argument("--variance", choices=VARIANCES, default="beta_tilde", help="DDPM step variance")
         s.add_argument("--seed", type=int, default=0)
         s.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+        s.add_argument("--precision", choices=PRECISIONS, default="auto", help="auto: bf16 where the hardware runs it fast, else fp32")
         s.add_argument("--out", required=True, help=".png or .npy" if name == "sample" else ".gif")
     s.add_argument("--frames", type=positive_int, default=60, help="frames in the GIF")
     s.add_argument("--duration-ms", type=positive_int, default=80, help="milliseconds per frame")
@@ -139,12 +144,16 @@ def cmd_train(args: argparse.Namespace) -> None:
             batch_size=args.batch_size,
             steps=steps,
             lr=args.lr,
+            lr_schedule=args.lr_schedule,
+            warmup_steps=args.warmup_steps,
             ema_decay=args.ema_decay,
+            loss_weighting=args.loss_weighting,
             precision=args.precision,
             seed=args.seed,
             hflip=hflip,
             sample_every=args.sample_every,
             checkpoint_every=args.checkpoint_every,
+            snapshot_every=args.snapshot_every,
             num_workers=args.num_workers,
         )
         trainer = Trainer(model_config, diffusion_config, train_config, dataset, args.device)
@@ -172,8 +181,15 @@ def load_for_sampling(args: argparse.Namespace, suffixes: tuple[str, ...]):
     if args.steps is not None:
         ddim_timesteps(diffusion.T, args.steps)  # raises for steps outside 1 ... T
     c = model.config
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and fast_bf16(device))
     loop_args = dict(
-        sampler=args.sampler, steps=args.steps, eta=args.eta, variance=args.variance, prediction=diffusion.prediction, device=device
+        sampler=args.sampler,
+        steps=args.steps,
+        eta=args.eta,
+        variance=args.variance,
+        prediction=diffusion.prediction,
+        device=device,
+        bf16=bf16,
     )
     return model, diffusion, (c.in_channels, c.image_size, c.image_size), loop_args
 

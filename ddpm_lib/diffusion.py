@@ -139,6 +139,24 @@ def to_eps_x0(
     raise ValueError(f"unknown prediction {prediction!r}; valid choices: {', '.join(PREDICTIONS)}")
 
 
+def min_snr_weight(t: torch.Tensor, schedule: NoiseSchedule, gamma: float, prediction: str = "eps") -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023, Eq. 8) for a (B,) tensor of 0-based t, shape (B,).
+
+    Weighting the x0 error by min(SNR_t, gamma) stops the many nearly noise-free steps (huge SNR)
+    from dominating training. In terms of the eps error (which is SNR_t times smaller) the weight
+    is min(SNR_t, gamma) / SNR_t, in terms of the v error min(SNR_t, gamma) / (SNR_t + 1).
+    """
+    snr = schedule.snr.to(t.device)[t].float()
+    clipped = snr.clamp(max=gamma)
+    if prediction == "eps":
+        return clipped / snr
+    if prediction == "x0":
+        return clipped
+    if prediction == "v":
+        return clipped / (snr + 1)
+    raise ValueError(f"unknown prediction {prediction!r}; valid choices: {', '.join(PREDICTIONS)}")
+
+
 def loss_simple(
     model: torch.nn.Module,
     x0: torch.Tensor,

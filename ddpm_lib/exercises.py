@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 
 from .diffusion import loss_simple, q_sample
+from .metrics import GaussianStats, frechet_distance
 from .sampling import ddpm_step
 from .schedules import extract, get_schedule
 from .unet import UNet, UNetConfig, timestep_embedding
@@ -154,3 +155,28 @@ def check_ddpm_step(fn: Callable) -> bool:
             return False
     print("✓ ddpm_step is correct: it matches ddpm_lib at t = 999, 400, 3 and 0.")
     return True
+
+
+def check_frechet_distance(fn: Callable) -> bool:
+    """fn(mu_a, sigma_a, mu_b, sigma_b) -> the Frechet distance as a 0-d tensor or float, float64 inputs of shape (D,), (D, D)."""
+    g = torch.Generator().manual_seed(3)
+    mu_a, mu_b = (torch.randn(6, generator=g, dtype=torch.float64) for _ in range(2))
+    a, b = (torch.randn(6, 6, generator=g, dtype=torch.float64) for _ in range(2))
+    sigma_a, sigma_b = a @ a.T + 0.1 * torch.eye(6, dtype=torch.float64), b @ b.T + 0.1 * torch.eye(6, dtype=torch.float64)
+    expected = torch.tensor(frechet_distance(GaussianStats(mu_a, sigma_a), GaussianStats(mu_b, sigma_b)), dtype=torch.float64)
+    gap, traces = (mu_a - mu_b).square().sum(), sigma_a.trace() + sigma_b.trace()
+    mistakes = {
+        "the mean term is a squared distance: ||mu_a - mu_b||^2, not ||mu_a - mu_b||.": expected - gap + gap.sqrt(),
+        "the cross term is 2 Tr (S_a S_b)^(1/2), a matrix square root, not the square root of each entry of S_a S_b.": (
+            gap + traces - 2 * (sigma_a @ sigma_b).clamp(min=0).sqrt().trace()
+        ),
+        "the cross term is 2 Tr (S_a S_b)^(1/2), the trace of a square root, not the square root of the trace.": (
+            gap + traces - 2 * (sigma_a @ sigma_b).trace().sqrt()
+        ),
+        "the factor 2 of the cross term is missing.": gap + traces - (gap + traces - expected) / 2,
+    }
+
+    def as_tensor(*args):
+        return torch.as_tensor(fn(*args), dtype=torch.float64)
+
+    return _verdict("frechet_distance", as_tensor, (mu_a, sigma_a, mu_b, sigma_b), expected, mistakes, atol=1e-6)

@@ -21,7 +21,7 @@ class UNetConfig:
     image_size: int = 28  # height = width of the images; divisible by 2 ** (len(channel_mults) - 1)
     base_channels: int = 16  # channels at full resolution, where convolutions cost the most
     channel_mults: tuple[int, ...] = (1, 2, 4)  # channels per resolution = base * mult: 16, 32, 64 at 28, 14, 7
-    num_res_blocks: int = 2  # residual blocks per resolution on the way down
+    num_res_blocks: int = 1  # residual blocks per resolution on the way down (2 trains 1.6x slower on CPU)
     attention_resolutions: tuple[int, ...] = (7,)  # resolutions (in pixels) with self-attention; the middle always has it
     dropout: float = 0.0  # dropout inside residual blocks (Ho et al.: 0.1 on CIFAR-10; MNIST runs are too short to overfit)
     num_groups: int = 8  # GroupNorm groups; must divide every channel count
@@ -117,14 +117,18 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Double H and W: nearest-neighbour upsampling, then a convolution."""
+    """Double H and W: a convolution, then nearest-neighbour upsampling.
+
+    Ho et al. convolve after upsampling; convolving before it costs a quarter of the compute
+    (the U-Net trains about 1.3x faster on CPU) and the next residual block smooths the 2x2 blocks.
+    """
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+        return F.interpolate(self.conv(x), scale_factor=2, mode="nearest")
 
 
 class Level(nn.Module):

@@ -123,14 +123,25 @@ def save_grid(x: torch.Tensor, path: str | os.PathLike, nrow: int | None = None)
     return Path(path)
 
 
-def frame_indices(n: int, frames: int) -> list[int]:
-    """Up to ``frames`` evenly spaced indices into n items, always the first and the last."""
+def frame_indices(n: int, frames: int, ease: float = 1.0) -> list[int]:
+    """Up to ``frames`` distinct, increasing indices into n items, always the first and the last.
+
+    ``ease = 1`` spaces them evenly; ``ease > 1`` crowds them toward the end: frame k of K sits at
+    (n - 1) * (1 - (1 - k / (K - 1)) ** ease), nudged apart where two would coincide.
+    """
     if n < 1 or frames < 1:
         raise ValueError(f"need at least one item and one frame, got n={n}, frames={frames}")
+    if ease < 1:
+        raise ValueError(f"ease must be >= 1 (1: evenly spaced), got {ease}")
     k = min(frames, n)
     if k == 1:
         return [n - 1]
-    return [round(i * (n - 1) / (k - 1)) for i in range(k)]  # distinct, since (n - 1) / (k - 1) >= 1
+    idx = [round((n - 1) * (1 - (1 - i / (k - 1)) ** ease)) for i in range(k)]
+    for i in range(1, k):  # at least one apart going forward ...
+        idx[i] = max(idx[i], idx[i - 1] + 1)
+    for i in range(k - 1, -1, -1):  # ... and room left for the rest going back (n >= k, so this fits)
+        idx[i] = min(idx[i], n - k + i)
+    return idx
 
 
 def trajectory_frame(step: SamplerStep, nrow: int | None = None, scale: int = 1, show_x0: bool = True) -> np.ndarray:
@@ -155,19 +166,22 @@ def save_trajectory_gif(
     scale: int | None = None,
     nrow: int | None = None,
     show_x0: bool = True,
+    ease: float = 2.0,
 ) -> Path:
     """Write the reverse diffusion as an animated GIF, atomically.
 
     ``steps`` is what :func:`sampling.sample_loop` yields (a list, or the live generator with
-    ``num_steps`` = how many items it will yield); ``frames`` of them, evenly spaced, become
-    frames of ``duration_ms`` each, the last held for ``hold_ms``. ``loop=0`` loops forever.
+    ``num_steps`` = how many items it will yield); ``frames`` of them become frames of
+    ``duration_ms`` each, the last held for ``hold_ms``. ``loop=0`` loops forever. The frames crowd
+    toward the end of the trajectory, where the digits form (``ease``, see :func:`frame_indices`;
+    1 spaces them evenly); the noisy early frames are also the ones that compress worst.
     Small images are upscaled (nearest neighbour) by ``scale``, by default to >= 200 px a grid.
     """
     if num_steps is None:
         if not isinstance(steps, Sequence):
             raise ValueError("pass num_steps when steps is an iterator")
         num_steps = len(steps)
-    keep = set(frame_indices(num_steps, frames))
+    keep = set(frame_indices(num_steps, frames, ease))
     images = []
     for i, step in enumerate(steps):
         if i in keep:

@@ -3,7 +3,9 @@
     make figures        (or: python scripts/make_figures.py)
 
 Writes forward_process.png, schedules.png, samples.png (100 DDPM samples) and
-reverse_diffusion.gif (16 samples, x_t beside the predicted x0). Needs MNIST under the data root.
+reverse_diffusion.gif (16 samples, x_t beside the predicted x0), the U-Net under bf16 autocast
+where the hardware runs it fast. Needs MNIST under the data root. (figures/quality_vs_steps.png
+comes from `make evaluate`.)
 """
 
 import argparse
@@ -20,7 +22,7 @@ from ddpm_lib.data import get_dataset  # noqa: E402
 from ddpm_lib.diffusion import q_sample  # noqa: E402
 from ddpm_lib.sampling import sample, sample_loop  # noqa: E402
 from ddpm_lib.schedules import SCHEDULES, get_schedule  # noqa: E402
-from ddpm_lib.training import default_device  # noqa: E402
+from ddpm_lib.training import default_device, fast_bf16  # noqa: E402
 from ddpm_lib.viz import image_grid, save_grid, save_trajectory_gif  # noqa: E402
 
 
@@ -64,9 +66,10 @@ def main() -> None:
     schedule_plot(out)
     device = default_device()
     model, diffusion = load_model(args.checkpoint, device)
-    schedule = diffusion.make_schedule()
-    save_grid(sample(model, schedule, (100, 1, 28, 28), generator=torch.Generator().manual_seed(0)), out / "samples.png", nrow=10)
-    steps = sample_loop(model, schedule, (16, 1, 28, 28), generator=torch.Generator().manual_seed(1))
+    schedule, bf16 = diffusion.make_schedule(), fast_bf16(device)
+    x = sample(model, schedule, (100, 1, 28, 28), generator=torch.Generator().manual_seed(0), bf16=bf16)
+    save_grid(x, out / "samples.png", nrow=10)
+    steps = sample_loop(model, schedule, (16, 1, 28, 28), generator=torch.Generator().manual_seed(1), bf16=bf16)
     save_trajectory_gif(steps, out / "reverse_diffusion.gif", num_steps=schedule.T + 1, frames=50, duration_ms=70, hold_ms=2000)
     print(f"wrote {', '.join(sorted(p.name for p in out.iterdir()))} in {out}/")
 

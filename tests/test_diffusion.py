@@ -7,6 +7,7 @@ from ddpm_lib.diffusion import (
     correlation_with_x0,
     eps_from_x0,
     loss_simple,
+    min_snr_weight,
     q_chain,
     q_posterior,
     q_sample,
@@ -112,6 +113,30 @@ def test_loss_simple_draws_t_and_noise_from_the_generator():
     b = loss_simple(model, x0, SCHEDULE, generator=torch.Generator().manual_seed(1))
     c = loss_simple(model, x0, SCHEDULE, generator=torch.Generator().manual_seed(2))
     assert a == b and a != c
+
+
+def test_min_snr_weights_clip_the_snr_at_gamma():
+    t = torch.tensor([0, 50, 200, 999])
+    snr = SCHEDULE.snr[t].float()
+    assert snr[0] > 5 > snr[-1]  # both sides of gamma = 5
+    torch.testing.assert_close(min_snr_weight(t, SCHEDULE, 5.0, "x0"), snr.clamp(max=5))
+    torch.testing.assert_close(min_snr_weight(t, SCHEDULE, 5.0, "eps"), torch.where(snr > 5, 5 / snr, torch.ones_like(snr)))
+    with pytest.raises(ValueError, match="eps, x0, v"):
+        min_snr_weight(t, SCHEDULE, 5.0, "score")
+
+
+def test_min_snr_weighted_losses_agree_across_predictions():
+    # One imperfect prediction, expressed as eps, x0 and v: each weighted squared error must be the same number.
+    g = torch.Generator().manual_seed(0)
+    t = torch.tensor([3, 40, 300, 900])
+    x0, eps = torch.rand(4, 1, 5, 5, generator=g) * 2 - 1, torch.randn(4, 1, 5, 5, generator=g)
+    x_t = q_sample(x0, t, SCHEDULE, eps)
+    eps_hat = eps + 0.1 * torch.randn(4, 1, 5, 5, generator=g)
+    x0_hat = x0_from_eps(x_t, t, eps_hat, SCHEDULE)
+    errors = {"eps": eps_hat - eps, "x0": x0_hat - x0, "v": v_from(x0_hat, eps_hat, t, SCHEDULE) - v_from(x0, eps, t, SCHEDULE)}
+    weighted = {p: min_snr_weight(t, SCHEDULE, 5.0, p) * e.square().mean(dim=(1, 2, 3)) for p, e in errors.items()}
+    torch.testing.assert_close(weighted["x0"], weighted["eps"], rtol=1e-3, atol=0)
+    torch.testing.assert_close(weighted["v"], weighted["eps"], rtol=1e-3, atol=0)
 
 
 def test_diffusion_config_validates_choices():

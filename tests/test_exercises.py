@@ -2,7 +2,14 @@ import pytest
 import torch
 
 from ddpm_lib.diffusion import loss_simple, q_sample
-from ddpm_lib.exercises import check_alpha_bar, check_ddpm_step, check_loss_simple, check_q_sample, check_timestep_embedding
+from ddpm_lib.exercises import (
+    check_alpha_bar,
+    check_ddpm_step,
+    check_frechet_distance,
+    check_loss_simple,
+    check_q_sample,
+    check_timestep_embedding,
+)
 from ddpm_lib.sampling import ddpm_step
 from ddpm_lib.schedules import extract
 from ddpm_lib.unet import timestep_embedding
@@ -10,6 +17,12 @@ from ddpm_lib.unet import timestep_embedding
 
 def correct_ddpm_step(x_t, t, eps, schedule, noise):
     return ddpm_step(x_t, t, eps, schedule, noise, clip_x0=False).x_prev
+
+
+def frechet_via_eigvals(mu_a, sigma_a, mu_b, sigma_b, cross=2.0, mean_power=2):
+    """Tr (S_a S_b)^(1/2) from the (real, non-negative) eigenvalues of the non-symmetric S_a S_b: an independent route."""
+    tr_sqrt = torch.linalg.eigvals(sigma_a @ sigma_b).real.clamp(min=0).sqrt().sum()
+    return (mu_a - mu_b).square().sum() ** (mean_power / 2) + sigma_a.trace() + sigma_b.trace() - cross * tr_sqrt
 
 
 @pytest.mark.parametrize(
@@ -20,6 +33,7 @@ def correct_ddpm_step(x_t, t, eps, schedule, noise):
         (check_timestep_embedding, timestep_embedding),
         (check_ddpm_step, correct_ddpm_step),
         (check_loss_simple, lambda model, x0, t, noise, schedule: loss_simple(model, x0, schedule, t=t, noise=noise)),
+        (check_frechet_distance, frechet_via_eigvals),
     ],
 )
 def test_the_reference_solutions_pass(check, fn, capsys):
@@ -55,6 +69,14 @@ def one_based(x0, t, schedule, noise):
         (check_ddpm_step, lambda x_t, t, eps, s, z: ddpm_step(x_t, t, eps, s, z * 0, clip_x0=False).x_prev, "noise is missing"),
         (check_loss_simple, lambda model, x0, t, noise, s: ((x0 - model(q_sample(x0, t, s, noise), t)) ** 2).mean(), "not the clean image"),
         (check_loss_simple, lambda model, x0, t, noise, s: ((noise - model(q_sample(x0, t, s, noise), t)) ** 2).sum(), "a sum"),
+        (check_frechet_distance, lambda *args: frechet_via_eigvals(*args, cross=1.0), "factor 2"),
+        (check_frechet_distance, lambda *args: frechet_via_eigvals(*args, mean_power=1), "squared distance"),
+        (check_frechet_distance, lambda ma, sa, mb, sb: float(frechet_via_eigvals(ma, sa, mb, sb)) + 1.0, "wrong values"),
+        (
+            check_frechet_distance,
+            lambda ma, sa, mb, sb: (ma - mb).square().sum() + sa.trace() + sb.trace() - 2 * (sa @ sb).trace().sqrt(),
+            "not the square root of the trace",
+        ),
     ],
 )
 def test_known_mistakes_get_their_own_hint(check, fn, hint, capsys):

@@ -116,6 +116,18 @@ def test_ddim_with_eta_0_is_deterministic_given_x_T(model):
     assert torch.equal(a, b)
 
 
+def test_bf16_sampling_runs_the_network_in_bf16_and_stays_close_to_fp32(model):
+    x_T = torch.randn(3, 1, 8, 8)
+    seen = []
+    hook = model.stem.register_forward_hook(lambda m, args, out: seen.append(out.dtype))
+    fp32 = sample(model, SMALL, x_T.shape, sampler="ddim", steps=10, x_T=x_T)
+    bf16 = sample(model, SMALL, x_T.shape, sampler="ddim", steps=10, x_T=x_T, bf16=True)
+    hook.remove()
+    assert seen == [torch.float32] * 10 + [torch.bfloat16] * 10
+    assert bf16.dtype == torch.float32 and not torch.equal(bf16, fp32)
+    assert (bf16 - fp32).abs().max() < 0.05  # bf16 keeps about 3 significant digits
+
+
 def test_sampling_turns_dropout_off_and_restores_training_mode(tiny_config):
     import dataclasses
 

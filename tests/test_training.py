@@ -1,15 +1,17 @@
 import dataclasses
+import math
 
 import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from ddpm_lib.checkpoint import load_checkpoint
+from ddpm_lib import training
+from ddpm_lib.checkpoint import load_checkpoint, load_model
 from ddpm_lib.diffusion import DiffusionConfig
 from ddpm_lib.training import EpochBatches, TrainConfig, Trainer, lr_at
 
 DIFFUSION = DiffusionConfig(schedule="linear", T=50)
-CONFIG = TrainConfig(batch_size=4, steps=6, warmup_steps=2, sample_every=0, checkpoint_every=0, seed=3)
+CONFIG = TrainConfig(batch_size=4, steps=6, warmup_steps=2, sample_every=0, checkpoint_every=0, seed=3, precision="fp32")
 
 
 @pytest.fixture
@@ -39,6 +41,7 @@ def test_checkpoint_round_trip(tmp_path, dataset, tiny_config):
     assert_same_state(trainer, restored)
     assert restored.config == CONFIG and restored.model_config == tiny_config and restored.diffusion_config == DIFFUSION
     assert restored.optimizer.state_dict()["state"][0]["step"] == 3
+    assert restored.train_seconds == trainer.train_seconds > 0  # a resumed run keeps counting its wall time
 
 
 def test_interrupted_and_resumed_run_equals_an_uninterrupted_run(tmp_path, dataset, dropout_config):
@@ -66,7 +69,7 @@ def test_same_seed_same_run_different_seed_different_run(dataset, tiny_config):
 
 
 def test_fit_writes_checkpoints_and_sample_grids(tmp_path, dataset, tiny_config):
-    config = dataclasses.replace(CONFIG, sample_every=3, checkpoint_every=2)
+    config = dataclasses.replace(CONFIG, sample_every=3, checkpoint_every=2, snapshot_every=4)
     trainer = Trainer(tiny_config, DIFFUSION, config, dataset, device="cpu")
     seen = []
     trainer.fit(progress=False, checkpoint_path=tmp_path / "run.pt", on_sample=lambda step, grid: seen.append(step))
@@ -74,6 +77,11 @@ def test_fit_writes_checkpoints_and_sample_grids(tmp_path, dataset, tiny_config)
     assert trainer.samples[0][1].shape == (16, 1, 8, 8)
     state = load_checkpoint(tmp_path / "run.pt")
     assert state["step"] == 6 and len(state["losses"]) == 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.pt", "run_step0000004.pt"]
+    snapshot = load_checkpoint(tmp_path / "run_step0000004.pt")
+    assert snapshot["step"] == 4 and "optimizer" not in snapshot  # EMA weights only
+    assert 0 < snapshot["train_seconds"] < state["train_seconds"]
+    load_model(tmp_path / "run_step0000004.pt")
 
 
 def test_ema_follows_its_closed_form(dataset, tiny_config):
@@ -93,7 +101,14 @@ def test_bf16_autocast_on_cpu_trains(dataset, tiny_config):
     trainer.fit(2, progress=False)
     assert all(torch.isfinite(torch.tensor(trainer.losses)))
     assert next(trainer.model.parameters()).dtype == torch.float32  # autocast keeps float32 master weights
-    assert not Trainer(tiny_config, DIFFUSION, CONFIG, dataset, device="cpu").bf16  # "auto" is fp32 on CPU
+
+
+@pytest.mark.parametrize("cpuinfo, expected", [("flags : fpu avx512f avx512_bf16 sse", True), ("flags : fpu avx512f sse", False)])
+def test_auto_precision_uses_bf16_only_on_cpus_with_bf16_instructions(monkeypatch, dataset, tiny_config, cpuinfo, expected):
+    monkeypatch.setattr(training.Path, "read_text", lambda self: cpuinfo)
+    assert training.fast_bf16(torch.device("cpu")) is expected
+    assert Trainer(tiny_config, DIFFUSION, dataclasses.replace(CONFIG, precision="auto"), dataset, device="cpu").bf16 is expected
+    assert not Trainer(tiny_config, DIFFUSION, CONFIG, dataset, device="cpu").bf16  # CONFIG asks for fp32
 
 
 def test_epoch_batches_are_permutations_and_resume_anywhere():
@@ -111,14 +126,37 @@ def test_epoch_batches_are_permutations_and_resume_anywhere():
         EpochBatches(2, 3, seed=0)
 
 
-def test_learning_rate_warms_up_then_stays():
-    config = TrainConfig(lr=1e-3, warmup_steps=10)
-    assert lr_at(0, config) == pytest.approx(1e-4) and lr_at(9, config) == lr_at(500, config) == pytest.approx(1e-3)
+def test_learning_rate_warms_up_then_stays_or_decays_by_a_half_cosine():
+    constant = TrainConfig(lr=1e-3, warmup_steps=10, steps=110, lr_schedule="constant")
+    assert lr_at(0, constant) == pytest.approx(1e-4) and lr_at(9, constant) == lr_at(500, constant) == pytest.approx(1e-3)
+    cosine = dataclasses.replace(constant, lr_schedule="cosine")
+    assert [lr_at(s, cosine) for s in (0, 9)] == [lr_at(s, constant) for s in (0, 9)]  # the same warm-up
+    assert lr_at(10, cosine) == pytest.approx(1e-3)  # 100 decay steps: full, half-way, after the last
+    assert lr_at(60, cosine) == pytest.approx(0.5e-3)
+    assert lr_at(109, cosine) == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 0.99)))
+    assert lr_at(110, cosine) == lr_at(200, cosine) == 0.0
+    decay = [lr_at(s, cosine) for s in range(10, 111)]
+    assert all(a > b for a, b in zip(decay, decay[1:], strict=False))
+
+
+def test_min_snr_weighting_changes_the_update_but_logs_the_same_l_simple(dataset, tiny_config):
+    runs = {}
+    for weighting in ("uniform", "min_snr"):
+        trainer = Trainer(tiny_config, DIFFUSION, dataclasses.replace(CONFIG, loss_weighting=weighting), dataset, device="cpu")
+        trainer.fit(2, progress=False)
+        runs[weighting] = trainer
+    assert runs["uniform"].losses[0] == runs["min_snr"].losses[0]  # the same batch, t and noise, the same weights before step 1
+    uniform, min_snr = (r.model.parameters() for r in runs.values())
+    assert any(not torch.equal(a, b) for a, b in zip(uniform, min_snr, strict=True))  # (Adam's first steps are nearly sign(grad))
 
 
 def test_train_config_validates_choices():
     with pytest.raises(ValueError, match="auto, bf16, fp32"):
         TrainConfig(precision="fp16")
+    with pytest.raises(ValueError, match="min_snr, uniform"):
+        TrainConfig(loss_weighting="p2")
+    with pytest.raises(ValueError, match="cosine, constant"):
+        TrainConfig(lr_schedule="linear")
     with pytest.raises(ValueError, match="valid names: mnist"):
         TrainConfig(dataset="svhn")
 

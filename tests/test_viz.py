@@ -54,6 +54,18 @@ def test_frame_indices_are_evenly_spread_and_keep_both_ends():
     assert frame_indices(10, 1) == [9]
 
 
+@pytest.mark.parametrize("n, frames", [(1001, 60), (51, 40), (12, 12), (5, 3)])
+def test_eased_frame_indices_are_distinct_keep_both_ends_and_crowd_toward_the_end(n, frames):
+    idx = frame_indices(n, frames, ease=2.0)
+    assert len(idx) == min(n, frames) and idx[0] == 0 and idx[-1] == n - 1
+    assert all(a < b for a, b in zip(idx, idx[1:], strict=False))
+    gaps = [b - a for a, b in zip(idx, idx[1:], strict=False)]
+    assert gaps[0] >= gaps[-1]
+    assert frame_indices(1001, 5, ease=2.0) == [0, 438, 750, 938, 1000]  # 1000 * (1 - (1 - k/4)^2)
+    with pytest.raises(ValueError, match="ease must be >= 1"):
+        frame_indices(10, 3, ease=0.5)
+
+
 def fake_trajectory(n=11, b=4):
     return [
         SamplerStep(t, torch.full((b, 1, 8, 8), -1 + 2 * i / (n - 1)), torch.zeros(b, 1, 8, 8)) for i, t in enumerate(range(n - 2, -2, -1))

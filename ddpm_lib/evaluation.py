@@ -1,0 +1,214 @@
+"""Evaluate a trained MNIST model under each sampler: quality (ddpm_lib.metrics) against cost.
+
+``evaluate`` draws N samples per sampler setting with ``sampling.sample`` and scores them;
+``scripts/evaluate.py`` and notebook 06 print the same table. Because a full table takes most of
+an hour on a laptop CPU, rows can be cached in a JSON file keyed by the SHA-256 of the weights
+(:func:`weights_sha256`), the setting, N and the seed: a cached row is reused only for exactly the
+same weights and settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import torch
+
+from .classifier import MnistClassifier
+from .diffusion import DiffusionConfig
+from .files import atomic_write
+from .metrics import GaussianStats, Quality, score
+from .sampling import sample
+
+
+@dataclass(frozen=True)
+class SamplerSetting:
+    """One way to sample: the arguments of sampling.sample that matter, and a label for tables."""
+
+    label: str
+    sampler: str = "ddim"  # "ddpm" or "ddim"
+    steps: int | None = None  # DDIM steps (None: T)
+    eta: float = 0.0  # DDIM noise scale: 0 deterministic, 1 DDPM-like
+    variance: str = "beta_tilde"  # DDPM step variance: beta_tilde (posterior) or beta
+
+
+SETTINGS = (
+    SamplerSetting("DDPM 1000, var beta_tilde", sampler="ddpm", variance="beta_tilde"),
+    SamplerSetting("DDPM 1000, var beta", sampler="ddpm", variance="beta"),
+    SamplerSetting("DDIM 100", steps=100),
+    SamplerSetting("DDIM 50", steps=50),
+    SamplerSetting("DDIM 20", steps=20),
+    SamplerSetting("DDIM 10", steps=10),
+    SamplerSetting("DDIM 50, eta 1", steps=50, eta=1.0),
+)
+
+
+@dataclass(frozen=True)
+class Row:
+    """The evaluation of one sampler setting."""
+
+    setting: SamplerSetting
+    quality: Quality
+    seconds_per_image: float  # sampling wall time / N, the classifier's time excluded
+    seed: int
+    bf16: bool  # whether the U-Net ran under bf16 autocast
+
+
+def weights_sha256(model: torch.nn.Module, diffusion: DiffusionConfig) -> str:
+    """A fingerprint of what decides the samples: the diffusion config and every weight, bit for bit.
+
+    A training snapshot and the checkpoint exported from it share it, unlike their file bytes."""
+    digest = hashlib.sha256(repr(diffusion).encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def draw(
+    model: torch.nn.Module,
+    diffusion: DiffusionConfig,
+    setting: SamplerSetting,
+    n: int,
+    seed: int = 0,
+    batch_size: int = 250,
+    bf16: bool = False,
+) -> tuple[torch.Tensor, float]:
+    """n samples (n, C, H, W) in [-1, 1] drawn with ``setting`` in batches, and the seconds it took.
+
+    ``bf16`` runs the U-Net under bf16 autocast (see sampling.sample_loop). Batches of 250 are the
+    fastest on a 2-core CPU: larger ones fall out of its caches.
+    """
+    schedule = diffusion.make_schedule()
+    config = model.config
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    start = time.perf_counter()
+    for size in [batch_size] * (n // batch_size) + ([n % batch_size] if n % batch_size else []):
+        shape = (size, config.in_channels, config.image_size, config.image_size)
+        batches.append(
+            sample(
+                model,
+                schedule,
+                shape,
+                sampler=setting.sampler,
+                steps=setting.steps if setting.sampler == "ddim" else None,
+                eta=setting.eta,
+                variance=setting.variance,
+                prediction=diffusion.prediction,
+                generator=generator,
+                bf16=bf16,
+            ).cpu()
+        )
+    return torch.cat(batches), time.perf_counter() - start
+
+
+def evaluate(
+    model: torch.nn.Module,
+    diffusion: DiffusionConfig,
+    classifier: MnistClassifier,
+    reference: GaussianStats,
+    settings: Iterable[SamplerSetting] = SETTINGS,
+    n: int = 1000,
+    seed: int = 0,
+    cache: str | os.PathLike | None = None,
+    model_id: str | None = None,
+    on_row: Callable[[Row], None] | None = None,
+    bf16: bool = False,
+) -> list[Row]:
+    """One :class:`Row` per setting, each from n samples drawn from ``seed`` (the U-Net in bf16 if ``bf16``).
+
+    With ``cache`` (a JSON file) and ``model_id`` (:func:`weights_sha256` of the model), rows already in the
+    cache for this model, setting, n, seed and precision are read instead of recomputed, and new rows are
+    added to it as soon as they are done.
+    """
+    rows = []
+    for setting in settings:
+        key = json.dumps([model_id, dataclasses.asdict(setting), n, seed, "bf16" if bf16 else "fp32"])
+        cached = read_cache(cache).get(key) if cache is not None and model_id is not None else None
+        if cached is not None:
+            row = row_from_dict(cached)
+        else:
+            images, seconds = draw(model, diffusion, setting, n, seed, bf16=bf16)
+            row = Row(setting, score(classifier, images, reference), seconds / n, seed, bf16)
+            if cache is not None and model_id is not None:
+                write_cache(cache, {**read_cache(cache), key: dataclasses.asdict(row)})
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+    return rows
+
+
+def read_cache(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def write_cache(path: str | os.PathLike, entries: dict) -> None:
+    with atomic_write(path) as tmp:
+        Path(tmp).write_text(json.dumps(entries, indent=1, sort_keys=True) + "\n")
+
+
+def row_from_dict(d: dict) -> Row:
+    quality = Quality(**{**d["quality"], "counts": tuple(d["quality"]["counts"])})
+    return Row(SamplerSetting(**d["setting"]), quality, d["seconds_per_image"], d["seed"], d["bf16"])
+
+
+def markdown_table(rows: list[Row], floor: Quality, T: int) -> str:
+    """The rows and the real-data floor as a Markdown table; FD / floor is the Frechet distance over the floor's."""
+    lines = [
+        "| sampler | U-Net evals | Frechet distance | FD / floor | confident | class entropy | s / image |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        f"| real training images (floor) | - | {floor.frechet:.2f} | 1.0 | {floor.confident:.1%} | {floor.entropy:.3f} | - |",
+    ]
+    for row in rows:
+        q = row.quality
+        lines.append(
+            f"| {row.setting.label} | {row.setting.steps or T} | {q.frechet:.2f} | {q.frechet / floor.frechet:.1f} "
+            f"| {q.confident:.1%} | {q.entropy:.3f} | {row.seconds_per_image:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_quality(rows: list[Row], floor: Quality, T: int) -> plt.Figure:
+    """Frechet distance and confident share against U-Net evaluations per image, one marker per row.
+
+    DDIM with eta = 0 is drawn as a line through its step counts; every other row is a point.
+    """
+    fig, (ax_fd, ax_conf) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ddim = sorted((r for r in rows if r.setting.sampler == "ddim" and r.setting.eta == 0), key=lambda r: r.setting.steps or T)
+    others = [r for r in rows if r not in ddim]
+    for ax, value, floor_value, name in (
+        (ax_fd, lambda q: q.frechet, floor.frechet, "Frechet distance (classifier features)"),
+        (ax_conf, lambda q: 100 * q.confident, 100 * floor.confident, "confidently classified (%)"),
+    ):
+        ax.plot([r.setting.steps or T for r in ddim], [value(r.quality) for r in ddim], "o-", label="DDIM, eta = 0")
+        for r, marker in zip(others, "s^Dv", strict=False):
+            ax.plot([r.setting.steps or T], [value(r.quality)], marker, ls="none", label=r.setting.label)
+        ax.axhline(floor_value, color="gray", ls="--", label="real training images")
+        ax.set(xscale="log", xlabel="U-Net evaluations per image", ylabel=name)
+    ax_fd.axhline(3 * floor.frechet, color="gray", ls=":", label="target: 3 x floor")
+    ax_conf.axhline(90, color="gray", ls=":", label="target: 90%")
+    ax_fd.set_yscale("log")
+    ax_conf.legend(fontsize=8, loc="lower right")
+    ax_fd.legend(fontsize=8, loc="upper right")
+    fig.suptitle(f"Sample quality against sampling cost, {rows[0].quality.n} samples per point")
+    fig.tight_layout()
+    return fig
+
+
+def cpu_name() -> str:
+    """The CPU's model name (from Linux's /proc/cpuinfo), for stating where a timing was measured."""
+    cpuinfo = Path("/proc/cpuinfo")
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"

@@ -1,0 +1,140 @@
+"""What the course costs on this machine: training speed, sampling, sliders, GIF export and the nbval run.
+
+    DDPM_DATA=../shared/data python scripts/benchmark.py [--skip-nbval] [--out docs/benchmarks.md]
+
+Prints a table and writes it, with the machine it was measured on, to docs/benchmarks.md. The
+targets (2 CPU cores) are in the last column. With a CUDA GPU, training and sampling are
+measured on it too.
+"""
+
+import argparse
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import TensorDataset
+
+from ddpm_lib.checkpoint import load_model
+from ddpm_lib.diffusion import DiffusionConfig
+from ddpm_lib.evaluation import cpu_name
+from ddpm_lib.files import atomic_write
+from ddpm_lib.sampling import sample, sample_loop
+from ddpm_lib.schedules import SCHEDULES, get_schedule
+from ddpm_lib.training import TrainConfig, Trainer, fast_bf16
+from ddpm_lib.unet import UNetConfig
+from ddpm_lib.viz import forward_explorer, save_trajectory_gif, schedule_explorer, trajectory_viewer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def train_speed(device: str, precision: str, batch_size: int = 128, steps: int = 30) -> float:
+    """Images per second of Trainer.fit for the default model, data already in memory."""
+    images = torch.rand(batch_size * 8, 1, 28, 28) * 2 - 1
+    config = TrainConfig(batch_size=batch_size, precision=precision, sample_every=0, checkpoint_every=0)
+    trainer = Trainer(UNetConfig(), DiffusionConfig(), config, TensorDataset(images, torch.zeros(len(images))), device)
+    trainer.fit(5, progress=False)  # warm-up: allocations, oneDNN kernels, CUDA context
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    trainer.fit(5 + steps, progress=False)
+    return batch_size * steps / (time.perf_counter() - start)
+
+
+def ddim_seconds(model, diffusion, n: int, steps: int, device: str, bf16: bool = False) -> float:
+    model, schedule = model.to(device), diffusion.make_schedule()
+    sample(model, schedule, (n, 1, 28, 28), sampler="ddim", steps=2, device=device, bf16=bf16)  # warm-up
+    start = time.perf_counter()
+    sample(model, schedule, (n, 1, 28, 28), sampler="ddim", steps=steps, generator=torch.Generator(device), bf16=bf16)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def slider_ms(viewer, moves: int, rng: random.Random) -> tuple[float, float]:
+    """Median and worst milliseconds of kernel time per slider move."""
+    times = []
+    for _ in range(moves):
+        start = time.perf_counter()
+        viewer.slider.value = rng.randrange(viewer.slider.min, viewer.slider.max + 1)
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times), max(times)
+
+
+def nbval_seconds() -> float:
+    env = {**os.environ, "DDPM_SMOKE": "1"}
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "--nbval-lax", "notebooks"], cwd=ROOT, env=env, check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", default="checkpoints/mnist_ddpm.pt")
+    parser.add_argument("--skip-nbval", action="store_true", help="do not time the nbval run (about 4 minutes)")
+    parser.add_argument("--out", default="docs/benchmarks.md")
+    args = parser.parse_args()
+    rng = random.Random(0)
+    torch.manual_seed(0)
+    model, diffusion = load_model(args.checkpoint)
+    rows = []  # (what, measured, target)
+
+    def add(what: str, measured: str, target: str = "") -> None:
+        rows.append((what, measured, target))
+        print(f"{what:<58} {measured:>22} {target:>12}", flush=True)
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        for precision in ("auto", "fp32"):
+            name = f"training, default U-Net, batch 128, {device}, precision {precision}"
+            add(name, f"{train_speed(device, precision):.0f} images/s", ">= 500" if (device, precision) == ("cpu", "auto") else "")
+        for bf16 in (False, True):
+            seconds = ddim_seconds(model, diffusion, 64, 50, device, bf16)
+            name = f"DDIM 50 steps, 64 images, {device}, {'bf16 autocast' if bf16 else 'fp32'}"
+            add(name, f"{seconds:.2f} s ({seconds / 64 / 50 * 1000:.2f} ms/img/step)", "< 5 s" if device == "cpu" else "")
+    model = model.cpu()
+
+    x0 = torch.rand(8, 1, 28, 28) * 2 - 1
+    linear = get_schedule("linear", 1000)
+    trajectory = list(sample_loop(model, diffusion.make_schedule(), (16, 1, 28, 28), sampler="ddim", steps=100))
+    viewers = {
+        "slider: forward_explorer (notebook 1)": forward_explorer(x0, linear),
+        "slider: schedule_explorer (notebook 2)": schedule_explorer(x0[:1], {n: get_schedule(n, 1000) for n in SCHEDULES}),
+        "slider: trajectory_viewer (notebook 5)": trajectory_viewer(trajectory, nrow=4),
+    }
+    for name, viewer in viewers.items():
+        median, worst = slider_ms(viewer, 50, rng)
+        add(name, f"{median:.1f} ms median, {worst:.1f} worst", "< 50 ms")
+
+    generator = torch.Generator().manual_seed(0)
+    bf16 = fast_bf16(torch.device("cpu"))  # only to draw the trajectory faster; the export is what is timed
+    trajectory = list(sample_loop(model, diffusion.make_schedule(), (64, 1, 28, 28), generator=generator, bf16=bf16))  # DDPM, 1000 steps
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        path = save_trajectory_gif(trajectory, Path(tmp) / "reverse.gif")
+        seconds = time.perf_counter() - start
+        add("GIF export: 64 digits, 1000-step DDPM run, 60 frames", f"{seconds:.2f} s, {path.stat().st_size / 2**20:.2f} MB", "< 3 s, 3 MB")
+
+    if not args.skip_nbval:
+        add("nbval run of all notebooks, quick mode (DDPM_SMOKE=1)", f"{nbval_seconds() / 60:.1f} min", "< 5 min")
+
+    gpu = f"; GPU: {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "; no GPU"
+    header = (
+        "# Benchmarks\n\n"
+        f"Measured by `scripts/benchmark.py` on {time.strftime('%Y-%m-%d')}: {cpu_name()}, "
+        f"{torch.get_num_threads()} threads{gpu}; torch {torch.__version__}.\n\n"
+        "| what | measured | target |\n|---|---:|---:|\n"
+    )
+    with atomic_write(args.out) as tmp:
+        Path(tmp).write_text(header + "".join(f"| {w} | {m} | {t} |\n" for w, m, t in rows))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

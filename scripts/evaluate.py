@@ -1,0 +1,79 @@
+"""Sample quality of a trained MNIST model under every sampler: the table of notebook 06.
+
+    DDPM_DATA=../shared/data python scripts/evaluate.py [--checkpoint checkpoints/mnist_ddpm.pt] [--num 1000]
+
+For each sampler setting (DDPM 1000 with both variances, DDIM 100/50/20/10, DDIM 50 with eta 1) it
+draws --num samples and prints the Frechet distance, confident share, class entropy and seconds
+per image, beside the real-data floor at the same number of images. Rows are cached in
+docs/quality.json (keyed by the checkpoint's SHA-256), so an interrupted run continues where it
+stopped; the table goes to docs/quality.md and the quality-vs-steps plot to figures/quality_vs_steps.png.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from ddpm_lib.checkpoint import load_model
+from ddpm_lib.classifier import load_classifier, mnist_tensors
+from ddpm_lib.evaluation import SETTINGS, cpu_name, evaluate, markdown_table, plot_quality, weights_sha256
+from ddpm_lib.files import atomic_write
+from ddpm_lib.metrics import real_data_floor, reference_stats, target_misses
+from ddpm_lib.training import PRECISIONS, fast_bf16
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", default="checkpoints/mnist_ddpm.pt")
+    parser.add_argument("--classifier", default="checkpoints/mnist_classifier.pt")
+    parser.add_argument("--data-root", help="data folder (default: $DDPM_DATA, else ./data)")
+    parser.add_argument("--num", type=int, default=1000, help="samples per sampler setting")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="the U-Net under bf16 autocast (auto: where fast) or fp32")
+    parser.add_argument("--only", nargs="*", help="labels of the settings to run (default: all)")
+    parser.add_argument("--cache", default="docs/quality.json")
+    parser.add_argument("--markdown", default="docs/quality.md")
+    parser.add_argument("--plot", default="figures/quality_vs_steps.png")
+    args = parser.parse_args()
+
+    model, diffusion = load_model(args.checkpoint)
+    classifier = load_classifier(args.classifier)
+    reference = reference_stats(classifier, mnist_tensors(args.data_root, train=False)[0])
+    floor = real_data_floor(classifier, mnist_tensors(args.data_root, train=True)[0], reference, args.num, args.seed)
+    settings = [s for s in SETTINGS if not args.only or s.label in args.only]
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and fast_bf16(torch.device("cpu")))
+    precision = "bf16 autocast" if bf16 else "fp32"
+    print(f"{args.checkpoint}: {args.num} samples per row, U-Net in {precision}, {torch.get_num_threads()} threads on {cpu_name()}")
+    rows = evaluate(
+        model,
+        diffusion,
+        classifier,
+        reference,
+        settings,
+        args.num,
+        args.seed,
+        cache=args.cache,
+        model_id=weights_sha256(model, diffusion),
+        bf16=bf16,
+        on_row=lambda row: print(f"  {row.setting.label}: FD {row.quality.frechet:.2f}, {row.seconds_per_image:.3f} s/image", flush=True),
+    )
+    table = markdown_table(rows, floor, diffusion.T)
+    print(table)
+    for row in rows:
+        misses = target_misses(row.quality, floor)
+        print(f"{row.setting.label}: {'meets the targets' if not misses else 'misses: ' + '; '.join(misses)}")
+    header = (
+        f"Measured by `scripts/evaluate.py` on `{args.checkpoint}`, {args.num} samples per row, seed {args.seed}, "
+        f"U-Net in {precision}, on {cpu_name()} ({torch.get_num_threads()} threads).\n\n"
+    )
+    with atomic_write(args.markdown) as tmp:
+        Path(tmp).write_text(header + table + "\n")
+    if len(rows) == len(SETTINGS):
+        with atomic_write(args.plot) as tmp:
+            plot_quality(rows, floor, diffusion.T).savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

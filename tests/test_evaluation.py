@@ -1,0 +1,64 @@
+import pytest
+import torch
+
+from ddpm_lib import evaluation
+from ddpm_lib.diffusion import DiffusionConfig
+from ddpm_lib.evaluation import SETTINGS, SamplerSetting, draw, evaluate, markdown_table, plot_quality, weights_sha256
+from ddpm_lib.metrics import Quality, gaussian_stats
+from ddpm_lib.unet import UNet, UNetConfig
+from tests.test_metrics import StubClassifier
+
+MODEL = UNet(UNetConfig(base_channels=8, channel_mults=(1, 2), attention_resolutions=(), num_groups=4, num_heads=2))
+DIFFUSION = DiffusionConfig(schedule="linear", T=10)
+FAST = (SamplerSetting("DDIM 2", steps=2), SamplerSetting("DDIM 3, eta 1", steps=3, eta=1.0))
+
+
+def test_the_standard_settings_cover_the_issue():
+    labels = [s.label for s in SETTINGS]
+    assert labels == [
+        "DDPM 1000, var beta_tilde", "DDPM 1000, var beta", "DDIM 100", "DDIM 50", "DDIM 20", "DDIM 10", "DDIM 50, eta 1"
+    ]  # fmt: skip
+    assert {s.variance for s in SETTINGS if s.sampler == "ddpm"} == {"beta", "beta_tilde"}
+
+
+def test_draw_gives_n_images_in_range_reproducibly_with_a_partial_last_batch():
+    images, seconds = draw(MODEL, DIFFUSION, FAST[1], n=5, seed=3, batch_size=2)
+    assert images.shape == (5, 1, 28, 28) and images.abs().max() <= 1 and seconds > 0
+    assert torch.equal(draw(MODEL, DIFFUSION, FAST[1], n=5, seed=3, batch_size=2)[0], images)
+    assert not torch.equal(draw(MODEL, DIFFUSION, FAST[1], n=5, seed=4, batch_size=2)[0], images)
+
+
+def test_evaluate_caches_rows_by_model_setting_n_and_seed(tmp_path, monkeypatch):
+    reference = gaussian_stats(torch.randn(100, 4))
+    cache = tmp_path / "quality.json"
+    rows = evaluate(MODEL, DIFFUSION, StubClassifier(), reference, FAST, n=8, cache=cache, model_id="abc")
+    assert [r.setting for r in rows] == list(FAST) and all(r.quality.n == 8 for r in rows)
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("a cached row was sampled again")
+
+    monkeypatch.setattr(evaluation, "draw", no_sampling)
+    assert evaluate(MODEL, DIFFUSION, StubClassifier(), reference, FAST, n=8, cache=cache, model_id="abc") == rows
+    for changed in ({"model_id": "def"}, {"n": 9}, {"seed": 1}, {"bf16": True}):
+        with pytest.raises(AssertionError, match="sampled again"):
+            evaluate(MODEL, DIFFUSION, StubClassifier(), reference, FAST, **{"n": 8, "cache": cache, "model_id": "abc", **changed})
+
+
+def test_weights_sha256_changes_with_any_weight_or_the_diffusion_config():
+    copy = UNet(MODEL.config)
+    copy.load_state_dict(MODEL.state_dict())
+    assert weights_sha256(copy, DIFFUSION) == weights_sha256(MODEL, DIFFUSION)
+    assert weights_sha256(MODEL, DiffusionConfig(schedule="cosine", T=10)) != weights_sha256(MODEL, DIFFUSION)
+    with torch.no_grad():
+        next(copy.parameters()).view(-1)[0] += 1e-6
+    assert weights_sha256(copy, DIFFUSION) != weights_sha256(MODEL, DIFFUSION)
+
+
+def test_table_and_plot_show_every_row_against_the_floor():
+    floor = Quality(8, frechet=2.0, confident=1.0, entropy=2.3, counts=(1,) * 10)
+    rows = evaluate(MODEL, DIFFUSION, StubClassifier(), gaussian_stats(torch.randn(100, 4)), FAST, n=8)
+    table = markdown_table(rows, floor, T=10)
+    assert "| real training images (floor) | - | 2.00 | 1.0 |" in table
+    assert table.count("\n") == 2 + len(rows) and "| DDIM 2 | 2 |" in table
+    fig = plot_quality(rows, floor, T=10)
+    assert list(fig.axes[0].lines[0].get_xdata()) == [2]  # the eta = 0 DDIM line; eta 1 is a separate point
