@@ -20,7 +20,7 @@ from .diffusion import PREDICTIONS, DiffusionConfig
 from .files import OutputPathError, atomic_write, check_writable
 from .sampling import SAMPLERS, VARIANCES, ddim_timesteps, sample, sample_loop
 from .schedules import SCHEDULES
-from .training import LOSS_WEIGHTINGS, LR_SCHEDULES, PRECISIONS, TrainConfig, Trainer, default_device, epochs_to_steps, fast_bf16
+from .training import LOSS_WEIGHTINGS, LR_SCHEDULES, PRECISIONS, TrainConfig, Trainer, default_device, epochs_to_steps, use_bf16
 from .unet import UNetConfig
 from .viz import save_grid, save_trajectory_gif, to_uint8
 
@@ -181,7 +181,7 @@ def load_for_sampling(args: argparse.Namespace, suffixes: tuple[str, ...]):
     if args.steps is not None:
         ddim_timesteps(diffusion.T, args.steps)  # raises for steps outside 1 ... T
     c = model.config
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and fast_bf16(device))
+    bf16 = use_bf16(args.precision, device)
     loop_args = dict(
         sampler=args.sampler,
         steps=args.steps,

@@ -80,6 +80,11 @@ def fast_bf16(device: torch.device) -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """Resolve a PRECISIONS choice: "bf16" always, "auto" where fast_bf16(device), "fp32" never."""
+    return precision == "bf16" or (precision == "auto" and fast_bf16(device))
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """The learning rate of 0-based optimizer step ``step``: linear warm-up to cfg.lr, then constant or a
     half cosine that reaches 0 after the last step (cfg.steps - 1)."""
@@ -142,7 +147,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.schedule = diffusion_config.make_schedule().to(self.device)
         self.generator = torch.Generator(self.device).manual_seed(cfg.seed)  # t and eps of every step
-        self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and fast_bf16(self.device))
+        self.bf16 = use_bf16(cfg.precision, self.device)
         self.step = 0
         self.train_seconds = 0.0  # wall time spent in fit, over every resumed part of the run
         self.losses: list[float] = []  # training loss of every step

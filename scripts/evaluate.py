@@ -20,7 +20,7 @@ from ddpm_lib.classifier import load_classifier, mnist_tensors
 from ddpm_lib.evaluation import SETTINGS, cpu_name, evaluate, markdown_table, plot_quality, weights_sha256
 from ddpm_lib.files import atomic_write
 from ddpm_lib.metrics import real_data_floor, reference_stats, target_misses
-from ddpm_lib.training import PRECISIONS, fast_bf16
+from ddpm_lib.training import PRECISIONS, use_bf16
 
 
 def main() -> int:
@@ -42,7 +42,7 @@ def main() -> int:
     reference = reference_stats(classifier, mnist_tensors(args.data_root, train=False)[0])
     floor = real_data_floor(classifier, mnist_tensors(args.data_root, train=True)[0], reference, args.num, args.seed)
     settings = [s for s in SETTINGS if not args.only or s.label in args.only]
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and fast_bf16(torch.device("cpu")))
+    bf16 = use_bf16(args.precision, torch.device("cpu"))
     precision = "bf16 autocast" if bf16 else "fp32"
     print(f"{args.checkpoint}: {args.num} samples per row, U-Net in {precision}, {torch.get_num_threads()} threads on {cpu_name()}")
     rows = evaluate(

@@ -20,7 +20,7 @@ from ddpm_lib.checkpoint import load_checkpoint, load_model
 from ddpm_lib.classifier import load_classifier, mnist_tensors
 from ddpm_lib.evaluation import SETTINGS, evaluate, weights_sha256
 from ddpm_lib.metrics import real_data_floor, reference_stats, target_misses
-from ddpm_lib.training import PRECISIONS, fast_bf16
+from ddpm_lib.training import PRECISIONS, use_bf16
 
 DDIM50, DDPM1000 = (next(s for s in SETTINGS if s.label == label) for label in ("DDIM 50", "DDPM 1000, var beta_tilde"))
 
@@ -41,7 +41,7 @@ def main() -> int:
     if not snapshots:
         print(f"no snapshots {run.stem}_step*{run.suffix} beside {run}; train with --snapshot-every", file=sys.stderr)
         return 2
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and fast_bf16(torch.device("cpu")))
+    bf16 = use_bf16(args.precision, torch.device("cpu"))
     classifier = load_classifier(args.classifier)
     reference = reference_stats(classifier, mnist_tensors(args.data_root, train=False)[0])
     floor = real_data_floor(classifier, mnist_tensors(args.data_root, train=True)[0], reference, args.num)
