@@ -41,6 +41,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def grey_levels(text: str) -> int:
+    value = int(text)
+    if not 2 <= value <= 256:
+        raise argparse.ArgumentTypeError(f"must be between 2 and 256, got {text}")
+    return value
+
+
 def int_tuple(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in text.split(",") if v.strip())
 
@@ -103,6 +110,7 @@ def build_parser() -> Parser:
     s.add_argument("--frames", type=positive_int, default=60, help="frames in the GIF")
     s.add_argument("--duration-ms", type=positive_int, default=80, help="milliseconds per frame")
     s.add_argument("--no-x0", action="store_true", help="show x_t only, not the predicted x0 beside it")
+    s.add_argument("--levels", type=grey_levels, default=32, help="grey levels per pixel (256: all; fewer: smaller file)")
     return parser
 
 
@@ -216,7 +224,8 @@ def cmd_gif(args: argparse.Namespace) -> None:
     generator = torch.Generator().manual_seed(args.seed)
     steps = sample_loop(model, diffusion.make_schedule(), (args.num, *chw), generator=generator, **loop_args)
     num_steps = (args.steps or diffusion.T) + 1
-    save_trajectory_gif(steps, args.out, num_steps, frames=args.frames, duration_ms=args.duration_ms, show_x0=not args.no_x0)
+    show_x0 = not args.no_x0
+    save_trajectory_gif(steps, args.out, num_steps, frames=args.frames, duration_ms=args.duration_ms, show_x0=show_x0, levels=args.levels)
     print(f"wrote {args.out}", file=sys.stderr)
 
 

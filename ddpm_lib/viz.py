@@ -144,6 +144,19 @@ def frame_indices(n: int, frames: int, ease: float = 1.0) -> list[int]:
     return idx
 
 
+def check_levels(levels: int) -> None:
+    """Reject a grey-level count that a uint8 image cannot hold."""
+    if not 2 <= levels <= 256:
+        raise ValueError(f"levels must be between 2 and 256, got {levels}")
+
+
+def posterize(image: np.ndarray, levels: int) -> np.ndarray:
+    """A uint8 image with its values rounded to ``levels`` evenly spaced grey levels (2 ... 256, 256: unchanged)."""
+    check_levels(levels)
+    step = 255 / (levels - 1)
+    return np.round(np.round(image / step) * step).astype(np.uint8)
+
+
 def trajectory_frame(step: SamplerStep, nrow: int | None = None, scale: int = 1, show_x0: bool = True) -> np.ndarray:
     """One picture of a sampler step: the grid of x_t, and beside it the predicted x0."""
     grid = image_grid(step.x_t, nrow, scale=scale)
@@ -167,6 +180,7 @@ def save_trajectory_gif(
     nrow: int | None = None,
     show_x0: bool = True,
     ease: float = 2.0,
+    levels: int = 32,
 ) -> Path:
     """Write the reverse diffusion as an animated GIF, atomically.
 
@@ -176,18 +190,22 @@ def save_trajectory_gif(
     toward the end of the trajectory, where the digits form (``ease``, see :func:`frame_indices`;
     1 spaces them evenly); the noisy early frames are also the ones that compress worst.
     Small images are upscaled (nearest neighbour) by ``scale``, by default to >= 200 px a grid.
+    Pixels are rounded to ``levels`` grey levels (see :func:`posterize`): GIF's LZW compression
+    barely shrinks noise at 256 levels, and 32 keep a 64-digit GIF of a 1000-step run at about
+    half the size with no banding visible in MNIST digits; 256 keeps every value.
     """
     if num_steps is None:
         if not isinstance(steps, Sequence):
             raise ValueError("pass num_steps when steps is an iterator")
         num_steps = len(steps)
     keep = set(frame_indices(num_steps, frames, ease))
+    check_levels(levels)  # before the sampler runs
     images = []
     for i, step in enumerate(steps):
         if i in keep:
             rows = nrow or math.ceil(math.sqrt(len(step.x_t)))
             s = scale or auto_scale(step.x_t.shape[-1], rows)
-            images.append(trajectory_frame(step, rows, s, show_x0))
+            images.append(posterize(trajectory_frame(step, rows, s, show_x0), levels))
     if not images:
         raise ValueError("the trajectory is empty")
     durations = [duration_ms] * (len(images) - 1) + [max(duration_ms, hold_ms)]

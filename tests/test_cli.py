@@ -154,10 +154,14 @@ def test_sample_writes_a_png_grid(checkpoint, capsys, tmp_path):
 
 
 def test_gif_writes_the_reverse_diffusion(checkpoint, capsys, tmp_path):
-    code, err = run(capsys, "gif", "--checkpoint", checkpoint, "--num", 4, "--frames", 7, "--out", tmp_path / "r.gif")
+    code, err = run(capsys, "gif", "--checkpoint", checkpoint, "--num", 4, "--frames", 7, "--levels", 4, "--out", tmp_path / "r.gif")
     assert code == 0, err
     frames = iio.imread(tmp_path / "r.gif", index=None)
     assert frames.shape[0] == 7 and frames.shape[2] > 2 * frames.shape[1]  # x_t and predicted x0 side by side
+    assert set(np.unique(frames)) <= {0, 85, 170, 255}  # 4 grey levels
+    code, err = run(capsys, "gif", "--checkpoint", checkpoint, "--levels", 300, "--out", tmp_path / "bad.gif")
+    assert_one_line_error(code, err, "--levels", "between 2 and 256")
+    assert not (tmp_path / "bad.gif").exists()
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ from ddpm_lib.viz import (
     forward_viewer,
     frame_indices,
     image_grid,
+    posterize,
     save_grid,
     save_trajectory_gif,
     schedule_explorer,
@@ -74,7 +75,7 @@ def fake_trajectory(n=11, b=4):
 
 def test_gif_has_the_requested_frames_size_duration_and_loop(tmp_path):
     steps = fake_trajectory()
-    path = save_trajectory_gif(steps, tmp_path / "r.gif", frames=6, duration_ms=50, hold_ms=400, loop=0, scale=3)
+    path = save_trajectory_gif(steps, tmp_path / "r.gif", frames=6, duration_ms=50, hold_ms=400, loop=0, scale=3, levels=256)
     frames = iio.imread(path, index=None)
     expected = trajectory_frame(steps[0], 2, 3)
     assert frames.shape[0] == 6 and frames.shape[1:3] == expected.shape
@@ -89,6 +90,29 @@ def test_gif_has_the_requested_frames_size_duration_and_loop(tmp_path):
     save_trajectory_gif(steps, tmp_path / "once.gif", frames=3, loop=1, show_x0=False)
     with Image.open(tmp_path / "once.gif") as im:
         assert im.info["loop"] == 1 and im.n_frames == 3
+
+
+def test_posterize_keeps_levels_evenly_spaced_grey_values_and_256_keeps_all():
+    image = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    assert np.array_equal(posterize(image, 256), image)
+    values = np.unique(posterize(image, 32))
+    assert len(values) == 32 and values[0] == 0 and values[-1] == 255
+    assert np.allclose(np.diff(values), 255 / 31, atol=1)
+    assert np.abs(posterize(image, 32).astype(int) - image).max() <= 255 / 31 / 2 + 0.5  # the nearest level
+    with pytest.raises(ValueError, match="between 2 and 256"):
+        posterize(image, 1)
+
+
+def test_gif_grey_levels_shrink_noisy_frames(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    steps = [SamplerStep(t, torch.randn(16, 1, 28, 28, generator=g).clamp(-1, 1), torch.zeros(16, 1, 28, 28)) for t in range(4, -2, -1)]
+    full = save_trajectory_gif(steps, tmp_path / "full.gif", levels=256)
+    coarse = save_trajectory_gif(steps, tmp_path / "coarse.gif", levels=16)
+    assert len(np.unique(iio.imread(coarse, index=None))) <= 16
+    assert coarse.stat().st_size < full.stat().st_size
+    with pytest.raises(ValueError, match="levels"):
+        save_trajectory_gif(steps, tmp_path / "bad.gif", levels=300)
+    assert not (tmp_path / "bad.gif").exists()
 
 
 def test_gif_from_a_live_sampler_needs_its_length(tmp_path, tiny_config):
