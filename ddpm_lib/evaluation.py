@@ -183,7 +183,7 @@ def plot_quality(rows: list[Row], floor: Quality, T: int) -> plt.Figure:
 
     DDIM with eta = 0 is drawn as a line through its step counts; every other row is a point.
     """
-    fig, (ax_fd, ax_conf) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (ax_fd, ax_conf) = plt.subplots(1, 2, figsize=(10, 4.6))
     ddim = sorted((r for r in rows if r.setting.sampler == "ddim" and r.setting.eta == 0), key=lambda r: r.setting.steps or T)
     others = [r for r in rows if r not in ddim]
     for ax, value, floor_value, name in (
@@ -198,8 +198,8 @@ def plot_quality(rows: list[Row], floor: Quality, T: int) -> plt.Figure:
     ax_fd.axhline(3 * floor.frechet, color="gray", ls=":", label="target: 3 x floor")
     ax_conf.axhline(90, color="gray", ls=":", label="target: 90%")
     ax_fd.set_yscale("log")
-    ax_conf.legend(fontsize=8, loc="lower right")
-    ax_fd.legend(fontsize=8, loc="upper right")
+    for ax in (ax_fd, ax_conf):  # below the axes, where no marker hides behind them
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
     fig.suptitle(f"Sample quality against sampling cost, {rows[0].quality.n} samples per point")
     fig.tight_layout()
     return fig
