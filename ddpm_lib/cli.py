@@ -22,7 +22,7 @@ from .sampling import SAMPLERS, VARIANCES, ddim_timesteps, sample, sample_loop
 from .schedules import SCHEDULES
 from .training import LOSS_WEIGHTINGS, LR_SCHEDULES, PRECISIONS, TrainConfig, Trainer, default_device, epochs_to_steps, use_bf16
 from .unet import UNetConfig
-from .viz import save_grid, save_trajectory_gif, to_uint8
+from .viz import check_levels, save_grid, save_trajectory_gif, to_uint8
 
 
 class UsageError(Exception):
@@ -43,8 +43,10 @@ def positive_int(text: str) -> int:
 
 def grey_levels(text: str) -> int:
     value = int(text)
-    if not 2 <= value <= 256:
-        raise argparse.ArgumentTypeError(f"must be between 2 and 256, got {text}")
+    try:
+        check_levels(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return value
 
 
