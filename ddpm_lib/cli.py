@@ -77,6 +77,7 @@ def build_parser() -> Parser:
     t.add_argument("--loss-weighting", choices=LOSS_WEIGHTINGS, default=c.loss_weighting, help="min_snr (Hang et al.) or uniform")
     t.add_argument("--precision", choices=PRECISIONS, default=c.precision, help="auto: bf16 where the hardware runs it fast, else fp32")
     t.add_argument("--seed", type=int, default=c.seed)
+    t.add_argument("--patch-size", type=positive_int, default=m.patch_size, help="fold p x p pixel patches into channels first")
     t.add_argument("--base-channels", type=positive_int, default=m.base_channels)
     t.add_argument("--channel-mults", type=int_tuple, default=m.channel_mults, help="e.g. 1,2,2")
     t.add_argument("--num-res-blocks", type=positive_int, default=m.num_res_blocks)
@@ -133,11 +134,12 @@ def cmd_train(args: argparse.Namespace) -> None:
         size = args.image_size or native
         if size is None:
             raise UsageError("--dataset folder needs --image-size")
-        lowest = size // 2 ** (len(args.channel_mults) - 1)
+        lowest = size // args.patch_size // 2 ** (len(args.channel_mults) - 1)
         attention = (lowest,) if args.attention_resolutions is None else args.attention_resolutions
         model_config = UNetConfig(
             in_channels=channels,
             image_size=size,
+            patch_size=args.patch_size,
             base_channels=args.base_channels,
             channel_mults=args.channel_mults,
             num_res_blocks=args.num_res_blocks,

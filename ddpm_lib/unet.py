@@ -18,8 +18,9 @@ from torch import nn
 @dataclass(frozen=True)
 class UNetConfig:
     in_channels: int = 1  # image channels: 1 for MNIST, 3 for RGB
-    image_size: int = 28  # height = width of the images; divisible by 2 ** (len(channel_mults) - 1)
-    base_channels: int = 16  # channels at full resolution, where convolutions cost the most
+    image_size: int = 28  # height = width of the images; divisible by patch_size * 2 ** (len(channel_mults) - 1)
+    patch_size: int = 1  # fold each p x p patch of pixels into channels first (2: MNIST's 28 x 28 becomes 14 x 14; see UNet)
+    base_channels: int = 16  # channels at the U-Net's full resolution, where convolutions cost the most
     channel_mults: tuple[int, ...] = (1, 2, 4)  # channels per resolution = base * mult: 16, 32, 64 at 28, 14, 7
     num_res_blocks: int = 1  # residual blocks per resolution on the way down (2 trains 1.6x slower on CPU)
     attention_resolutions: tuple[int, ...] = (7,)  # resolutions (in pixels) with self-attention; the middle always has it
@@ -31,16 +32,18 @@ class UNetConfig:
         levels = len(self.channel_mults)
         if levels < 1:
             raise ValueError("channel_mults must name at least one resolution")
-        if self.image_size % 2 ** (levels - 1):
+        if self.patch_size < 1 or self.image_size % self.patch_size:
+            raise ValueError(f"patch_size must be a positive divisor of image_size {self.image_size}, got {self.patch_size}")
+        if (self.image_size // self.patch_size) % 2 ** (levels - 1):
             raise ValueError(
-                f"image_size {self.image_size} cannot be halved {levels - 1} times; "
-                f"use an image size divisible by {2 ** (levels - 1)} or fewer channel_mults"
+                f"image_size {self.image_size} / patch_size {self.patch_size} cannot be halved {levels - 1} times; "
+                f"use an image size divisible by {self.patch_size * 2 ** (levels - 1)} or fewer channel_mults"
             )
         for mult in self.channel_mults:
             channels = self.base_channels * mult
             if channels % self.num_groups or channels % self.num_heads:
                 raise ValueError(f"{channels} channels are not divisible by num_groups={self.num_groups} and num_heads={self.num_heads}")
-        valid = [self.image_size // 2**i for i in range(levels)]
+        valid = [self.image_size // self.patch_size // 2**i for i in range(levels)]
         bad = [r for r in self.attention_resolutions if r not in valid]
         if bad:
             raise ValueError(f"attention_resolutions {bad} are not resolutions of this U-Net; valid: {valid}")
@@ -85,7 +88,11 @@ class ResBlock(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention over the H * W positions, with a residual connection."""
+    """Multi-head self-attention over the H * W positions, with a residual connection.
+
+    Under CPU bf16 autocast the attention is written out (two matmuls and a softmax): for these
+    small matrices PyTorch's fused kernel is several times slower there; everywhere else it is faster.
+    """
 
     def __init__(self, channels: int, heads: int, groups: int):
         super().__init__()
@@ -100,7 +107,11 @@ class SelfAttention(nn.Module):
         B, C, H, W = x.shape
         qkv = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W)
         q, k, v = qkv.transpose(-1, -2).unbind(dim=1)  # each (B, heads, H*W, C/heads)
-        h = F.scaled_dot_product_attention(q, k, v)  # (B, heads, H*W, C/heads)
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            weights = (q @ k.transpose(-1, -2) * (C // self.heads) ** -0.5).softmax(dim=-1)  # (B, heads, H*W, H*W)
+            h = weights @ v  # (B, heads, H*W, C/heads)
+        else:
+            h = F.scaled_dot_product_attention(q, k, v)  # (B, heads, H*W, C/heads)
         h = h.transpose(-1, -2).reshape(B, C, H, W)
         return x + self.out(h)
 
@@ -146,6 +157,11 @@ class Level(nn.Module):
 class UNet(nn.Module):
     """model(x_t, t) -> a tensor shaped like x_t (the predicted eps, x0 or v).
 
+    With ``patch_size`` p > 1, ``patchify`` first folds each p x p patch into p * p channels and
+    the head unfolds them again, so the U-Net itself runs at 1/p the resolution, the way DiT and
+    Hoogeboom et al. (2023) cut the cost of large feature maps. On MNIST, p = 2 with 32 and 64
+    channels trains about 1.4x faster per step than the default but needs more than twice the steps.
+
     Down path: at each resolution ``num_res_blocks`` layers, then a downsample (except at the
     lowest); every output is kept as a skip. Middle: res block, attention, res block. Up path:
     ``num_res_blocks + 1`` layers per resolution, each concatenating one skip, then an upsample.
@@ -157,10 +173,11 @@ class UNet(nn.Module):
         ch = cfg.base_channels
         emb_dim = 4 * ch
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.stem = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
+        self.patchify = nn.PixelUnshuffle(cfg.patch_size)
+        self.stem = nn.Conv2d(cfg.in_channels * cfg.patch_size**2, ch, 3, padding=1)
 
         self.down = nn.ModuleList()
-        skips, res = [ch], cfg.image_size
+        skips, res = [ch], cfg.image_size // cfg.patch_size
         for i, mult in enumerate(cfg.channel_mults):
             for _ in range(cfg.num_res_blocks):
                 self.down.append(Level(ch, cfg.base_channels * mult, emb_dim, res in cfg.attention_resolutions, cfg))
@@ -184,13 +201,18 @@ class UNet(nn.Module):
                 self.up.append(Upsample(ch))
                 res *= 2
 
-        self.head = nn.Sequential(nn.GroupNorm(cfg.num_groups, ch), nn.SiLU(), nn.Conv2d(ch, cfg.in_channels, 3, padding=1))
-        nn.init.zeros_(self.head[-1].weight)
-        nn.init.zeros_(self.head[-1].bias)
+        self.head = nn.Sequential(
+            nn.GroupNorm(cfg.num_groups, ch),
+            nn.SiLU(),
+            nn.Conv2d(ch, cfg.in_channels * cfg.patch_size**2, 3, padding=1),
+            nn.PixelShuffle(cfg.patch_size),  # unfold the channels of each patch back into p x p pixels
+        )
+        nn.init.zeros_(self.head[2].weight)
+        nn.init.zeros_(self.head[2].bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         emb = self.time_mlp(timestep_embedding(t, self.config.base_channels))  # (B, 4 * base)
-        h = self.stem(x)  # (B, base, H, W)
+        h = self.stem(self.patchify(x))  # (B, C * p * p, H / p, W / p) -> (B, base, H / p, W / p)
         skips = [h]
         for layer in self.down:
             h = layer(h) if isinstance(layer, Downsample) else layer(h, emb)
@@ -209,8 +231,10 @@ def layer_shapes(model: UNet, x: torch.Tensor, t: torch.Tensor) -> list[tuple[st
     """(layer name, output shape, parameter count) for every top-level layer, in the order a forward pass runs them."""
     rows, hooks = [], []
     for name, module in model.named_modules():
-        is_layer = name in ("time_mlp", "stem", "mid1", "mid_attn", "mid2", "head") or (
-            name.count(".") == 1 and name.split(".")[0] in ("down", "up")
+        is_layer = (
+            name in ("time_mlp", "stem", "mid1", "mid_attn", "mid2", "head")
+            or (name == "patchify" and model.config.patch_size > 1)
+            or (name.count(".") == 1 and name.split(".")[0] in ("down", "up"))
         )
         if is_layer:
             hooks.append(

@@ -87,6 +87,18 @@ def test_train_resumes_and_refuses_to_overwrite(checkpoint, images, capsys, tmp_
     assert load_checkpoint(resumed)["step"] == 5
 
 
+def test_train_with_patches_puts_attention_at_the_lowest_patched_resolution(images, capsys, tmp_path):
+    common = ["train", "--dataset", "folder", "--data-root", images, "--image-size", "8", "--T", "10", "--steps", "1"]
+    tiny = ["--batch-size", "4", "--sample-every", "0", "--base-channels", "8", "--channel-mults", "1,2"]
+    code, err = run(capsys, *common, *tiny, "--patch-size", "2", "--out", tmp_path / "p.pt")
+    assert code == 0, err
+    config = load_checkpoint(tmp_path / "p.pt")["model_config"]
+    assert config["patch_size"] == 2 and config["attention_resolutions"] == (2,)  # 8 pixels, 4 patches, halved once
+    code, err = run(capsys, *common, *tiny, "--patch-size", "3", "--out", tmp_path / "q.pt")
+    assert_one_line_error(code, err, "patch_size must be a positive divisor of image_size 8")
+    assert not (tmp_path / "q.pt").exists()
+
+
 def test_train_by_epochs_and_missing_data(images, capsys, tmp_path):
     code, err = run(
         capsys,

@@ -2,18 +2,21 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from ddpm_lib.unet import UNet, UNetConfig, count_parameters, layer_shapes, timestep_embedding
+from ddpm_lib.unet import SelfAttention, UNet, UNetConfig, count_parameters, layer_shapes, timestep_embedding
 
 
 @pytest.mark.parametrize(
     "config",
     [
         UNetConfig(),  # MNIST, 1x28x28
+        UNetConfig(patch_size=2, base_channels=32, channel_mults=(1, 2)),  # MNIST in 2x2 patches
         UNetConfig(in_channels=3, image_size=32, channel_mults=(1, 2, 2, 2), attention_resolutions=(8,)),  # CIFAR-10
         UNetConfig(in_channels=3, image_size=64, channel_mults=(1, 2, 2, 2), attention_resolutions=(16,)),
+        UNetConfig(in_channels=3, image_size=32, patch_size=4, channel_mults=(1, 2), attention_resolutions=(4,)),
     ],
-    ids=["1x28x28", "3x32x32", "3x64x64"],
+    ids=["1x28x28", "1x28x28-patch2", "3x32x32", "3x64x64", "3x32x32-patch4"],
 )
 def test_output_shape_equals_input_shape(config):
     model = UNet(config)
@@ -67,9 +70,36 @@ def test_a_tiny_model_overfits_a_batch_of_8_images(tiny_config):
     assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
 
 
+def test_patches_are_folded_into_channels_and_unfolded_at_the_end():
+    model = UNet(UNetConfig(patch_size=2, base_channels=32, channel_mults=(1, 2)))
+    x = torch.randn(2, 1, 28, 28)
+    rows = {name: shape for name, shape, _ in layer_shapes(model, x, torch.tensor([5, 6]))}
+    assert rows["patchify"] == (2, 4, 14, 14) and rows["stem"] == (2, 32, 14, 14) and rows["head"] == (2, 1, 28, 28)
+    patches = model.patchify(x)  # channel 2 i + j holds pixel (i, j) of every 2x2 patch
+    assert torch.equal(patches[:, 1], x[:, 0, 0::2, 1::2]) and torch.equal(patches[:, 2], x[:, 0, 1::2, 0::2])
+    assert torch.equal(model.head[-1](patches), x)  # the head's last layer undoes the folding exactly
+
+
+def test_attention_written_out_for_cpu_bf16_equals_the_fused_kernel():
+    torch.manual_seed(0)
+    attn = SelfAttention(32, heads=4, groups=8)
+    torch.nn.init.normal_(attn.out.weight, std=0.1)
+    x = torch.randn(3, 32, 7, 7)
+    B, C, H, W = x.shape
+    q, k, v = attn.qkv(attn.norm(x)).reshape(B, 3, 4, C // 4, H * W).transpose(-1, -2).unbind(dim=1)
+    fused = attn.out(F.scaled_dot_product_attention(q, k, v).transpose(-1, -2).reshape(B, C, H, W))  # float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        written_out = attn(x).float() - x
+    assert (written_out - fused).abs().max() < 0.03 * fused.abs().max()  # equal up to bf16 rounding
+
+
 def test_config_errors_say_what_to_change():
     with pytest.raises(ValueError, match="divisible by 4"):
         UNetConfig(image_size=30)
+    with pytest.raises(ValueError, match="divisible by 8"):
+        UNetConfig(patch_size=2, channel_mults=(1, 2, 4))  # 28 / 2 = 14 cannot be halved twice
+    with pytest.raises(ValueError, match="positive divisor of image_size 28"):
+        UNetConfig(patch_size=3, channel_mults=(1,))
     with pytest.raises(ValueError, match=r"valid: \[28, 14, 7\]"):
         UNetConfig(attention_resolutions=(16,))
     with pytest.raises(ValueError, match="num_groups"):
