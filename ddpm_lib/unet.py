@@ -160,7 +160,7 @@ class UNet(nn.Module):
     With ``patch_size`` p > 1, ``patchify`` first folds each p x p patch into p * p channels and
     the head unfolds them again, so the U-Net itself runs at 1/p the resolution, the way DiT and
     Hoogeboom et al. (2023) cut the cost of large feature maps. On MNIST, p = 2 with 32 and 64
-    channels trains about 1.4x faster per step than the default but needs more than twice the steps.
+    channels trains about 1.5x faster per step than the default but needs more than twice the steps.
 
     Down path: at each resolution ``num_res_blocks`` layers, then a downsample (except at the
     lowest); every output is kept as a skip. Middle: res block, attention, res block. Up path:
