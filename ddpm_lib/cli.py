@@ -134,8 +134,6 @@ def cmd_train(args: argparse.Namespace) -> None:
         size = args.image_size or native
         if size is None:
             raise UsageError("--dataset folder needs --image-size")
-        lowest = size // args.patch_size // 2 ** (len(args.channel_mults) - 1)
-        attention = (lowest,) if args.attention_resolutions is None else args.attention_resolutions
         model_config = UNetConfig(
             in_channels=channels,
             image_size=size,
@@ -143,9 +141,11 @@ def cmd_train(args: argparse.Namespace) -> None:
             base_channels=args.base_channels,
             channel_mults=args.channel_mults,
             num_res_blocks=args.num_res_blocks,
-            attention_resolutions=attention,
+            attention_resolutions=args.attention_resolutions or (),
             dropout=args.dropout,
         )
+        if args.attention_resolutions is None:  # default: attention at the lowest resolution
+            model_config = dataclasses.replace(model_config, attention_resolutions=tuple(model_config.resolutions[-1:]))
         diffusion_config = DiffusionConfig(args.schedule, args.T, args.prediction)
         hflip = args.dataset in ("cifar10", "folder")  # photos may be mirrored, digits may not
         dataset = get_dataset(args.dataset, args.data_root, True, args.image_size, hflip)

@@ -43,10 +43,14 @@ class UNetConfig:
             channels = self.base_channels * mult
             if channels % self.num_groups or channels % self.num_heads:
                 raise ValueError(f"{channels} channels are not divisible by num_groups={self.num_groups} and num_heads={self.num_heads}")
-        valid = [self.image_size // self.patch_size // 2**i for i in range(levels)]
-        bad = [r for r in self.attention_resolutions if r not in valid]
+        bad = [r for r in self.attention_resolutions if r not in self.resolutions]
         if bad:
-            raise ValueError(f"attention_resolutions {bad} are not resolutions of this U-Net; valid: {valid}")
+            raise ValueError(f"attention_resolutions {bad} are not resolutions of this U-Net; valid: {self.resolutions}")
+
+    @property
+    def resolutions(self) -> list[int]:
+        """The side of the feature maps at each level, from the top: [28, 14, 7] for the default."""
+        return [self.image_size // self.patch_size // 2**i for i in range(len(self.channel_mults))]
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -177,7 +181,7 @@ class UNet(nn.Module):
         self.stem = nn.Conv2d(cfg.in_channels * cfg.patch_size**2, ch, 3, padding=1)
 
         self.down = nn.ModuleList()
-        skips, res = [ch], cfg.image_size // cfg.patch_size
+        skips, res = [ch], cfg.resolutions[0]
         for i, mult in enumerate(cfg.channel_mults):
             for _ in range(cfg.num_res_blocks):
                 self.down.append(Level(ch, cfg.base_channels * mult, emb_dim, res in cfg.attention_resolutions, cfg))
