@@ -14,6 +14,7 @@ lab: $(VENV)/.installed
 # Notebooks run in quick mode (DDPM_SMOKE=1): fewer images and training steps, the same code.
 test: $(VENV)/.installed
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	DDPM_SMOKE=1 $(BIN)/python -m pytest tests $(if $(NOTEBOOKS),--nbval-lax notebooks)
 
 # The README's pictures, from the shipped checkpoint.
