@@ -1,4 +1,4 @@
-"""The project's own files agree with each other: conda and pip name the same dependencies,
+"""The project's own files agree with each other: conda and pip pin the same dependencies,
 and CI runs the test command the README gives."""
 
 import re
@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.skipif(sys.version_info < (3, 11), reason="tomllib is Python 3.11+")
-def test_environment_yml_names_the_same_dependencies_as_pyproject():
+def test_environment_yml_pins_the_same_dependencies_as_pyproject():
     import tomllib
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
