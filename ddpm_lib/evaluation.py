@@ -178,6 +178,44 @@ def markdown_table(rows: list[Row], floor: Quality, T: int) -> str:
     return "\n".join(lines)
 
 
+def class_count_table(rows: list[Row], floor: Quality) -> str:
+    """The predicted-class histogram of each row and of the real-data floor as a Markdown table: images per digit."""
+    lines = [
+        "| sampler | " + " | ".join(str(d) for d in range(10)) + " | class entropy |",
+        "|---|" + "---:|" * 11,
+    ]
+    for label, q in [("real training images (floor)", floor)] + [(row.setting.label, row.quality) for row in rows]:
+        lines.append(f"| {label} | " + " | ".join(str(c) for c in q.counts) + f" | {q.entropy:.3f} |")
+    return "\n".join(lines)
+
+
+def plot_class_counts(rows: list[Row], floor: Quality) -> plt.Figure:
+    """The predicted-class histograms as a heatmap: one row per sampler (the floor on top), one column per digit.
+
+    Each cell shows the number of images predicted as that digit; its colour is the share's difference
+    from the real images' share of that digit, in percentage points (red: too few, blue: too many).
+    """
+    labels = ["real training images"] + [row.setting.label for row in rows]
+    qualities = [floor] + [row.quality for row in rows]
+    counts = torch.tensor([q.counts for q in qualities], dtype=torch.float64)  # (rows, 10)
+    shares = 100 * counts / counts.sum(dim=1, keepdim=True)
+    excess = shares - shares[0]  # percentage points against the real images
+    limit = max(excess.abs().max().item(), 1.0)
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(labels) + 1.4))
+    image = ax.imshow(excess.numpy(), cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
+    for i, row_counts in enumerate(counts.tolist()):
+        for j, count in enumerate(row_counts):
+            dark = abs(excess[i, j]) > 0.6 * limit
+            ax.text(j, i, f"{count:.0f}", ha="center", va="center", fontsize=9, color="white" if dark else "black")
+    ax.set_xticks(range(10), [str(d) for d in range(10)])
+    ax.set_yticks(range(len(labels)), [f"{label}  (H = {q.entropy:.3f})" for label, q in zip(labels, qualities, strict=True)])
+    ax.set_xlabel("digit the classifier sees")
+    fig.colorbar(image, ax=ax, label="share - real share (points)")
+    fig.suptitle(f"Images per predicted digit, {floor.n} per row (H: class entropy in nats, at most 2.303)")
+    fig.tight_layout()
+    return fig
+
+
 def plot_quality(rows: list[Row], floor: Quality, T: int) -> plt.Figure:
     """Frechet distance and confident share against U-Net evaluations per image, one marker per row.
 

@@ -4,9 +4,10 @@
 
 For each sampler setting (DDPM 1000 with both variances, DDIM 100/50/20/10, DDIM 50 with eta 1) it
 draws --num samples and prints the Frechet distance, confident share, class entropy and seconds
-per image, beside the real-data floor at the same number of images. Rows are cached in
-docs/quality.json (keyed by the checkpoint's SHA-256), so an interrupted run continues where it
-stopped; the table goes to docs/quality.md and the quality-vs-steps plot to figures/quality_vs_steps.png.
+per image, beside the real-data floor at the same number of images, then each row's class
+histogram (images per predicted digit). Rows are cached in docs/quality.json (keyed by the
+checkpoint's SHA-256), so an interrupted run continues where it stopped; both tables go to
+docs/quality.md and the quality-vs-steps plot to figures/quality_vs_steps.png.
 """
 
 import argparse
@@ -17,7 +18,7 @@ import torch
 
 from ddpm_lib.checkpoint import load_model
 from ddpm_lib.classifier import load_classifier, mnist_tensors
-from ddpm_lib.evaluation import SETTINGS, cpu_name, evaluate, markdown_table, plot_quality, weights_sha256
+from ddpm_lib.evaluation import SETTINGS, class_count_table, cpu_name, evaluate, markdown_table, plot_quality, weights_sha256
 from ddpm_lib.files import atomic_write
 from ddpm_lib.metrics import real_data_floor, reference_stats, target_misses
 from ddpm_lib.training import PRECISIONS, use_bf16
@@ -59,7 +60,8 @@ def main() -> int:
         on_row=lambda row: print(f"  {row.setting.label}: FD {row.quality.frechet:.2f}, {row.seconds_per_image:.3f} s/image", flush=True),
     )
     table = markdown_table(rows, floor, diffusion.T)
-    print(table)
+    histograms = class_count_table(rows, floor)
+    print(table, histograms, sep="\n\n")
     for row in rows:
         misses = target_misses(row.quality, floor)
         print(f"{row.setting.label}: {'meets the targets' if not misses else 'misses: ' + '; '.join(misses)}")
@@ -68,7 +70,7 @@ def main() -> int:
         f"U-Net in {precision}, on {cpu_name()} ({torch.get_num_threads()} threads).\n\n"
     )
     with atomic_write(args.markdown) as tmp:
-        Path(tmp).write_text(header + table + "\n")
+        Path(tmp).write_text(f"{header}{table}\n\nImages per digit the classifier sees (the class histogram):\n\n{histograms}\n")
     if len(rows) == len(SETTINGS):
         with atomic_write(args.plot) as tmp:
             plot_quality(rows, floor, diffusion.T).savefig(tmp, format="png", dpi=100, bbox_inches="tight")

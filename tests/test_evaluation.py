@@ -3,7 +3,18 @@ import torch
 
 from ddpm_lib import evaluation
 from ddpm_lib.diffusion import DiffusionConfig
-from ddpm_lib.evaluation import SETTINGS, SamplerSetting, draw, evaluate, markdown_table, plot_quality, weights_sha256
+from ddpm_lib.evaluation import (
+    SETTINGS,
+    Row,
+    SamplerSetting,
+    class_count_table,
+    draw,
+    evaluate,
+    markdown_table,
+    plot_class_counts,
+    plot_quality,
+    weights_sha256,
+)
 from ddpm_lib.metrics import Quality, gaussian_stats
 from ddpm_lib.unet import UNet, UNetConfig
 from tests.test_metrics import StubClassifier
@@ -62,3 +73,18 @@ def test_table_and_plot_show_every_row_against_the_floor():
     assert table.count("\n") == 2 + len(rows) and "| DDIM 2 | 2 |" in table
     fig = plot_quality(rows, floor, T=10)
     assert list(fig.axes[0].lines[0].get_xdata()) == [2]  # the eta = 0 DDIM line; eta 1 is a separate point
+
+
+def test_class_histograms_are_tabled_and_coloured_against_the_real_images():
+    floor = Quality(20, frechet=1.0, confident=1.0, entropy=2.303, counts=(2,) * 10)
+    skewed = Quality(20, frechet=2.0, confident=0.5, entropy=1.0, counts=(10, 10) + (0,) * 8)
+    rows = [Row(SETTINGS[3], skewed, seconds_per_image=0.1, seed=0, bf16=False)]
+    table = class_count_table(rows, floor)
+    assert "| real training images (floor) | 2 | 2 | 2 | 2 | 2 | 2 | 2 | 2 | 2 | 2 | 2.303 |" in table
+    assert "| DDIM 50 | 10 | 10 | 0 | 0 | 0 | 0 | 0 | 0 | 0 | 0 | 1.000 |" in table
+    ax = plot_class_counts(rows, floor).axes[0]
+    excess = ax.images[0].get_array()  # (rows, 10): share minus the real share, in points
+    assert excess.shape == (2, 10) and (excess[0] == 0).all()
+    assert excess[1, 0] == excess[1, 1] == 40 and (excess[1, 2:] == -10).all()
+    assert [t.get_text() for t in ax.texts] == ["2"] * 10 + ["10", "10"] + ["0"] * 8
+    assert ax.texts[0].get_color() == "black" and ax.texts[10].get_color() == "white"  # legible on dark cells
