@@ -8,6 +8,9 @@ Three figures for a set of generated images (N, 1, 28, 28) in [-1, 1]:
 - **confident share**: the share of samples whose most probable class has probability >= 0.9.
 - **class entropy** of the histogram of predicted classes, in nats (uniform over 10 digits: ln 10 = 2.303).
 
+None of the three notices a model that copies its training digits, so :func:`nearest_neighbours`
+measures how close each sample comes to the training set, to compare with new (test) digits.
+
 Every figure depends on the number of samples (the Frechet distance is biased upwards for small
 N), so compare a model only with the real-data floor at the same N: real training images scored
 the same way.
@@ -115,3 +118,21 @@ def target_misses(quality: Quality, floor: Quality) -> list[str]:
     if quality.entropy < MIN_ENTROPY:
         misses.append(f"class entropy {quality.entropy:.3f} < {MIN_ENTROPY} nats")
     return misses
+
+
+def nearest_neighbours(images: torch.Tensor, references: torch.Tensor, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """The nearest of ``references`` (M, C, H, W) to each of ``images`` (N, C, H, W), in pixel space.
+
+    Returns the Euclidean distances (N,) and the indices into ``references`` (N,), computed in
+    float64, ``chunk`` images at a time. Samples that are copies of training images sit much
+    closer to the training set than new digits do: compare with the distances of test images.
+    """
+    if images.shape[1:] != references.shape[1:]:
+        raise ValueError(f"images {tuple(images.shape)} and references {tuple(references.shape)} must have the same image shape")
+    refs = references.flatten(1).double()  # (M, D)
+    distances, indices = [], []
+    for batch in images.flatten(1).double().split(chunk):  # (chunk, D)
+        nearest = torch.cdist(batch, refs).min(dim=1)  # over the (chunk, M) distance matrix
+        distances.append(nearest.values)
+        indices.append(nearest.indices)
+    return torch.cat(distances), torch.cat(indices)

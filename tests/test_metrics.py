@@ -12,6 +12,7 @@ from ddpm_lib.metrics import (
     class_entropy,
     frechet_distance,
     gaussian_stats,
+    nearest_neighbours,
     real_data_floor,
     score,
     target_misses,
@@ -112,3 +113,22 @@ def test_target_misses_names_each_missed_target():
     bad = Quality(1000, frechet=3.1, confident=0.89, entropy=2.2, counts=(100,) * 10)
     misses = target_misses(bad, floor)
     assert len(misses) == 3 and "Frechet" in misses[0] and "confident" in misses[1] and "entropy" in misses[2]
+
+
+def test_nearest_neighbours_finds_planted_copies_and_matches_brute_force():
+    g = torch.Generator().manual_seed(0)
+    references = torch.rand(300, 1, 4, 4, generator=g) * 2 - 1
+    images = torch.rand(20, 1, 4, 4, generator=g) * 2 - 1
+    images[5] = references[123]  # an exact copy
+    images[9] = references[7] + 0.01  # a near copy, 0.01 off in each of 16 pixels
+    distances, indices = nearest_neighbours(images, references, chunk=6)  # chunks that do not divide 20
+    brute = (images[:, None] - references[None]).flatten(2).norm(dim=2)  # (20, 300)
+    torch.testing.assert_close(distances, brute.min(dim=1).values.double())
+    assert torch.equal(indices, brute.argmin(dim=1))
+    assert indices[5] == 123 and distances[5] < 1e-6
+    assert indices[9] == 7 and distances[9] == pytest.approx(0.04, abs=1e-5)  # sqrt(16 * 0.01^2)
+
+
+def test_nearest_neighbours_rejects_different_image_shapes():
+    with pytest.raises(ValueError, match="same image shape"):
+        nearest_neighbours(torch.zeros(2, 1, 28, 28), torch.zeros(5, 1, 32, 32))
