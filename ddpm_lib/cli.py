@@ -20,7 +20,17 @@ from .diffusion import PREDICTIONS, DiffusionConfig
 from .files import OutputPathError, atomic_write, check_writable
 from .sampling import SAMPLERS, VARIANCES, ddim_timesteps, sample, sample_loop
 from .schedules import SCHEDULES
-from .training import LOSS_WEIGHTINGS, LR_SCHEDULES, PRECISIONS, TrainConfig, Trainer, default_device, epochs_to_steps, use_bf16
+from .training import (
+    LOSS_WEIGHTINGS,
+    LR_SCHEDULES,
+    PRECISIONS,
+    TrainConfig,
+    Trainer,
+    default_device,
+    device_name,
+    epochs_to_steps,
+    use_bf16,
+)
 from .unet import UNetConfig
 from .viz import check_levels, save_grid, save_trajectory_gif, to_uint8
 
@@ -170,7 +180,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         )
         trainer = Trainer(model_config, diffusion_config, train_config, dataset, args.device)
     trainer.config = dataclasses.replace(trainer.config, steps=steps)
-    print(f"training on {trainer.device}, {len(trainer.dataset)} images, steps {trainer.step} -> {steps}", file=sys.stderr)
+    where = f"{trainer.device} ({device_name(trainer.device)})"
+    print(f"training on {where}, {len(trainer.dataset)} images, steps {trainer.step} -> {steps}", file=sys.stderr)
     trainer.fit(
         steps, checkpoint_path=out, on_sample=lambda step, grid: save_grid(grid, out.with_name(f"{out.stem}_samples_{step:07d}.png"))
     )

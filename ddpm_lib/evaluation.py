@@ -13,7 +13,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import platform
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -241,12 +240,3 @@ def plot_quality(rows: list[Row], floor: Quality, T: int) -> plt.Figure:
     fig.suptitle(f"Sample quality against sampling cost, {rows[0].quality.n} samples per point")
     fig.tight_layout()
     return fig
-
-
-def cpu_name() -> str:
-    """The CPU's model name (from Linux's /proc/cpuinfo), for stating where a timing was measured."""
-    cpuinfo = Path("/proc/cpuinfo")
-    for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"

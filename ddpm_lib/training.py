@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import platform
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -66,6 +67,18 @@ class TrainConfig:
 def default_device() -> torch.device:
     """CUDA when available, else CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def device_name(device: torch.device | str) -> str:
+    """The model name of the GPU, or of the CPU (from Linux's /proc/cpuinfo) with the threads torch uses:
+    timings mean little without it, and build machines differ from day to day."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return f"{names[0] if names else platform.processor() or 'unknown CPU'}, {torch.get_num_threads()} threads"
 
 
 def fast_bf16(device: torch.device) -> bool:
@@ -144,7 +157,8 @@ class Trainer:
             self.rng_state = torch.get_rng_state()  # the global stream dropout draws from
         self.cuda_rng_state = None
         self.ema = AveragedModel(self.model, multi_avg_fn=self._ema_update, use_buffers=True)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # fused: one kernel for all parameters (a 4 ms optimizer step takes 1 ms on 2 CPU cores)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
         self.schedule = diffusion_config.make_schedule().to(self.device)
         self.generator = torch.Generator(self.device).manual_seed(cfg.seed)  # t and eps of every step
         self.bf16 = use_bf16(cfg.precision, self.device)

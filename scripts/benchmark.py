@@ -22,11 +22,10 @@ from torch.utils.data import TensorDataset
 
 from ddpm_lib.checkpoint import load_model
 from ddpm_lib.diffusion import DiffusionConfig
-from ddpm_lib.evaluation import cpu_name
 from ddpm_lib.files import atomic_write
 from ddpm_lib.sampling import sample, sample_loop
 from ddpm_lib.schedules import SCHEDULES, get_schedule
-from ddpm_lib.training import TrainConfig, Trainer, fast_bf16
+from ddpm_lib.training import TrainConfig, Trainer, device_name, fast_bf16
 from ddpm_lib.unet import UNetConfig
 from ddpm_lib.viz import forward_explorer, save_trajectory_gif, schedule_explorer, trajectory_viewer
 
@@ -126,11 +125,11 @@ def main() -> int:
     if not args.skip_nbval:
         add("nbval run of all notebooks, quick mode (DDPM_SMOKE=1)", f"{nbval_seconds() / 60:.1f} min", "< 5 min")
 
-    gpu = f"; GPU: {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "; no GPU"
+    gpu = f"; GPU: {device_name('cuda')}" if torch.cuda.is_available() else "; no GPU"
     header = (
         "# Benchmarks\n\n"
-        f"Measured by `scripts/benchmark.py` on {time.strftime('%Y-%m-%d')}: {cpu_name()}, "
-        f"{torch.get_num_threads()} threads{gpu}; torch {torch.__version__}.\n\n"
+        f"Measured by `scripts/benchmark.py` on {time.strftime('%Y-%m-%d')}: {device_name('cpu')}"
+        f"{gpu}; torch {torch.__version__}.\n\n"
         "| what | measured | target |\n|---|---:|---:|\n"
     )
     with atomic_write(args.out) as tmp:

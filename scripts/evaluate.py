@@ -18,10 +18,10 @@ import torch
 
 from ddpm_lib.checkpoint import load_model
 from ddpm_lib.classifier import load_classifier, mnist_tensors
-from ddpm_lib.evaluation import SETTINGS, class_count_table, cpu_name, evaluate, markdown_table, plot_quality, weights_sha256
+from ddpm_lib.evaluation import SETTINGS, class_count_table, evaluate, markdown_table, plot_quality, weights_sha256
 from ddpm_lib.files import atomic_write
 from ddpm_lib.metrics import real_data_floor, reference_stats, target_misses
-from ddpm_lib.training import PRECISIONS, use_bf16
+from ddpm_lib.training import PRECISIONS, device_name, use_bf16
 
 
 def main() -> int:
@@ -45,7 +45,7 @@ def main() -> int:
     settings = [s for s in SETTINGS if not args.only or s.label in args.only]
     bf16 = use_bf16(args.precision, torch.device("cpu"))
     precision = "bf16 autocast" if bf16 else "fp32"
-    print(f"{args.checkpoint}: {args.num} samples per row, U-Net in {precision}, {torch.get_num_threads()} threads on {cpu_name()}")
+    print(f"{args.checkpoint}: {args.num} samples per row, U-Net in {precision}, on {device_name('cpu')}")
     rows = evaluate(
         model,
         diffusion,
@@ -67,7 +67,7 @@ def main() -> int:
         print(f"{row.setting.label}: {'meets the targets' if not misses else 'misses: ' + '; '.join(misses)}")
     header = (
         f"Measured by `scripts/evaluate.py` on `{args.checkpoint}`, {args.num} samples per row, seed {args.seed}, "
-        f"U-Net in {precision}, on {cpu_name()} ({torch.get_num_threads()} threads).\n\n"
+        f"U-Net in {precision}, on {device_name('cpu')}.\n\n"
     )
     with atomic_write(args.markdown) as tmp:
         Path(tmp).write_text(f"{header}{table}\n\nImages per digit the classifier sees (the class histogram):\n\n{histograms}\n")

@@ -1,5 +1,6 @@
 import dataclasses
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from torch.utils.data import TensorDataset
 from ddpm_lib import training
 from ddpm_lib.checkpoint import load_checkpoint, load_model
 from ddpm_lib.diffusion import DiffusionConfig
-from ddpm_lib.training import EpochBatches, TrainConfig, Trainer, lr_at
+from ddpm_lib.training import EpochBatches, TrainConfig, Trainer, device_name, lr_at
 
 DIFFUSION = DiffusionConfig(schedule="linear", T=50)
 CONFIG = TrainConfig(batch_size=4, steps=6, warmup_steps=2, sample_every=0, checkpoint_every=0, seed=3, precision="fp32")
@@ -184,3 +185,12 @@ def test_loss_by_timestep_bins_l_simple():
     assert t.tolist() == [5, 15, 25, 35, 45] and loss.shape == (5,)
     assert (loss[1:] < loss[:-1]).all()  # eps - x_t = sqrt(a) (eps - x0) + ..., smaller as alpha_bar falls
     assert model.training  # the mode is restored
+
+
+def test_device_name_gives_the_cpu_model_and_thread_count():
+    name = device_name("cpu")
+    assert name.endswith(f", {torch.get_num_threads()} threads")
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():  # Linux: the model name of its first processor
+        model = next(line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name"))
+        assert name.startswith(model)
