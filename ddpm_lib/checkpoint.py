@@ -10,6 +10,7 @@ Loading never unpickles arbitrary objects, so a checkpoint cannot run code. Keys
     model, optimizer       raw weights and AdamW state (training checkpoints only)
     step, ema_updates      optimizer steps taken, EMA updates made
     train_seconds          wall time spent training, over every resumed part of the run
+    machine_seconds        that time by the CPU or GPU it ran on ({device name: seconds})
     losses                 the training loss of every step
     rng                    random-number-generator states, so a resumed run continues exactly
 """
@@ -92,6 +93,8 @@ def export_ema(source: str | os.PathLike, out: str | os.PathLike) -> dict[str, A
     missing = [k for k in SHARED_KEYS if k not in state]
     if missing:
         raise CheckpointError(f"{source} lacks {', '.join(missing)}; it is not a training checkpoint")
-    shared = {k: state[k] for k in (*SHARED_KEYS, "losses", "train_seconds") if k in state}  # the loss history is small: keep it
+    shared = {
+        k: state[k] for k in (*SHARED_KEYS, "losses", "train_seconds", "machine_seconds") if k in state
+    }  # the loss history is small: keep it
     save_checkpoint(out, shared)
     return shared

@@ -164,6 +164,7 @@ class Trainer:
         self.bf16 = use_bf16(cfg.precision, self.device)
         self.step = 0
         self.train_seconds = 0.0  # wall time spent in fit, over every resumed part of the run
+        self.machine_seconds: dict[str, float] = {}  # that time split by device_name: resumes may run elsewhere
         self.losses: list[float] = []  # training loss of every step
         self.samples: list[tuple[int, torch.Tensor]] = []  # (step, (16, C, H, W) EMA samples in [-1, 1])
 
@@ -237,6 +238,8 @@ class Trainer:
         )
         bar = tqdm(total=until, initial=self.step, disable=not progress, desc="training", unit="step")
         started = time.perf_counter() - self.train_seconds
+        machine = device_name(self.device)
+        offset = self.machine_seconds.get(machine, 0.0) - self.train_seconds  # offset + train_seconds: time on this machine
         with self._own_rng(), bar:
             for x0, _ in loader:
                 if self.step >= until:
@@ -249,6 +252,7 @@ class Trainer:
                     if on_sample is not None:
                         on_sample(*self.samples[-1])
                 self.train_seconds = time.perf_counter() - started
+                self.machine_seconds[machine] = offset + self.train_seconds
                 if checkpoint_path is not None and cfg.snapshot_every and self.step % cfg.snapshot_every == 0:
                     self.save(snapshot_path(checkpoint_path, self.step), full=False)
                 if checkpoint_path is not None and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
@@ -280,6 +284,7 @@ class Trainer:
             "ema": self.ema.module.state_dict(),
             "step": self.step,
             "train_seconds": self.train_seconds,
+            "machine_seconds": self.machine_seconds,
         }
         if full:
             state.update(
@@ -323,6 +328,7 @@ class Trainer:
         trainer.optimizer.load_state_dict(state["optimizer"])
         trainer.step = state["step"]
         trainer.train_seconds = state.get("train_seconds", 0.0)
+        trainer.machine_seconds = state.get("machine_seconds", {})
         trainer.losses = state["losses"].tolist()
         trainer.rng_state = state["rng"]["cpu"].cpu()
         if device.type == "cuda" and state["rng"]["cuda"] is not None:

@@ -46,6 +46,9 @@ def main() -> int:
     reference = reference_stats(classifier, mnist_tensors(args.data_root, train=False)[0])
     floor = real_data_floor(classifier, mnist_tensors(args.data_root, train=True)[0], reference, args.num)
     print(f"floor ({args.num} real training images): FD {floor.frechet:.2f}, confident {floor.confident:.1%}, entropy {floor.entropy:.3f}")
+    machines = load_checkpoint(snapshots[-1]).get("machine_seconds", {})  # the last snapshot's split covers the earlier ones
+    if machines:
+        print("trained on " + "; ".join(f"{name}: {seconds / 60:.1f} min" for name, seconds in machines.items()))
     print(f"{'snapshot':<28} {'minutes':>7}  {'sampler':<26} {'FD':>6} {'FD/floor':>8} {'confident':>9} {'entropy':>7}  verdict")
     for path in snapshots:
         model, diffusion = load_model(path)

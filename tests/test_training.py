@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from ddpm_lib import training
-from ddpm_lib.checkpoint import load_checkpoint, load_model
+from ddpm_lib.checkpoint import export_ema, load_checkpoint, load_model
 from ddpm_lib.diffusion import DiffusionConfig
 from ddpm_lib.training import EpochBatches, TrainConfig, Trainer, device_name, lr_at
 
@@ -194,3 +194,19 @@ def test_device_name_gives_the_cpu_model_and_thread_count():
     if cpuinfo.exists():  # Linux: the model name of its first processor
         model = next(line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name"))
         assert name.startswith(model)
+
+
+def test_training_time_is_kept_per_machine_across_resumes(tmp_path, monkeypatch, dataset, tiny_config):
+    monkeypatch.setattr(training, "device_name", lambda device: "machine A")
+    first = Trainer(tiny_config, DIFFUSION, CONFIG, dataset, device="cpu")
+    first.fit(2, progress=False)
+    first.fit(3, progress=False)  # a second fit on the same machine adds to its time
+    assert first.machine_seconds == {"machine A": pytest.approx(first.train_seconds)}
+    first.save(tmp_path / "run.pt")
+    monkeypatch.setattr(training, "device_name", lambda device: "machine B")  # resumed elsewhere
+    resumed = Trainer.from_checkpoint(tmp_path / "run.pt", dataset, device="cpu")
+    resumed.fit(5, progress=False)
+    assert resumed.machine_seconds["machine A"] == pytest.approx(first.train_seconds)
+    assert 0 < resumed.machine_seconds["machine B"] == pytest.approx(resumed.train_seconds - first.train_seconds)
+    resumed.save(tmp_path / "run.pt")
+    assert export_ema(tmp_path / "run.pt", tmp_path / "ema.pt")["machine_seconds"] == resumed.machine_seconds
