@@ -158,7 +158,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             model_config = dataclasses.replace(model_config, attention_resolutions=tuple(model_config.resolutions[-1:]))
         diffusion_config = DiffusionConfig(args.schedule, args.T, args.prediction)
         hflip = args.dataset in ("cifar10", "folder")  # photos may be mirrored, digits may not
-        dataset = get_dataset(args.dataset, args.data_root, True, args.image_size, hflip)
+        dataset = get_dataset(args.dataset, args.data_root, True, args.image_size, hflip, in_memory=not hflip)
         steps = args.steps or (epochs_to_steps(args.epochs, len(dataset), args.batch_size) if args.epochs else TrainConfig.steps)
         train_config = TrainConfig(
             dataset=args.dataset,

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchvision import datasets, transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader
 
@@ -60,13 +60,19 @@ def get_dataset(
     image_size: int | None = None,
     hflip: bool = False,
     download: bool = True,
+    in_memory: bool = False,
 ) -> Dataset:
     """A dataset of (image, label) pairs, images (C, H, W) in [-1, 1].
 
     ``name`` is one of :data:`DATASETS`; for ``"folder"``, ``root`` is the folder of images
     itself. Images are resized (shorter side) and center-cropped to ``image_size`` when given
     (required for folders). ``hflip`` adds random horizontal flips (for photos, not digits).
+    ``in_memory`` returns the images :func:`decoded` once, for fast batches.
     """
+    if in_memory:
+        if hflip:
+            raise ValueError("in_memory decodes every image once, which would freeze the random flips of hflip; use one or the other")
+        return decoded(get_dataset(name, root, train, image_size, hflip, download))
     dataset_info(name)  # validates the name
     cls, _, native = DATASETS[name]
     size = image_size or native
@@ -97,3 +103,15 @@ def get_dataset(
     except Exception as e:  # torchvision raises several kinds of network and checksum errors
         reason = " ".join(str(e).split())  # torchvision's message spans lines
         raise DatasetNotFoundError(f"dataset {name!r} is missing and could not be downloaded ({reason}); {hint}") from e
+
+
+def decoded(dataset: Dataset, batch_size: int = 1024) -> TensorDataset:
+    """Every (image, label) of ``dataset`` through its transform once, kept as two tensors.
+
+    A batch then costs an index instead of a decode per image (for MNIST about 9 ms per 128
+    digits on 2 CPU cores: 3% of a CPU training step, a larger share of a GPU's shorter one).
+    Only for deterministic transforms: random augmentation would be frozen. The whole set is
+    held in memory as float32 (MNIST's 60,000 training digits: 188 MB).
+    """
+    images, labels = zip(*DataLoader(dataset, batch_size=batch_size), strict=True)  # each a tuple of batches
+    return TensorDataset(torch.cat(images), torch.cat(labels))

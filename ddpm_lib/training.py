@@ -150,7 +150,9 @@ class Trainer:
         self.model_config, self.diffusion_config, self.config = model_config, diffusion_config, train_config
         self.device = torch.device(device) if device is not None else default_device()
         cfg = train_config
-        self.dataset = dataset if dataset is not None else get_dataset(cfg.dataset, data_root, True, cfg.image_size, cfg.hflip)
+        if dataset is None:  # decoded once unless flips are random
+            dataset = get_dataset(cfg.dataset, data_root, True, cfg.image_size, cfg.hflip, in_memory=not cfg.hflip)
+        self.dataset = dataset
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             self.model = UNet(model_config).to(self.device)

@@ -3,10 +3,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from torchvision import datasets
 
-from ddpm_lib.data import DatasetNotFoundError, data_root, get_dataset
+from ddpm_lib.data import DatasetNotFoundError, data_root, decoded, get_dataset
 
 
 def test_data_root_precedence(monkeypatch):
@@ -65,4 +66,22 @@ def test_mnist_from_the_data_root_is_in_minus_one_to_one():
     assert len(test) == 10_000 and len(train) >= 23_797
     x, y = train[0]
     assert x.shape == (1, 28, 28) and x.min() == -1 and x.max() == 1 and 0 <= y <= 9
+    assert torch.equal(get_dataset("mnist", download=False, in_memory=True)[0][0], x)  # decoded once, the same digit
     assert os.environ.get("CI") != "true" or len(train) == 23_797  # CI uses the offline copy
+
+
+def test_decoded_folder_holds_the_same_images_and_labels(tmp_path):
+    make_images(tmp_path)
+    lazy = get_dataset("folder", tmp_path, image_size=16)
+    kept = decoded(lazy, batch_size=2)  # batches that do not divide the 5 images
+    assert len(kept) == len(lazy) == 5
+    for i in range(5):
+        assert torch.equal(kept[i][0], lazy[i][0]) and kept[i][1] == lazy[i][1]
+    in_memory = get_dataset("folder", tmp_path, image_size=16, in_memory=True)
+    assert torch.equal(in_memory.tensors[0], kept.tensors[0])
+
+
+def test_in_memory_refuses_random_flips(tmp_path):
+    make_images(tmp_path)
+    with pytest.raises(ValueError, match="freeze the random flips"):
+        get_dataset("folder", tmp_path, image_size=16, hflip=True, in_memory=True)

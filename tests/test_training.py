@@ -8,6 +8,7 @@ from torch.utils.data import TensorDataset
 
 from ddpm_lib import training
 from ddpm_lib.checkpoint import export_ema, load_checkpoint, load_model
+from ddpm_lib.data import decoded
 from ddpm_lib.diffusion import DiffusionConfig
 from ddpm_lib.training import EpochBatches, TrainConfig, Trainer, device_name, lr_at
 
@@ -210,3 +211,17 @@ def test_training_time_is_kept_per_machine_across_resumes(tmp_path, monkeypatch,
     assert 0 < resumed.machine_seconds["machine B"] == pytest.approx(resumed.train_seconds - first.train_seconds)
     resumed.save(tmp_path / "run.pt")
     assert export_ema(tmp_path / "run.pt", tmp_path / "ema.pt")["machine_seconds"] == resumed.machine_seconds
+
+
+def test_a_decoded_dataset_trains_exactly_like_the_lazy_one(dataset, tiny_config):
+    class Lazy(torch.utils.data.Dataset):  # decodes on every access, as torchvision's datasets do
+        def __len__(self):
+            return len(dataset)
+
+        def __getitem__(self, i):
+            return dataset[i][0].clone(), 0
+
+    lazy, kept = (Trainer(tiny_config, DIFFUSION, CONFIG, d, device="cpu") for d in (Lazy(), decoded(Lazy())))
+    lazy.fit(4, progress=False)
+    kept.fit(4, progress=False)
+    assert_same_state(lazy, kept)
