@@ -93,8 +93,7 @@ def export_ema(source: str | os.PathLike, out: str | os.PathLike) -> dict[str, A
     missing = [k for k in SHARED_KEYS if k not in state]
     if missing:
         raise CheckpointError(f"{source} lacks {', '.join(missing)}; it is not a training checkpoint")
-    shared = {
-        k: state[k] for k in (*SHARED_KEYS, "losses", "train_seconds", "machine_seconds") if k in state
-    }  # the loss history is small: keep it
+    kept = (*SHARED_KEYS, "losses", "train_seconds", "machine_seconds")  # the loss history is small: keep it
+    shared = {k: state[k] for k in kept if k in state}
     save_checkpoint(out, shared)
     return shared
