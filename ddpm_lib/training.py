@@ -69,27 +69,30 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def cpuinfo() -> str:
+    """Linux's /proc/cpuinfo ("" elsewhere): the CPU's model name and instruction-set flags."""
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
 def device_name(device: torch.device | str) -> str:
-    """The model name of the GPU, or of the CPU (from Linux's /proc/cpuinfo) with the threads torch uses:
-    timings mean little without it, and build machines differ from day to day."""
+    """The model name of the GPU, or of the CPU with the threads torch uses: timings mean little
+    without it, and build machines differ from day to day."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo().splitlines() if line.startswith("model name")]
     return f"{names[0] if names else platform.processor() or 'unknown CPU'}, {torch.get_num_threads()} threads"
 
 
 def fast_bf16(device: torch.device) -> bool:
     """Whether bf16 autocast speeds up training here: a CUDA GPU with bf16, or a CPU with AVX-512 BF16 or AMX
-    instructions (on other CPUs bf16 is emulated and slower than fp32). The CPU check reads Linux's /proc/cpuinfo."""
+    instructions (on other CPUs bf16 is emulated and slower than fp32)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
+    flags = cpuinfo().split()
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
