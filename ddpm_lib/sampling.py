@@ -7,6 +7,7 @@ export, the CLI) consumes it. t is 0-based (0 ... T-1); images are (B, C, H, W) 
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -136,6 +137,7 @@ def sample_loop(
     clip_x0: bool = True,
     device: torch.device | str | None = None,
     bf16: bool = False,
+    batch_size: int | None = None,
 ) -> Iterator[SamplerStep]:
     """Run the reverse process from x_T ~ N(0, I), yielding a :class:`SamplerStep` at every step.
 
@@ -145,6 +147,8 @@ def sample_loop(
     the generator's device, so the same seed gives the same images; pass ``x_T`` to fix the
     start instead. ``shape`` is (B, C, H, W). ``bf16=True`` runs the network (only) under bf16
     autocast: about 1.6x faster on a CPU with AVX-512 BF16, and the steps themselves stay float32.
+    ``batch_size`` caps how many images the network sees at once (its memory grows with it); the
+    random draws, and so the images, stay those of one batch of B.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; valid choices: {', '.join(SAMPLERS)}")
@@ -152,8 +156,10 @@ def sample_loop(
         raise ValueError(f"unknown prediction {prediction!r}; valid choices: {', '.join(PREDICTIONS)}")
     if sampler == "ddpm" and steps not in (None, schedule.T):
         raise ValueError(f"DDPM visits all T={schedule.T} steps; use sampler='ddim' for {steps} steps")
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
+    if not math.isfinite(eta) or eta < 0:
+        raise ValueError(f"eta must be a finite number >= 0, got {eta}")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     schedule = schedule.to(device)
 
@@ -162,11 +168,14 @@ def sample_loop(
         return torch.randn(shape, generator=generator, device=gen_device).to(device)
 
     x = x_T.to(device) if x_T is not None else randn()
+    chunk_size = batch_size or shape[0]
     timesteps = list(range(schedule.T - 1, -1, -1)) if sampler == "ddpm" else ddim_timesteps(schedule.T, steps or schedule.T)
     with eval_mode(model):  # dropout off: the same seed must give the same images
         for i, t in enumerate(timesteps):
             with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
-                output = model(x, torch.full((shape[0],), t, device=device, dtype=torch.long)).float()
+                output = torch.cat(
+                    [model(chunk, torch.full((len(chunk),), t, device=device, dtype=torch.long)).float() for chunk in x.split(chunk_size)]
+                )  # (B, C, H, W)
             eps, _ = to_eps_x0(output, x, t, schedule, prediction)
             if sampler == "ddpm":
                 step = ddpm_step(x, t, eps, schedule, randn() if t > 0 else None, variance, clip_x0)

@@ -6,6 +6,8 @@ import dataclasses
 import math
 import os
 import platform
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -17,7 +19,7 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
-from .checkpoint import config_from_dict, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, check_finite, config_from_dict, load_checkpoint, nonfinite_tensors, save_checkpoint
 from .data import dataset_info, get_dataset
 from .diffusion import DiffusionConfig, loss_simple, min_snr_weight
 from .sampling import eval_mode, sample
@@ -60,13 +62,81 @@ class TrainConfig:
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}; valid choices: {', '.join(LR_SCHEDULES)}")
         for name in ("batch_size", "steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive whole number, got {getattr(self, name)!r}")
+        for name in ("warmup_steps", "sample_every", "checkpoint_every", "snapshot_every", "num_workers"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be a whole number >= 0, got {getattr(self, name)!r}")
+        for name in ("lr", "grad_clip", "min_snr_gamma"):
+            if not math.isfinite(getattr(self, name)) or getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}")
+        if not math.isfinite(self.weight_decay) or self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        if not 0 <= self.ema_decay < 1:  # also refuses NaN
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+class DivergenceError(RuntimeError):
+    """Training produced a NaN or infinite loss, gradient or weight; nothing was saved from that step on."""
+
+    def __init__(self, step: int, what: str):
+        super().__init__(f"training diverged at step {step}: {what}")
+        self.step = step  # 1-based: the step that failed
 
 
 def default_device() -> torch.device:
     """CUDA when available, else CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``device`` as a torch.device, checked to exist on this machine (None: :func:`default_device`).
+
+    A name torch does not know, or a CUDA/MPS device this machine lacks, is a ValueError that
+    says what is available, raised before any work.
+    """
+    if device is None:
+        return default_device()
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {str(device)!r}; valid: cpu, cuda, cuda:N, mps") from None
+    if d.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {str(device)!r} is unavailable: this machine has no usable CUDA GPU; use cpu")
+        if d.index is not None and d.index >= count:
+            raise ValueError(f"device {str(device)!r} is unavailable: this machine has {count} CUDA GPU(s), cuda:0 ... cuda:{count - 1}")
+    elif d.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"device {str(device)!r} is unavailable on this machine; use cpu")
+    elif d.type != "cpu":
+        raise ValueError(f"device {str(device)!r} is not supported; valid: cpu, cuda, cuda:N, mps")
+    return d
+
+
+@contextmanager
+def deferred_interrupt() -> Iterator[Callable[[], bool]]:
+    """Within the body, a first Ctrl-C (SIGINT) only sets a flag, which the yielded function reads,
+    so a loop can stop between two steps; a second Ctrl-C raises KeyboardInterrupt at once.
+
+    Outside the main thread (where Python cannot catch signals) Ctrl-C is left as it is.
+    """
+    pressed: list[bool] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+
+    def handler(signum, frame):
+        if pressed:
+            raise KeyboardInterrupt
+        pressed.append(True)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(pressed)
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
 
 def cpuinfo() -> str:
@@ -151,7 +221,7 @@ class Trainer:
         data_root: str | os.PathLike | None = None,
     ):
         self.model_config, self.diffusion_config, self.config = model_config, diffusion_config, train_config
-        self.device = torch.device(device) if device is not None else default_device()
+        self.device = resolve_device(device)
         cfg = train_config
         if dataset is None:  # decoded once unless flips are random
             dataset = get_dataset(cfg.dataset, data_root, True, cfg.image_size, cfg.hflip, in_memory=not cfg.hflip)
@@ -161,6 +231,7 @@ class Trainer:
             self.model = UNet(model_config).to(self.device)
             self.rng_state = torch.get_rng_state()  # the global stream dropout draws from
         self.cuda_rng_state = None
+        self._rng_live = False  # True inside _own_rng, where the global RNG is this run's stream
         self.ema = AveragedModel(self.model, multi_avg_fn=self._ema_update, use_buffers=True)
         # fused: one kernel for all parameters (a 4 ms optimizer step takes 1 ms on 2 CPU cores)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
@@ -168,6 +239,7 @@ class Trainer:
         self.generator = torch.Generator(self.device).manual_seed(cfg.seed)  # t and eps of every step
         self.bf16 = use_bf16(cfg.precision, self.device)
         self.step = 0
+        self.saved_step: int | None = None  # the step of the last full checkpoint written or loaded (None: none yet)
         self.train_seconds = 0.0  # wall time spent in fit, over every resumed part of the run
         self.machine_seconds: dict[str, float] = {}  # that time split by device_name: resumes may run elsewhere
         self.losses: list[float] = []  # training loss of every step
@@ -185,15 +257,23 @@ class Trainer:
             torch.set_rng_state(self.rng_state)
             if devices and self.cuda_rng_state is not None:
                 torch.cuda.set_rng_state(self.cuda_rng_state, self.device)
+            self._rng_live = True  # state_dict reads the live streams, so checkpoints saved inside fit resume exactly
             try:
                 yield
             finally:
-                self.rng_state = torch.get_rng_state()
-                if devices:
-                    self.cuda_rng_state = torch.cuda.get_rng_state(self.device)
+                self._store_rng()
+                self._rng_live = False
+
+    def _store_rng(self) -> None:
+        self.rng_state = torch.get_rng_state()
+        if self.device.type == "cuda":
+            self.cuda_rng_state = torch.cuda.get_rng_state(self.device)
 
     def train_step(self, x0: torch.Tensor) -> float:
         """One optimizer step on a batch x0 (B, C, H, W) in [-1, 1] (Alg. 1); returns the batch's L_simple.
+
+        A NaN or infinite loss or gradient norm raises :class:`DivergenceError` before the
+        optimizer step, so the weights stay those of the last good step.
 
         With min_snr weighting, the step minimises the per-image losses weighted by min_snr_weight;
         the returned (and logged) value is always the unweighted L_simple, so runs compare.
@@ -211,7 +291,11 @@ class Trainer:
             loss = per_image.mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        loss_value, norm_value = torch.stack([loss.detach().float(), grad_norm.float()]).tolist()  # one sync for both
+        if not math.isfinite(loss_value) or not math.isfinite(norm_value):  # stop before the weights take it in
+            what = f"the loss is {loss_value}" if not math.isfinite(loss_value) else f"the gradient norm is {norm_value}"
+            raise DivergenceError(self.step + 1, what)
         self.optimizer.step()
         self.ema.update_parameters(self.model)
         self.step += 1
@@ -229,6 +313,11 @@ class Trainer:
 
         Every ``sample_every`` steps a grid of EMA samples is appended to ``self.samples`` and
         passed to ``on_sample(step, grid)``.
+
+        Nothing a run wrote is ever replaced by a worse file: a NaN or infinite loss, gradient or
+        weight raises :class:`DivergenceError` and leaves the checkpoint (and snapshots) as they
+        were. A first Ctrl-C stops the run between two steps, saves the checkpoint and raises
+        KeyboardInterrupt; a second one leaves at once (the checkpoint then stays as it was).
         """
         until = steps if steps is not None else self.config.steps
         cfg = self.config
@@ -245,9 +334,10 @@ class Trainer:
         started = time.perf_counter() - self.train_seconds
         machine = device_name(self.device)
         offset = self.machine_seconds.get(machine, 0.0) - self.train_seconds  # offset + train_seconds: time on this machine
-        with self._own_rng(), bar:
+        written = None  # the step last written to checkpoint_path
+        with deferred_interrupt() as interrupted, self._own_rng(), bar:
             for x0, _ in loader:
-                if self.step >= until:
+                if self.step >= until or interrupted():
                     break
                 loss = self.train_step(x0.to(self.device, non_blocking=True))
                 bar.update(1)
@@ -262,8 +352,11 @@ class Trainer:
                     self.save(snapshot_path(checkpoint_path, self.step), full=False)
                 if checkpoint_path is not None and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self.save(checkpoint_path)
-        if checkpoint_path is not None:
-            self.save(checkpoint_path)
+                    written = self.step
+            if checkpoint_path is not None and written != self.step:
+                self.save(checkpoint_path)
+            if interrupted():
+                raise KeyboardInterrupt
 
     def sample_grid(self, n: int = 16, steps: int = 50, seed: int = 0) -> torch.Tensor:
         """n DDIM samples of the EMA model, always from the same seed so grids compare across steps."""
@@ -292,6 +385,8 @@ class Trainer:
             "machine_seconds": self.machine_seconds,
         }
         if full:
+            if self._rng_live:
+                self._store_rng()
             state.update(
                 model=self.model.state_dict(),
                 optimizer=self.optimizer.state_dict(),
@@ -302,7 +397,13 @@ class Trainer:
         return state
 
     def save(self, path: str | os.PathLike, full: bool = True) -> None:
+        """Write the checkpoint (``full=False``: a snapshot) atomically; weights with NaN or inf raise DivergenceError."""
+        bad = nonfinite_tensors(self.model.state_dict()) + nonfinite_tensors(self.ema.module.state_dict())
+        if bad:
+            raise DivergenceError(self.step, f"{len(bad)} weight tensors hold NaN or inf (e.g. {bad[0]})")
         save_checkpoint(path, self.state_dict(full))
+        if full:
+            self.saved_step = self.step
 
     @classmethod
     def from_checkpoint(
@@ -313,33 +414,74 @@ class Trainer:
         data_root: str | os.PathLike | None = None,
         **overrides,
     ) -> Trainer:
-        """Resume a run from a full checkpoint; ``overrides`` change TrainConfig fields (e.g. steps)."""
-        device = torch.device(device) if device is not None else default_device()
-        state = load_checkpoint(path, map_location=device)
-        if "optimizer" not in state:
-            raise ValueError(f"{path} holds only EMA weights, not a training state; it cannot be resumed")
-        train_config = dataclasses.replace(config_from_dict(TrainConfig, state["train_config"]), **overrides)
-        trainer = cls(
+        """Resume a run from a full checkpoint; ``overrides`` change TrainConfig fields (e.g. steps).
+
+        A file that is not a complete, finite training state is a CheckpointError naming what is wrong.
+        """
+        return cls.from_state(load_checkpoint(path), path, dataset, device, data_root, **overrides)
+
+    @classmethod
+    def from_state(
+        cls,
+        state: dict,
+        path: str | os.PathLike,
+        dataset: Dataset | None = None,
+        device: str | torch.device | None = None,
+        data_root: str | os.PathLike | None = None,
+        **overrides,
+    ) -> Trainer:
+        """:meth:`from_checkpoint` for a checkpoint already read with ``load_checkpoint(path)``."""
+        model_config, diffusion_config, train_config = saved_configs(state, path)
+        trainer = cls(model_config, diffusion_config, dataclasses.replace(train_config, **overrides), dataset, device, data_root)
+        try:
+            trainer._load_training_state(state)
+        except KeyError as e:
+            raise CheckpointError(f"{path} is not a complete training state: it lacks {e}") from e
+        except (TypeError, ValueError, RuntimeError, AttributeError, IndexError) as e:
+            raise CheckpointError(f"{path} holds a training state that does not fit its model: {' '.join(str(e).split())}") from e
+        check_finite(state, str(path))
+        return trainer
+
+    def _load_training_state(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.ema.module.load_state_dict(state["ema"])
+        self.ema.n_averaged.fill_(int(state["ema_updates"]))
+        self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:  # load_state_dict checks the counts, not the shapes
+            for p in group["params"]:
+                for name, value in self.optimizer.state.get(p, {}).items():
+                    if torch.is_tensor(value) and value.dim() > 0 and value.shape != p.shape:
+                        raise ValueError(f"optimizer state {name} has shape {tuple(value.shape)} for a weight of shape {tuple(p.shape)}")
+        step = state["step"]
+        if not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be a whole number >= 0, got {step!r}")
+        self.step = self.saved_step = step
+        self.train_seconds = float(state.get("train_seconds", 0.0))
+        self.machine_seconds = {str(k): float(v) for k, v in state.get("machine_seconds", {}).items()}
+        self.losses = state["losses"].tolist()
+        rng = state["rng"]
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(rng["cpu"].cpu())  # raises here, not mid-training, if the state is not one
+        self.rng_state = rng["cpu"].cpu()
+        if self.device.type == "cuda" and rng["cuda"] is not None:
+            self.cuda_rng_state = rng["cuda"].cpu()
+        self.generator.set_state(rng["noise"].cpu())
+
+
+def saved_configs(state: dict, path: str | os.PathLike) -> tuple[UNetConfig, DiffusionConfig, TrainConfig]:
+    """The three configs of a training checkpoint read with ``load_checkpoint(path)``, or a CheckpointError."""
+    if "optimizer" not in state:
+        raise CheckpointError(f"{path} holds only EMA weights, not a training state; it cannot be resumed")
+    try:
+        return (
             config_from_dict(UNetConfig, state["model_config"]),
             config_from_dict(DiffusionConfig, state["diffusion_config"]),
-            train_config,
-            dataset,
-            device,
-            data_root,
+            config_from_dict(TrainConfig, state["train_config"]),
         )
-        trainer.model.load_state_dict(state["model"])
-        trainer.ema.module.load_state_dict(state["ema"])
-        trainer.ema.n_averaged.fill_(state["ema_updates"])
-        trainer.optimizer.load_state_dict(state["optimizer"])
-        trainer.step = state["step"]
-        trainer.train_seconds = state.get("train_seconds", 0.0)
-        trainer.machine_seconds = state.get("machine_seconds", {})
-        trainer.losses = state["losses"].tolist()
-        trainer.rng_state = state["rng"]["cpu"].cpu()
-        if device.type == "cuda" and state["rng"]["cuda"] is not None:
-            trainer.cuda_rng_state = state["rng"]["cuda"].cpu()
-        trainer.generator.set_state(state["rng"]["noise"].cpu())
-        return trainer
+    except KeyError as e:
+        raise CheckpointError(f"{path} is not a complete training state: it lacks {e}") from e
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path} holds configs this ddpm_lib cannot use: {' '.join(str(e).split())}") from e
 
 
 @torch.inference_mode()
@@ -368,6 +510,8 @@ def snapshot_path(checkpoint_path: str | os.PathLike, step: int) -> Path:
     return path.with_name(f"{path.stem}_step{step:07d}{path.suffix}")
 
 
-def epochs_to_steps(epochs: float, dataset_size: int, batch_size: int) -> int:
-    """Optimizer steps in ``epochs`` passes over a dataset (incomplete batches are dropped)."""
-    return max(1, math.ceil(epochs * (dataset_size // batch_size)))
+def epochs_to_steps(epochs: int, dataset_size: int, batch_size: int) -> int:
+    """Optimizer steps in ``epochs`` (a positive whole number) passes over a dataset; incomplete batches are dropped."""
+    if not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be a positive whole number, got {epochs!r}")
+    return max(1, epochs * (dataset_size // batch_size))

@@ -32,6 +32,13 @@ class UNetConfig:
         levels = len(self.channel_mults)
         if levels < 1:
             raise ValueError("channel_mults must name at least one resolution")
+        for name in ("in_channels", "image_size", "base_channels", "num_res_blocks", "num_groups", "num_heads"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive whole number, got {getattr(self, name)!r}")
+        if not all(isinstance(m, int) and m >= 1 for m in self.channel_mults):
+            raise ValueError(f"channel_mults must be positive whole numbers, got {self.channel_mults}")
+        if not 0 <= self.dropout < 1:  # also refuses NaN
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.patch_size < 1 or self.image_size % self.patch_size:
             raise ValueError(f"patch_size must be a positive divisor of image_size {self.image_size}, got {self.patch_size}")
         if (self.image_size // self.patch_size) % 2 ** (levels - 1):

@@ -20,7 +20,7 @@ import torch
 from torchvision.utils import make_grid
 
 from .diffusion import q_sample
-from .files import atomic_write
+from .files import write_atomic
 from .sampling import SamplerStep
 from .schedules import NoiseSchedule
 
@@ -118,9 +118,7 @@ class CurvePanel:
 
 def save_grid(x: torch.Tensor, path: str | os.PathLike, nrow: int | None = None) -> Path:
     """Write a batch (B, C, H, W) in [-1, 1] as a PNG grid, atomically."""
-    with atomic_write(path) as tmp:
-        iio.imwrite(tmp, image_grid(x, nrow), extension=".png")
-    return Path(path)
+    return write_atomic(path, iio.imwrite("<bytes>", image_grid(x, nrow), extension=".png"))
 
 
 def frame_indices(n: int, frames: int, ease: float = 1.0) -> list[int]:
@@ -209,9 +207,7 @@ def save_trajectory_gif(
     if not images:
         raise ValueError("the trajectory is empty")
     durations = [duration_ms] * (len(images) - 1) + [max(duration_ms, hold_ms)]
-    with atomic_write(path) as tmp:
-        iio.imwrite(tmp, np.stack(images), extension=".gif", duration=durations, loop=loop)
-    return Path(path)
+    return write_atomic(path, iio.imwrite("<bytes>", np.stack(images), extension=".gif", duration=durations, loop=loop))
 
 
 def png_bytes(image: np.ndarray) -> bytes:

@@ -192,8 +192,8 @@ def test_every_subcommand_has_help(command, option, capsys):
         (["--sampler", "euler"], ["invalid choice: 'euler'"]),
         (["--sampler", "ddim", "--steps", "21"], ["between 1 and T=20"]),
         (["--sampler", "ddpm", "--steps", "5"], ["--sampler ddim"]),
-        (["--num", "0"], ["--num must be at least 1"]),
-        (["--num", "-3"], ["--num must be at least 1"]),
+        (["--num", "0"], ["--num: must be a whole number >= 1, got '0'"]),
+        (["--num", "-3"], ["--num: must be a whole number >= 1, got '-3'"]),
         (["--eta", "-1"], ["--eta must be >= 0"]),
     ],
 )

@@ -138,6 +138,20 @@ def test_sampling_turns_dropout_off_and_restores_training_mode(tiny_config):
     assert torch.equal(a, b) and m.training
 
 
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_batched_network_passes_give_the_images_of_one_batch(model, sampler):
+    seen = []
+    hook = model.stem.register_forward_hook(lambda m, args, out: seen.append(len(out)))
+    kwargs = dict(sampler=sampler, steps=None if sampler == "ddpm" else 4, eta=1.0)
+    whole = sample(model, SMALL, (5, 1, 8, 8), generator=torch.Generator().manual_seed(3), **kwargs)
+    assert set(seen) == {5}
+    seen.clear()
+    batched = sample(model, SMALL, (5, 1, 8, 8), generator=torch.Generator().manual_seed(3), batch_size=2, **kwargs)
+    hook.remove()
+    assert max(seen) == 2 and sum(seen) == 5 * len(seen) // 3  # chunks of 2, 2, 1 at every step
+    torch.testing.assert_close(batched, whole)  # the same random draws: the same images
+
+
 def test_bad_sampler_arguments_say_what_is_valid(model):
     with pytest.raises(ValueError, match="ddpm, ddim"):
         next(sample_loop(model, SMALL, (1, 1, 8, 8), sampler="euler"))
@@ -145,3 +159,6 @@ def test_bad_sampler_arguments_say_what_is_valid(model):
         next(sample_loop(model, SMALL, (1, 1, 8, 8), sampler="ddpm", steps=5))
     with pytest.raises(ValueError, match="beta_tilde, beta"):
         ddpm_step(torch.zeros(1), 3, torch.zeros(1), SMALL, variance="learned")
+    for eta in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="eta must be a finite number >= 0"):
+            next(sample_loop(model, SMALL, (1, 1, 8, 8), sampler="ddim", eta=eta))

@@ -1,5 +1,6 @@
 import dataclasses
 import math
+import signal
 from pathlib import Path
 
 import pytest
@@ -7,10 +8,21 @@ import torch
 from torch.utils.data import TensorDataset
 
 from ddpm_lib import training
-from ddpm_lib.checkpoint import export_ema, load_checkpoint, load_model
+from ddpm_lib.checkpoint import CheckpointError, export_ema, load_checkpoint, load_model
 from ddpm_lib.data import decoded
 from ddpm_lib.diffusion import DiffusionConfig
-from ddpm_lib.training import EpochBatches, TrainConfig, Trainer, device_name, lr_at
+from ddpm_lib.training import (
+    DivergenceError,
+    EpochBatches,
+    TrainConfig,
+    Trainer,
+    deferred_interrupt,
+    device_name,
+    epochs_to_steps,
+    lr_at,
+    resolve_device,
+)
+from ddpm_lib.unet import UNetConfig
 
 DIFFUSION = DiffusionConfig(schedule="linear", T=50)
 CONFIG = TrainConfig(batch_size=4, steps=6, warmup_steps=2, sample_every=0, checkpoint_every=0, seed=3, precision="fp32")
@@ -59,6 +71,23 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_run(tmp_path, datas
     resumed.fit(progress=False)
     assert_same_state(straight, resumed)
     assert resumed.step == CONFIG.steps
+
+
+def test_a_run_resumed_from_a_checkpoint_saved_mid_fit_equals_an_uninterrupted_run(tmp_path, dataset, dropout_config):
+    config = dataclasses.replace(CONFIG, checkpoint_every=2, sample_every=4)
+    straight = Trainer(dropout_config, DIFFUSION, config, dataset, device="cpu")
+    straight.fit(progress=False)
+
+    def keep_a_copy(step, grid):  # at step 4, before that step's save: the file holds step 2, as after a kill -9
+        (tmp_path / "killed.pt").write_bytes((tmp_path / "run.pt").read_bytes())
+
+    Trainer(dropout_config, DIFFUSION, config, dataset, device="cpu").fit(
+        checkpoint_path=tmp_path / "run.pt", on_sample=keep_a_copy, progress=False
+    )
+    resumed = Trainer.from_checkpoint(tmp_path / "killed.pt", dataset, device="cpu")
+    assert resumed.step == 2
+    resumed.fit(progress=False)
+    assert_same_state(straight, resumed)
 
 
 def test_same_seed_same_run_different_seed_different_run(dataset, tiny_config):
@@ -225,3 +254,148 @@ def test_a_decoded_dataset_trains_exactly_like_the_lazy_one(dataset, tiny_config
     lazy.fit(4, progress=False)
     kept.fit(4, progress=False)
     assert_same_state(lazy, kept)
+
+
+def test_a_non_finite_loss_stops_the_step_before_the_weights_change(dataset, tiny_config):
+    trainer = Trainer(tiny_config, DIFFUSION, CONFIG, dataset, device="cpu")
+    trainer.fit(2, progress=False)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    x0 = dataset.tensors[0][:4].clone()
+    x0[0, 0, 0, 0] = float("nan")
+    with pytest.raises(DivergenceError, match="training diverged at step 3: the loss is nan"):
+        trainer.train_step(x0)
+    assert trainer.step == 2 and len(trainer.losses) == 2
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+
+
+def test_a_diverging_run_leaves_its_last_checkpoint_byte_identical(tmp_path, dataset, tiny_config):
+    trainer = Trainer(tiny_config, DIFFUSION, CONFIG, dataset, device="cpu")
+    trainer.fit(2, checkpoint_path=tmp_path / "run.pt", progress=False)
+    before = (tmp_path / "run.pt").read_bytes()
+    wild = Trainer.from_checkpoint(tmp_path / "run.pt", dataset, device="cpu", lr=1e30, checkpoint_every=0, steps=50)
+    with pytest.raises(DivergenceError, match="training diverged at step"):
+        wild.fit(progress=False, checkpoint_path=tmp_path / "run.pt")
+    assert (tmp_path / "run.pt").read_bytes() == before
+    assert wild.saved_step == 2
+
+
+def test_weights_with_nan_are_never_saved(tmp_path, dataset, tiny_config):
+    trainer = Trainer(tiny_config, DIFFUSION, CONFIG, dataset, device="cpu")
+    with torch.no_grad():
+        next(trainer.ema.module.parameters()).fill_(float("inf"))
+    for full in (True, False):
+        with pytest.raises(DivergenceError, match="1 weight tensors hold NaN or inf"):
+            trainer.save(tmp_path / "run.pt", full=full)
+    assert not (tmp_path / "run.pt").exists()
+
+
+def press_ctrl_c(*args):
+    signal.raise_signal(signal.SIGINT)
+
+
+def test_ctrl_c_saves_the_checkpoint_and_the_run_resumes_exactly(tmp_path, dataset, dropout_config):
+    config = dataclasses.replace(CONFIG, sample_every=3)
+    straight = Trainer(dropout_config, DIFFUSION, config, dataset, device="cpu")
+    straight.fit(progress=False)
+    stopped = Trainer(dropout_config, DIFFUSION, config, dataset, device="cpu")
+    with pytest.raises(KeyboardInterrupt):
+        stopped.fit(progress=False, checkpoint_path=tmp_path / "run.pt", on_sample=press_ctrl_c)  # Ctrl-C during step 3
+    assert stopped.step == stopped.saved_step == load_checkpoint(tmp_path / "run.pt")["step"] == 3  # finished step 3, then saved
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C works as before afterwards
+    resumed = Trainer.from_checkpoint(tmp_path / "run.pt", dataset, device="cpu")
+    resumed.fit(progress=False)
+    assert_same_state(straight, resumed)
+
+
+def test_a_second_ctrl_c_leaves_at_once_and_keeps_the_old_checkpoint(tmp_path, dataset, tiny_config, monkeypatch):
+    trainer = Trainer(tiny_config, DIFFUSION, dataclasses.replace(CONFIG, sample_every=2), dataset, device="cpu")
+    trainer.fit(1, checkpoint_path=tmp_path / "run.pt", progress=False)
+    before = (tmp_path / "run.pt").read_bytes()
+    monkeypatch.setattr(training, "save_checkpoint", press_ctrl_c)  # the second Ctrl-C comes while saving
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit(checkpoint_path=tmp_path / "run.pt", on_sample=press_ctrl_c, progress=False)
+    assert trainer.step == 2 and trainer.saved_step == 1
+    assert (tmp_path / "run.pt").read_bytes() == before
+
+
+def test_deferred_interrupt_counts_the_first_ctrl_c_and_raises_on_the_second():
+    with deferred_interrupt() as interrupted:
+        assert not interrupted()
+        signal.raise_signal(signal.SIGINT)
+        assert interrupted()
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):  # restored
+        signal.raise_signal(signal.SIGINT)
+
+
+def corrupt(state: dict, key: str, value) -> dict:
+    if "." in key:
+        outer, inner = key.split(".")
+        return {**state, outer: {**state[outer], inner: value}}
+    return {k: v for k, v in state.items() if k != key} if value is None else {**state, key: value}
+
+
+@pytest.mark.parametrize(
+    "key, value, says",
+    [
+        ("train_config", "mnist", "TrainConfig is a str, not a dict"),
+        ("rng", None, "lacks 'rng'"),
+        ("rng.cpu", torch.zeros(3), "does not fit its model"),
+        ("step", -4, "step must be a whole number >= 0"),
+        ("ema_updates", "many", "does not fit its model"),
+        ("model", {}, "Missing key"),
+    ],
+)
+def test_a_training_state_that_loads_but_is_wrong_inside_is_one_clear_error(tmp_path, dataset, tiny_config, key, value, says):
+    trainer = Trainer(tiny_config, DIFFUSION, CONFIG, dataset, device="cpu")
+    trainer.fit(1, progress=False)
+    state = trainer.state_dict()
+    torch.save({"format": "ddpm_lib", "version": 1, **corrupt(state, key, value)}, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match=says):
+        Trainer.from_checkpoint(tmp_path / "bad.pt", dataset, device="cpu")
+
+
+def test_a_wrong_shaped_optimizer_state_is_refused_before_training(tmp_path, dataset, tiny_config):
+    trainer = Trainer(tiny_config, DIFFUSION, CONFIG, dataset, device="cpu")
+    trainer.fit(1, progress=False)
+    state = trainer.state_dict()
+    state["optimizer"]["state"][0]["exp_avg"] = torch.zeros(2, 2)  # AdamW would only fail on its next step
+    torch.save({"format": "ddpm_lib", "version": 1, **state}, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match=r"optimizer state exp_avg has shape \(2, 2\) for a weight of shape"):
+        Trainer.from_checkpoint(tmp_path / "bad.pt", dataset, device="cpu")
+
+
+def test_devices_are_checked_before_any_work():
+    assert resolve_device("cpu") == torch.device("cpu") and resolve_device(None) == training.default_device()
+    with pytest.raises(ValueError, match="unknown device 'foo'; valid: cpu, cuda"):
+        resolve_device("foo")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="'cuda' is unavailable: this machine has no usable CUDA GPU"):
+            resolve_device("cuda")
+        with pytest.raises(ValueError, match="unavailable"):
+            Trainer(UNetConfig(), DIFFUSION, CONFIG, TensorDataset(torch.zeros(4, 1, 28, 28)), device="cuda:1")
+
+
+@pytest.mark.parametrize(
+    "field, value, says",
+    [
+        ("lr", float("nan"), "lr must be a finite number > 0"),
+        ("lr", 0.0, "lr must be a finite number > 0"),
+        ("ema_decay", 1.0, r"ema_decay must be in \[0, 1\)"),
+        ("ema_decay", float("nan"), r"ema_decay must be in \[0, 1\)"),
+        ("warmup_steps", -1, "warmup_steps must be a whole number >= 0"),
+        ("checkpoint_every", -5, "checkpoint_every must be a whole number >= 0"),
+        ("steps", 1.5, "steps must be a positive whole number"),
+    ],
+)
+def test_train_config_refuses_out_of_range_values(field, value, says):
+    with pytest.raises(ValueError, match=says):
+        TrainConfig(**{field: value})
+
+
+def test_epochs_are_a_positive_whole_number():
+    assert epochs_to_steps(2, 20, 4) == 10
+    for epochs in (0, -1, 1.5, float("inf")):
+        with pytest.raises(ValueError, match="epochs must be a positive whole number"):
+            epochs_to_steps(epochs, 20, 4)

@@ -104,6 +104,13 @@ def test_config_errors_say_what_to_change():
         UNetConfig(attention_resolutions=(16,))
     with pytest.raises(ValueError, match="num_groups"):
         UNetConfig(base_channels=12)
+    with pytest.raises(ValueError, match=r"channel_mults must be positive whole numbers, got \(1, 0\)"):
+        UNetConfig(channel_mults=(1, 0))  # 0 channels once passed the divisibility checks and failed inside a conv
+    with pytest.raises(ValueError, match="base_channels must be a positive whole number"):
+        UNetConfig(base_channels=0)
+    for dropout in (1.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
+            UNetConfig(dropout=dropout)
 
 
 def test_layer_shapes_follow_the_u_and_count_every_parameter():
