@@ -257,7 +257,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         if out.exists() and not args.resume:
             raise UsageError(f"{out} exists; pass --resume to continue that run, or choose another --out")
         trainer = resumed_trainer(args, out, device) if args.resume else new_trainer(args, device)
-        steps = trainer.config.steps
+        start, steps = trainer.step, trainer.config.steps
         where = f"{trainer.device} ({device_name(trainer.device)})"
         print(f"training on {where}, {len(trainer.dataset)} images, steps {trainer.step} -> {steps}", file=sys.stderr)
 
@@ -267,7 +267,12 @@ def cmd_train(args: argparse.Namespace) -> None:
         try:
             trainer.fit(steps, checkpoint_path=out, on_sample=save_samples)
         except DivergenceError as e:
-            kept = f"{out} is unchanged (step {trainer.saved_step})" if trainer.saved_step is not None else "nothing was written"
+            if trainer.saved_step is None:
+                kept = f"{out} was not written"
+            elif trainer.saved_step == start:
+                kept = f"{out} is unchanged (step {start})"
+            else:
+                kept = f"{out} holds step {trainer.saved_step}, its last checkpoint before that"
             fp32 = " or --precision fp32" if trainer.bf16 else ""
             raise Diverged(f"{e}; {kept}; try a lower --lr (this run: {trainer.config.lr:g}){fp32}, then --resume") from None
         except KeyboardInterrupt:

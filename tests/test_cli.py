@@ -1,5 +1,10 @@
+import errno
+import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
@@ -7,8 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
+from ddpm_lib import cli, sampling
 from ddpm_lib.checkpoint import load_checkpoint
 from ddpm_lib.cli import main
+from ddpm_lib.training import Trainer
+from ddpm_lib.unet import UNet
 
 TINY_MODEL = ["--base-channels", "8", "--channel-mults", "1,2", "--num-res-blocks", "1", "--attention-resolutions", "4"]
 
@@ -223,3 +231,240 @@ def test_a_real_process_exits_2_without_a_traceback(tmp_path):
         text=True,
     )
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+# --- Nothing lost, nothing silent (issue 19) ---
+
+
+def tiny_train(images, out, *extra):
+    """A train command line on the 12 random 8x8 images."""
+    common = ["train", "--dataset", "folder", "--data-root", images, "--image-size", "8", "--T", "20", "--batch-size", "4"]
+    return [*common, "--sample-every", "0", *TINY_MODEL, *extra, "--out", out]
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fail the test if a training or sampling step runs: for errors that must come before any work."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a training or sampling step ran before the error")
+
+    monkeypatch.setattr(Trainer, "train_step", forbidden)
+    monkeypatch.setattr(sampling, "to_eps_x0", forbidden)  # called once per sampling step
+
+
+def test_a_diverging_run_exits_3_and_leaves_the_checkpoint_byte_identical(checkpoint, images, capsys, tmp_path):
+    run_file = tmp_path / "run.pt"
+    run_file.write_bytes(checkpoint.read_bytes())
+    code, err = run(capsys, *tiny_train(images, run_file, "--resume", "--lr", "1e30", "--steps", "50"))
+    last = err.strip().splitlines()[-1]  # after the progress bar
+    assert code == 3 and last.startswith("python -m ddpm_lib train: error: training diverged at step") and "Traceback" not in err, err
+    assert "the loss is nan" in err and "is unchanged (step 3)" in err and "try a lower --lr (this run: 1e+30)" in err
+    assert run_file.read_bytes() == checkpoint.read_bytes()
+
+
+def test_sample_and_gif_refuse_a_checkpoint_with_nan_weights(checkpoint, capsys, tmp_path):
+    state = load_checkpoint(checkpoint)
+    state["ema"] = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in state["ema"].items()}
+    torch.save(state, tmp_path / "nan.pt")  # as ddpm_lib before this check wrote a diverged run
+    for command, out in (("sample", "x.png"), ("gif", "x.gif")):
+        code, err = run(capsys, command, "--checkpoint", tmp_path / "nan.pt", "--out", tmp_path / out)
+        assert_one_line_error(code, err, "NaN or inf", "diverged")
+        assert not (tmp_path / out).exists()
+
+
+def train_process(images, out, *extra) -> subprocess.Popen:
+    args = [str(a) for a in tiny_train(images, out, "--steps", "100000", *extra)]
+    return subprocess.Popen([sys.executable, "-m", "ddpm_lib", *args], stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(condition, what: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_two_runs_on_one_out_exactly_one_proceeds_and_a_killed_one_blocks_nothing(images, capsys, tmp_path):
+    out = tmp_path / "run.pt"
+    runs = [train_process(images, out, "--checkpoint-every", "5") for _ in range(2)]
+    try:
+        wait_for(lambda: any(r.poll() is not None for r in runs), "one of two runs to refuse")
+        loser = next(r for r in runs if r.poll() is not None)
+        winner = next(r for r in runs if r is not loser)
+        err = loser.stderr.read()
+        assert loser.returncode == 2 and f"{out} is in use by another run" in err and "Traceback" not in err, err
+        wait_for(out.exists, "the running one to checkpoint")
+        assert winner.poll() is None  # still training
+        resumed = subprocess.run(
+            [sys.executable, "-m", "ddpm_lib", *map(str, tiny_train(images, out, "--resume"))], capture_output=True, text=True
+        )
+        assert resumed.returncode == 2 and "in use by another run" in resumed.stderr  # resuming is refused too
+    finally:
+        for r in runs:
+            r.kill()
+            r.wait()
+    stale = tmp_path / f".run.pt.ddpm-{winner.pid}-abcdefgh.tmp"  # what a kill -9 during a write leaves
+    stale.write_bytes(b"half a checkpoint")
+    step = load_checkpoint(out)["step"]
+    code, err = run(capsys, *tiny_train(images, out, "--resume", "--steps", step + 1))  # the dead run's lock blocks nothing
+    assert code == 0, err
+    assert load_checkpoint(out)["step"] == step + 1 and not stale.exists()
+
+
+def test_ctrl_c_saves_the_checkpoint_and_exits_130(images, tmp_path):
+    out = tmp_path / "run.pt"
+    training = train_process(images, out, "--sample-every", "5")
+    try:
+        wait_for((tmp_path / "run_samples_0000005.png").exists, "five training steps")
+        training.send_signal(signal.SIGINT)
+        err = training.communicate(timeout=60)[1]
+    finally:
+        training.kill()
+    last = err.strip().splitlines()[-1]
+    assert training.returncode == 130 and "Traceback" not in err, err
+    step = load_checkpoint(out)["step"]
+    assert step >= 5 and last == f"python -m ddpm_lib train: interrupted at step {step}: saved {out}; continue with --resume"
+
+
+def test_unwritable_outputs_and_missing_devices_fail_before_any_work(checkpoint, images, capsys, tmp_path, no_work):
+    if Path("/proc/self").is_dir():  # os.access says yes to root here, but no file can be made
+        for args in (tiny_train(images, "/proc/run.pt", "--steps", "5"), ["sample", "--checkpoint", checkpoint, "--out", "/proc/x.npy"]):
+            code, err = run(capsys, *args)
+            assert_one_line_error(code, err, "cannot write /proc/")
+    devices = ["foo"] + ([] if torch.cuda.is_available() else ["cuda", "cuda:1"])
+    for device in devices:
+        for args in (tiny_train(images, tmp_path / "d.pt"), ["sample", "--checkpoint", checkpoint, "--out", tmp_path / "x.png"]):
+            code, err = run(capsys, *args, "--device", device)
+            assert_one_line_error(code, err, f"device '{device}'" if device != "foo" else "unknown device 'foo'")
+            assert "corrupt" not in err
+    assert not (tmp_path / "d.pt").exists() and not (tmp_path / "x.png").exists()
+
+
+def test_a_write_that_fails_at_the_end_is_one_line_and_keeps_the_file_there(checkpoint, capsys, tmp_path, monkeypatch):
+    out = tmp_path / "x.npy"
+    out.write_bytes(b"the user's earlier samples")
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    code, err = run(capsys, "sample", "--checkpoint", checkpoint, "--num", 2, "--sampler", "ddim", "--steps", 2, "--out", out)
+    assert_one_line_error(code, err, f"cannot write {out}: no space left on device")
+    assert out.read_bytes() == b"the user's earlier samples" and [p.name for p in tmp_path.iterdir()] == ["x.npy"]
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--epochs", "0"], "--epochs: must be a whole number >= 1, got '0'"),
+        (["--epochs", "-1"], "--epochs: must be a whole number >= 1"),
+        (["--epochs", "inf"], "--epochs: must be a whole number >= 1, got 'inf'"),
+        (["--epochs", "1.5"], "--epochs: must be a whole number >= 1"),
+        (["--steps", "0"], "--steps: must be a whole number >= 1"),
+        (["--lr", "nan"], "--lr: must be a finite number, got 'nan'"),
+        (["--lr", "0"], "lr must be a finite number > 0"),
+        (["--ema-decay", "1"], r"ema_decay must be in [0, 1), got 1.0"),
+        (["--ema-decay", "-0.1"], "ema_decay must be in [0, 1)"),
+        (["--warmup-steps", "-1"], "--warmup-steps: must be a whole number >= 0"),
+        (["--sample-every", "-1"], "--sample-every: must be a whole number >= 0"),
+        (["--checkpoint-every", "-1"], "--checkpoint-every: must be a whole number >= 0"),
+        (["--snapshot-every", "-2"], "--snapshot-every: must be a whole number >= 0"),
+        (["--channel-mults", "1,0"], "--channel-mults: must be a whole number >= 1, got '0'"),
+        (["--dropout", "1"], "dropout must be in [0, 1)"),
+    ],
+)
+def test_out_of_range_training_values_are_refused_in_one_line(images, capsys, tmp_path, no_work, args, says):
+    code, err = run(capsys, *tiny_train(images, tmp_path / "x.pt", *args))
+    assert_one_line_error(code, err, says)
+    assert not (tmp_path / "x.pt").exists()
+
+
+@pytest.mark.parametrize("eta", ["nan", "inf", "-inf"])
+def test_non_finite_eta_is_refused(checkpoint, capsys, tmp_path, no_work, eta):
+    code, err = run(capsys, "sample", "--checkpoint", checkpoint, "--sampler", "ddim", f"--eta={eta}", "--out", tmp_path / "x.png")
+    assert_one_line_error(code, err, f"--eta: must be a finite number, got '{eta}'")
+
+
+def test_export_refuses_an_existing_out_unless_forced(checkpoint, capsys, tmp_path):
+    other_run = tmp_path / "other.pt"
+    other_run.write_bytes(checkpoint.read_bytes())
+    code, err = run(capsys, "export", "--checkpoint", checkpoint, "--out", other_run)
+    assert_one_line_error(code, err, f"{other_run} exists", "--force")
+    assert other_run.read_bytes() == checkpoint.read_bytes()  # still resumable
+    code, err = run(capsys, "export", "--checkpoint", checkpoint, "--out", other_run, "--force")
+    assert code == 0, err
+    assert "optimizer" not in load_checkpoint(other_run)
+
+
+def test_resume_applies_the_flags_it_may_change_and_refuses_the_rest(checkpoint, images, capsys, tmp_path):
+    out = tmp_path / "run.pt"
+    out.write_bytes(checkpoint.read_bytes())
+    code, err = run(capsys, *tiny_train(images, out, "--resume", "--batch-size", "2", "--base-channels", "16", "--steps", "5"))
+    assert_one_line_error(code, err, "--resume cannot change --batch-size (saved: 4), --base-channels (saved: 8)")
+    for steps in ("3", "2"):
+        code, err = run(capsys, *tiny_train(images, out, "--resume", "--steps", steps))
+        assert_one_line_error(code, err, f"--steps {steps} is not above the step {out} has reached (3)")
+    code, err = run(capsys, *tiny_train(images, out, "--resume"))
+    assert_one_line_error(code, err, "is complete (3 of 3 steps)")
+    assert out.read_bytes() == checkpoint.read_bytes()  # the refusals changed nothing, not even the saved steps
+    # the same shape flags as saved are fine (the README's resume command repeats the first one); --lr changes
+    code, err = run(capsys, *tiny_train(images, out, "--resume", "--steps", "5", "--lr", "5e-4", "--precision", "fp32"))
+    assert code == 0, err
+    saved = load_checkpoint(out)["train_config"]
+    assert (saved["steps"], saved["lr"], saved["precision"], saved["batch_size"]) == (5, 5e-4, "fp32", 4)
+
+
+def test_train_help_says_which_flags_resume_may_change(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "only --steps, --epochs, --lr, --lr-schedule, --warmup-steps, --ema-decay" in text
+
+
+@pytest.mark.parametrize(
+    "key, value, says",
+    [
+        ("model_config", "unet", "UNetConfig is a str, not a dict"),
+        ("rng", None, "lacks 'rng'"),
+        ("optimizer", {"state": 1}, "lacks 'param_groups'"),
+    ],
+)
+def test_checkpoints_that_load_but_are_wrong_inside_are_one_line(checkpoint, images, capsys, tmp_path, key, value, says):
+    state = load_checkpoint(checkpoint)
+    state = {k: v for k, v in state.items() if k != key} if value is None else {**state, key: value}
+    torch.save(state, tmp_path / "bad.pt")
+    command = ["sample", "--checkpoint", tmp_path / "bad.pt", "--out", tmp_path / "x.png"] if key == "model_config" else None
+    code, err = run(capsys, *(command or tiny_train(images, tmp_path / "bad.pt", "--resume", "--steps", "9")))
+    assert_one_line_error(code, err, says)
+    if key == "model_config":
+        code, err = run(capsys, "export", "--checkpoint", tmp_path / "bad.pt", "--out", tmp_path / "small.pt")
+        assert_one_line_error(code, err, says)
+        assert not (tmp_path / "small.pt").exists()
+
+
+def test_files_that_are_not_checkpoints_are_named_for_what_they_are(capsys, tmp_path):
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "random.pt").write_bytes(np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8).tobytes())
+    (tmp_path / "folder.pt").mkdir()
+    for name, says in (("empty.pt", "it is empty (0 bytes)"), ("random.pt", "not a PyTorch file"), ("folder.pt", "it is a folder")):
+        code, err = run(capsys, "sample", "--checkpoint", tmp_path / name, "--out", tmp_path / "x.png")
+        assert_one_line_error(code, err, says)
+        assert "pickled" not in err and "does not exist" not in err
+
+
+def test_gif_runs_the_network_in_batches_and_draws_the_same_digits(checkpoint, capsys, tmp_path, monkeypatch):
+    seen = []
+    forward = UNet.forward
+    monkeypatch.setattr(UNet, "forward", lambda self, x, t: seen.append(len(x)) or forward(self, x, t))
+    monkeypatch.setattr(cli, "BATCH", 2)
+    gif_args = ["gif", "--checkpoint", checkpoint, "--num", 5, "--sampler", "ddim", "--steps", 3, "--frames", 4, "--levels", 256]
+    code, err = run(capsys, *gif_args, "--no-x0", "--out", tmp_path / "r.gif")
+    assert code == 0, err
+    assert seen == [2, 2, 1] * 3  # three DDIM steps, five images in batches of at most 2
+    monkeypatch.setattr(cli, "BATCH", 256)
+    code, err = run(capsys, *gif_args, "--no-x0", "--out", tmp_path / "whole.gif")
+    assert code == 0, err
+    batched, whole = (iio.imread(tmp_path / name, index=None) for name in ("r.gif", "whole.gif"))
+    assert np.abs(batched.astype(int) - whole.astype(int)).max() <= 1  # the same random draws: the same digits
