@@ -234,11 +234,12 @@ def resumed_trainer(args: argparse.Namespace, out: Path, device: torch.device) -
             differ.append(f"{flag(name)} (saved: {','.join(map(str, was)) if isinstance(was, tuple) else was})")
     if differ:
         raise UsageError(f"--resume cannot change {', '.join(differ)}; drop these flags, or start a new run with another --out")
-    step = state["step"]
-    if args.steps is not None and args.steps <= step:
+    step = state.get("step")  # from_state checks it; refuse too few steps before the data is loaded
+    if isinstance(step, int) and args.steps is not None and args.steps <= step:
         raise UsageError(f"--steps {args.steps} is not above the step {out} has reached ({step}); pass more steps to train on")
     changes = {name: getattr(args, name) for name in (*RESUMABLE, "steps") if getattr(args, name) is not None}
     trainer = Trainer.from_state(state, out, device=device, data_root=args.data_root, **changes)
+    step = trainer.step
     if args.epochs:
         steps = epochs_to_steps(args.epochs, len(trainer.dataset), trainer.config.batch_size)
         if steps <= step:

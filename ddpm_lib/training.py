@@ -321,11 +321,10 @@ class Trainer:
         """
         until = steps if steps is not None else self.config.steps
         cfg = self.config
-        batches = EpochBatches(len(self.dataset), cfg.batch_size, cfg.seed, start_step=self.step)
         # The loader's own generator: creating its iterator would otherwise draw from the global RNG (dropout's stream).
         loader = DataLoader(
             self.dataset,
-            batch_sampler=batches,
+            batch_sampler=EpochBatches(len(self.dataset), cfg.batch_size, cfg.seed, start_step=self.step),
             num_workers=cfg.num_workers,
             pin_memory=self.device.type == "cuda",
             generator=torch.Generator().manual_seed(cfg.seed),
@@ -336,9 +335,9 @@ class Trainer:
         offset = self.machine_seconds.get(machine, 0.0) - self.train_seconds  # offset + train_seconds: time on this machine
         written = None  # the step last written to checkpoint_path
         with deferred_interrupt() as interrupted, self._own_rng(), bar:
-            for x0, _ in loader:
-                if self.step >= until or interrupted():
-                    break
+            batches = iter(loader)
+            while self.step < until and not interrupted():  # checked before fetching: after Ctrl-C, workers may be gone
+                x0, _ = next(batches)
                 loss = self.train_step(x0.to(self.device, non_blocking=True))
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", refresh=False)

@@ -56,6 +56,18 @@ def ddim_seconds(model, diffusion, n: int, steps: int, device: str, bf16: bool =
     return time.perf_counter() - start
 
 
+def gif_peak_mib(num: int, out: Path) -> float:
+    """Peak memory (resident set, MiB) of the CLI writing a GIF of ``num`` digits (DDIM, 10 steps, 10 frames)."""
+    command = [sys.executable, "-m", "ddpm_lib", "gif", "--checkpoint", str(ROOT / "checkpoints/mnist_ddpm.pt"), "--num", str(num)]
+    child = subprocess.Popen(
+        [*command, "--sampler", "ddim", "--steps", "10", "--frames", "10", "--out", str(out)], stderr=subprocess.DEVNULL
+    )
+    _, status, usage = os.wait4(child.pid, 0)
+    if status:
+        raise RuntimeError(f"{' '.join(command)} failed")
+    return usage.ru_maxrss / 1024  # kB on Linux
+
+
 def slider_ms(viewer, moves: int, rng: random.Random) -> tuple[float, float]:
     """Median and worst milliseconds of kernel time per slider move."""
     times = []
@@ -121,6 +133,10 @@ def main() -> int:
         path = save_trajectory_gif(trajectory, Path(tmp) / "reverse.gif")
         seconds = time.perf_counter() - start
         add("GIF export: 64 digits, 1000-step DDPM run, 60 frames", f"{seconds:.2f} s, {path.stat().st_size / 2**20:.2f} MB", "< 3 s, 3 MB")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        small, large = (gif_peak_mib(n, Path(tmp) / "x.gif") for n in (64, 4096))
+        add("GIF export from the CLI, peak memory: 64 digits / 4096 digits", f"{small:.0f} MiB / {large:.0f} MiB")
 
     if not args.skip_nbval:
         add("nbval run of all notebooks, quick mode (DDPM_SMOKE=1)", f"{nbval_seconds() / 60:.1f} min", "< 5 min")
