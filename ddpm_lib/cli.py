@@ -1,4 +1,4 @@
-"""python -m ddpm_lib train | export | sample | gif: the course's library from the shell.
+"""python -m ddpm_lib train | export | sample | gif | nll: the course's library from the shell.
 
 Every failure a user can cause (a bad argument, a missing or corrupt checkpoint, an
 unwritable output, a device this machine lacks) ends with a one-line message on stderr and exit
@@ -13,15 +13,17 @@ import dataclasses
 import io
 import math
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError, export_ema, load_checkpoint, load_model
+from .checkpoint import CheckpointError, export_ema, load_checkpoint, load_model, model_from_state
 from .data import DATASETS, DatasetNotFoundError, dataset_info, get_dataset
 from .diffusion import PREDICTIONS, DiffusionConfig
 from .files import OutputPathError, check_writable, exclusive_lock, write_atomic
+from .likelihood import Bound, bound_table, variational_bound
 from .sampling import SAMPLERS, VARIANCES, ddim_timesteps, sample, sample_loop
 from .schedules import SCHEDULES
 from .training import (
@@ -190,6 +192,14 @@ def build_parser() -> Parser:
     s.add_argument("--duration-ms", type=positive_int, default=80, help="milliseconds per frame")
     s.add_argument("--no-x0", action="store_true", help="show x_t only, not the predicted x0 beside it")
     s.add_argument("--levels", type=grey_levels, default=32, help="grey levels per pixel (256: all; fewer: smaller file)")
+
+    n = sub.add_parser("nll", help="the variational bound (Ho et al. Eq. 5) in bits/dim on the first N test images")
+    n.add_argument("--checkpoint", required=True, help="a checkpoint written by train or export")
+    n.add_argument("--num", type=positive_int, default=100, help="the first N images of the test set")
+    n.add_argument("--seed", type=int, default=0, help="seeds the noise of every x_t")
+    n.add_argument("--dataset", choices=[d for d in DATASETS if d != "folder"], help="(default: the checkpoint's own, else mnist)")
+    n.add_argument("--data-root", help="data folder (default: $DDPM_DATA, else ./data)")
+    n.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     return parser
 
 
@@ -353,9 +363,37 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"wrote {args.out} (EMA weights at step {state['step']}, {Path(args.out).stat().st_size / 2**20:.1f} MiB)", file=sys.stderr)
 
 
+def cmd_nll(args: argparse.Namespace) -> None:
+    device = resolve_device(args.device)
+    state = load_checkpoint(args.checkpoint)
+    model, diffusion = model_from_state(state, args.checkpoint)
+    saved = state.get("train_config")
+    name = args.dataset or (saved.get("dataset") if isinstance(saved, dict) else None) or "mnist"
+    if name == "folder":
+        raise UsageError(f"{args.checkpoint} was trained on a folder of images, which has no test split; pass --dataset")
+    test = get_dataset(name, args.data_root, train=False)
+    if args.num > len(test):
+        raise UsageError(f"--num {args.num}: the {name} test set has {len(test)} images")
+    x0 = torch.stack([test[i][0] for i in range(args.num)])  # (N, C, H, W)
+    c = model.config
+    if tuple(x0.shape[1:]) != (c.in_channels, c.image_size, c.image_size):
+        raise UsageError(f"{name} images are {tuple(x0.shape[1:])}, but the model takes {(c.in_channels, c.image_size, c.image_size)}")
+    model, schedule = model.to(device), diffusion.make_schedule()
+    generator = torch.Generator().manual_seed(args.seed)
+    started = time.perf_counter()
+    bounds = [variational_bound(model, batch, schedule, diffusion.prediction, generator) for batch in x0.split(BATCH)]
+    bound = Bound(*(torch.cat(parts) for parts in zip(*bounds, strict=True)))
+    seconds = time.perf_counter() - started
+    print(f"{args.num} images in {seconds:.0f} s ({seconds / args.num:.2f} s each) on {device} ({device_name(device)})", file=sys.stderr)
+    print(f"variational bound on the first {args.num} {name} test images (seed {args.seed}), bits/dim, 0-based t:")
+    for label, bits in bound_table(bound):
+        print(f"  {label:<30} {bits:8.4f}")
+    print(f"bits/dim: {bound.total.mean().item():.4f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    command = {"train": cmd_train, "export": cmd_export, "sample": cmd_sample, "gif": cmd_gif}[args.command]
+    command = {"train": cmd_train, "export": cmd_export, "sample": cmd_sample, "gif": cmd_gif, "nll": cmd_nll}[args.command]
     prefix = f"python -m ddpm_lib {args.command}"
     try:
         command(args)

@@ -1,4 +1,4 @@
-"""What the course costs on this machine: training speed, sampling, sliders, GIF export and the nbval run.
+"""What the course costs on this machine: training speed, sampling, the bound, sliders, GIF export and the nbval run.
 
     DDPM_DATA=../shared/data python scripts/benchmark.py [--skip-nbval] [--out docs/benchmarks.md]
 
@@ -23,6 +23,7 @@ from torch.utils.data import TensorDataset
 from ddpm_lib.checkpoint import load_model
 from ddpm_lib.diffusion import DiffusionConfig
 from ddpm_lib.files import atomic_write
+from ddpm_lib.likelihood import variational_bound
 from ddpm_lib.sampling import sample, sample_loop
 from ddpm_lib.schedules import SCHEDULES, get_schedule
 from ddpm_lib.training import TrainConfig, Trainer, device_name, fast_bf16
@@ -111,6 +112,10 @@ def main() -> int:
             seconds = ddim_seconds(model, diffusion, 64, 50, device, bf16)
             name = f"DDIM 50 steps, 64 images, {device}, {'bf16 autocast' if bf16 else 'fp32'}"
             add(name, f"{seconds:.2f} s ({seconds / 64 / 50 * 1000:.2f} ms/img/step)", "< 5 s" if device == "cpu" else "")
+        x0 = torch.randint(0, 256, (100, 1, 28, 28)) / 127.5 - 1  # the bound costs the same on any 100 images
+        start = time.perf_counter()
+        variational_bound(model.to(device), x0, diffusion.make_schedule(), diffusion.prediction, torch.Generator().manual_seed(0))
+        add(f"variational bound (nll), 1000 steps, 100 images, {device}, fp32", f"{(time.perf_counter() - start) / 100:.2f} s per image")
     model = model.cpu()
 
     x0 = torch.rand(8, 1, 28, 28) * 2 - 1

@@ -1,5 +1,7 @@
+import dataclasses
 import errno
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,10 +15,11 @@ import torch
 from PIL import Image
 
 from ddpm_lib import cli, sampling
-from ddpm_lib.checkpoint import load_checkpoint
+from ddpm_lib.checkpoint import load_checkpoint, save_checkpoint
 from ddpm_lib.cli import main
+from ddpm_lib.data import data_root
 from ddpm_lib.training import Trainer
-from ddpm_lib.unet import UNet
+from ddpm_lib.unet import UNet, UNetConfig
 
 TINY_MODEL = ["--base-channels", "8", "--channel-mults", "1,2", "--num-res-blocks", "1", "--attention-resolutions", "4"]
 
@@ -468,3 +471,25 @@ def test_gif_runs_the_network_in_batches_and_draws_the_same_digits(checkpoint, c
     assert code == 0, err
     batched, whole = (iio.imread(tmp_path / name, index=None) for name in ("r.gif", "whole.gif"))
     assert np.abs(batched.astype(int) - whole.astype(int)).max() <= 1  # the same random draws: the same digits
+
+
+@pytest.mark.skipif(not (data_root() / "MNIST" / "raw").is_dir(), reason="no MNIST copy under the data root (set DDPM_DATA)")
+def test_nll_prints_the_terms_and_ends_with_the_bound(capsys, tmp_path):
+    config = UNetConfig(base_channels=8, channel_mults=(1, 2), attention_resolutions=(), num_groups=4, num_heads=2)
+    diffusion = {"schedule": "linear", "T": 12, "prediction": "eps"}
+    save_checkpoint(
+        tmp_path / "m.pt", {"model_config": dataclasses.asdict(config), "diffusion_config": diffusion, "ema": UNet(config).state_dict()}
+    )
+    capsys.readouterr()
+    assert main(["nll", "--checkpoint", str(tmp_path / "m.pt"), "--num", "3", "--seed", "0"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "variational bound on the first 3 mnist test images (seed 0), bits/dim, 0-based t:"
+    assert [line.split()[0] for line in lines[1:-1]] == ["prior", "KL", "KL", "KL", "KL", "L_0"]
+    assert re.fullmatch(r"bits/dim: \d+\.\d{4}", lines[-1])
+    terms = sum(float(line.split()[-1]) for line in lines[1:-1])
+    assert terms == pytest.approx(float(lines[-1].split()[-1]), abs=1e-3)
+
+
+def test_nll_refuses_a_model_of_a_folder_of_images(checkpoint, capsys):
+    code, err = run(capsys, "nll", "--checkpoint", checkpoint, "--num", 2)
+    assert_one_line_error(code, err, "trained on a folder of images, which has no test split; pass --dataset")
