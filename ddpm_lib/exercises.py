@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from .diffusion import loss_simple, q_sample
+from .diffusion import loss_simple, q_posterior, q_sample
 from .metrics import GaussianStats, frechet_distance
 from .sampling import ddpm_step
 from .schedules import extract, get_schedule
@@ -89,6 +89,32 @@ def check_alpha_bar(fn: Callable) -> bool:
         ),
     }
     return _verdict("alpha_bar", fn, (betas,), torch.cumprod(alphas, 0), mistakes, atol=1e-10)
+
+
+def check_q_posterior_mean(fn: Callable) -> bool:
+    """fn(x0, x_t, t, schedule) -> the mean of q(x_{t-1} | x_t, x0) (Eq. 7), for a (B,) tensor of 0-based t >= 1."""
+    g = torch.Generator().manual_seed(2)
+    schedule = get_schedule("linear", 50)  # large steps, so that every usual mistake shows in float32
+    x0, x_t = torch.rand(6, 1, 5, 5, generator=g) * 2 - 1, torch.randn(6, 1, 5, 5, generator=g)
+    t = torch.tensor([1, 3, 10, 25, 40, 49])
+
+    def read(values: torch.Tensor, at: torch.Tensor = t) -> torch.Tensor:
+        return extract(values, at, x0.shape)
+
+    a, a_bar, a_bar_prev, beta = read(schedule.alphas), read(schedule.alpha_bar), read(schedule.alpha_bar_prev), read(schedule.betas)
+    c1, c2 = read(schedule.posterior_mean_coef1), read(schedule.posterior_mean_coef2)
+    mistakes = {
+        "the weight of x0 needs sqrt(alpha_bar_{t-1}), one step before t, not sqrt(alpha_bar_t).": a_bar.sqrt() * beta / (1 - a_bar) * x0
+        + c2 * x_t,
+        "the weight of x_t is sqrt(alpha_t) (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t): the square root of alpha_t is missing.": c1 * x0
+        + a * (1 - a_bar_prev) / (1 - a_bar) * x_t,
+        "the weight of x_t has (1 - alpha_bar_{t-1}) on top, not (1 - alpha_bar_t).": c1 * x0 + a.sqrt() * x_t,
+        "the two weights are swapped: x0 gets sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t).": c2 * x0 + c1 * x_t,
+        "off by one step: t is 0-based, so read index t (alpha_bar_prev[t] is alpha_bar_{t-1}).": read(schedule.posterior_mean_coef1, t - 1)
+        * x0
+        + read(schedule.posterior_mean_coef2, t - 1) * x_t,
+    }
+    return _verdict("the posterior mean", fn, (x0, x_t, t, schedule), q_posterior(x0, x_t, t, schedule)[0], mistakes)
 
 
 def check_timestep_embedding(fn: Callable) -> bool:

@@ -86,6 +86,19 @@ def vb_term_bpd(
     return mean_bits(normal_kl(true_mean.double(), log_var, model_mean.double(), log_var))
 
 
+def bound_weights(schedule: NoiseSchedule, variance: str = "beta_tilde") -> torch.Tensor:
+    """lambda_t = beta_t^2 / (2 sigma_t^2 alpha_t (1 - alpha_bar_t)), shape (T,), float64: the weight of
+    E||eps - eps_theta(x_t, t)||^2 in the KL term L_{t-1} with sigma_t^2 = beta tilde_t or beta_t (Eq. 12).
+
+    L_simple sets every lambda_t to 1. Entry 0 (the code's t = 0, the decoder L_0, which is not a KL
+    term) uses beta tilde's clipped value, as the bound itself does.
+    """
+    if variance not in ("beta_tilde", "beta"):
+        raise ValueError(f"unknown variance {variance!r}; valid choices: beta_tilde, beta")
+    sigma2 = schedule.posterior_log_variance_clipped.exp() if variance == "beta_tilde" else schedule.betas
+    return schedule.betas**2 / (2 * sigma2 * schedule.alphas * (1 - schedule.alpha_bar))
+
+
 class Bound(NamedTuple):
     terms: torch.Tensor  # (B, T) bits/dim by 0-based t: L_0 at t = 0, the KL terms at t >= 1
     prior: torch.Tensor  # (B,) L_T in bits/dim

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torchvision.utils import make_grid
 
-from .diffusion import q_sample
+from .diffusion import q_posterior, q_sample
 from .files import write_atomic
 from .sampling import SamplerStep
 from .schedules import NoiseSchedule
@@ -297,6 +297,27 @@ def forward_explorer(x0: torch.Tensor, schedule: NoiseSchedule, noise: torch.Ten
 
     return TimestepViewer(
         render, 0, schedule.T - 1, value=0, static_ts=[0, schedule.T // 10, schedule.T // 4, schedule.T // 2, schedule.T - 1]
+    )
+
+
+def posterior_explorer(x0: torch.Tensor, schedule: NoiseSchedule, noise: torch.Tensor | None = None, scale: int = 3) -> TimestepViewer:
+    """Scrub one step back with x0 known: for images x0 (B, C, H, W), the rows x_t, the posterior mean of
+    q(x_{t-1} | x_t, x0) (Eq. 7) and one draw of x_{t-1} from it, beside the mean's two weights and the
+    variances beta_t and beta tilde_t along t."""
+    g = torch.Generator().manual_seed(0)
+    noise, z = (torch.randn(x0.shape, generator=g) if noise is None else noise), torch.randn(x0.shape, generator=g)
+    weights = {"weight of x0": schedule.posterior_mean_coef1.cpu(), "weight of x_t": schedule.posterior_mean_coef2.cpu()}
+    variances = {"beta_t": schedule.betas.log10().cpu(), "beta tilde_t": schedule.posterior_log_variance_clipped.cpu() / math.log(10)}
+    panel = CurvePanel(np.arange(schedule.T), {"posterior mean weights": weights, "log10 variance": variances})
+
+    def render(t: int) -> np.ndarray:
+        x_t = q_sample(x0, t, schedule, noise)
+        mean, variance = q_posterior(x0, x_t, t, schedule)
+        rows = [image_grid(row, len(x0), scale=scale) for row in (x_t, mean, mean + variance.sqrt() * z)]
+        return beside(stack(*rows), panel.render(t))
+
+    return TimestepViewer(
+        render, 0, schedule.T - 1, value=schedule.T // 2, static_ts=[1, schedule.T // 10, schedule.T // 2, schedule.T - 1]
     )
 
 

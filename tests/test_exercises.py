@@ -7,6 +7,7 @@ from ddpm_lib.exercises import (
     check_ddpm_step,
     check_frechet_distance,
     check_loss_simple,
+    check_q_posterior_mean,
     check_q_sample,
     check_timestep_embedding,
 )
@@ -19,6 +20,16 @@ def correct_ddpm_step(x_t, t, eps, schedule, noise):
     return ddpm_step(x_t, t, eps, schedule, noise, clip_x0=False).x_prev
 
 
+def posterior_mean(x0, x_t, t, schedule, prev_in_x0=True, sqrt_alpha=True, prev_in_x_t=True, swap=False, shift=0):
+    """Eq. 7 written out from alpha, alpha_bar and beta, with switches for the usual mistakes."""
+    t = t - shift
+    a, a_bar, beta = (extract(v, t, x0.shape) for v in (schedule.alphas, schedule.alpha_bar, schedule.betas))
+    a_bar_prev = extract(schedule.alpha_bar_prev, t, x0.shape)
+    c1 = (a_bar_prev if prev_in_x0 else a_bar).sqrt() * beta / (1 - a_bar)
+    c2 = (a.sqrt() if sqrt_alpha else a) * (1 - (a_bar_prev if prev_in_x_t else a_bar)) / (1 - a_bar)
+    return c2 * x0 + c1 * x_t if swap else c1 * x0 + c2 * x_t
+
+
 def frechet_via_eigvals(mu_a, sigma_a, mu_b, sigma_b, cross=2.0, mean_power=2):
     """Tr (S_a S_b)^(1/2) from the (real, non-negative) eigenvalues of the non-symmetric S_a S_b: an independent route."""
     tr_sqrt = torch.linalg.eigvals(sigma_a @ sigma_b).real.clamp(min=0).sqrt().sum()
@@ -29,6 +40,7 @@ def frechet_via_eigvals(mu_a, sigma_a, mu_b, sigma_b, cross=2.0, mean_power=2):
     "check, fn",
     [
         (check_q_sample, q_sample),
+        (check_q_posterior_mean, posterior_mean),
         (check_alpha_bar, lambda betas: torch.cumprod(1 - betas, 0)),
         (check_timestep_embedding, timestep_embedding),
         (check_ddpm_step, correct_ddpm_step),
@@ -62,6 +74,11 @@ def one_based(x0, t, schedule, noise):
         (check_q_sample, no_sqrt, "square roots are missing"),
         (check_q_sample, one_based, "off by one step"),
         (check_q_sample, lambda x0, t, s, noise: x0 * 0, "wrong values"),
+        (check_q_posterior_mean, lambda *args: posterior_mean(*args, prev_in_x0=False), "sqrt(alpha_bar_{t-1}), one step before t"),
+        (check_q_posterior_mean, lambda *args: posterior_mean(*args, sqrt_alpha=False), "square root of alpha_t is missing"),
+        (check_q_posterior_mean, lambda *args: posterior_mean(*args, prev_in_x_t=False), "(1 - alpha_bar_{t-1}) on top"),
+        (check_q_posterior_mean, lambda *args: posterior_mean(*args, swap=True), "swapped"),
+        (check_q_posterior_mean, lambda *args: posterior_mean(*args, shift=1), "off by one step"),
         (check_alpha_bar, lambda betas: torch.cumprod(betas, 0), "cumulative product of the betas"),
         (check_alpha_bar, lambda betas: 1 - torch.cumsum(betas, 0), "a sum, not a product"),
         (check_timestep_embedding, lambda t, d: timestep_embedding(t, d).roll(d // 2, 1), "swapped"),

@@ -4,8 +4,10 @@ import pytest
 import torch
 from torch import nn
 
+from ddpm_lib.diffusion import q_posterior, q_sample, x0_from_eps
 from ddpm_lib.likelihood import (
     bound_table,
+    bound_weights,
     discretized_gaussian_log_likelihood,
     normal_kl,
     prior_bpd,
@@ -81,6 +83,21 @@ def test_a_kl_term_against_its_closed_form_for_a_network_off_by_a_constant(t):
     mean_gap = coef1 * math.sqrt(1 - a) / math.sqrt(a) * delta  # q_posterior's weight on x0 times the x0 error
     expected = mean_gap**2 / (2 * SCHEDULE.posterior_variance[t].item()) / math.log(2)
     assert bits.item() == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("t", [1, 200, 999])
+def test_the_kl_term_is_the_bound_weight_times_the_squared_eps_error(t):
+    schedule = get_schedule("linear", 1000)
+    g = torch.Generator().manual_seed(t)
+    x0, eps, error = torch.rand(4, 1, 3, 3, generator=g) * 0.2, torch.randn(4, 1, 3, 3, generator=g), torch.randn(4, 1, 3, 3, generator=g)
+    x_t = q_sample(x0, t, schedule, eps)
+    x0_pred = x0_from_eps(x_t, t, eps + 0.01 * error, schedule)  # a network whose eps is off by 0.01 * error
+    true_mean, var = q_posterior(x0.double(), x_t.double(), t, schedule)
+    model_mean, _ = q_posterior(x0_pred.double(), x_t.double(), t, schedule)
+    log_var = schedule.posterior_log_variance_clipped[t].expand_as(true_mean)
+    kl = normal_kl(true_mean, log_var, model_mean, log_var)
+    torch.testing.assert_close(kl, bound_weights(schedule)[t] * (0.01 * error.double()) ** 2, rtol=1e-3, atol=1e-12)
+    assert (bound_weights(schedule, "beta")[1:] < bound_weights(schedule)[1:]).all()  # beta > beta tilde: a smaller weight
 
 
 def test_every_kl_term_is_nonnegative_and_the_table_adds_up(tiny_config):

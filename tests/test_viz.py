@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm_lib.diffusion import q_sample
+from ddpm_lib.diffusion import q_posterior, q_sample
 from ddpm_lib.files import OutputPathError
 from ddpm_lib.sampling import SamplerStep, sample_loop
 from ddpm_lib.schedules import get_schedule
@@ -18,6 +18,7 @@ from ddpm_lib.viz import (
     forward_viewer,
     frame_indices,
     image_grid,
+    posterior_explorer,
     posterize,
     save_grid,
     save_trajectory_gif,
@@ -177,6 +178,19 @@ def test_forward_explorer_shows_q_sample_and_the_noise_at_the_slider_value():
     noise_row = image_grid(noise, 3)
     start = top_row.shape[0] + 8
     assert np.array_equal(viewer.frame[start : start + noise_row.shape[0], : noise_row.shape[1], 0], noise_row)
+
+
+def test_posterior_explorer_shows_x_t_the_posterior_mean_and_a_draw_from_it():
+    x0, noise = torch.rand(2, 1, 8, 8) * 2 - 1, torch.randn(2, 1, 8, 8)
+    viewer = posterior_explorer(x0, SCHEDULE, noise, scale=1)
+    viewer.slider.value = 300
+    x_t = q_sample(x0, 300, SCHEDULE, noise)
+    mean, _ = q_posterior(x0, x_t, 300, SCHEDULE)
+    rows = [image_grid(x_t, 2), image_grid(mean, 2)]
+    assert np.array_equal(viewer.frame[: rows[0].shape[0], : rows[0].shape[1], 0], rows[0])
+    start = rows[0].shape[0] + 8
+    assert np.array_equal(viewer.frame[start : start + rows[1].shape[0], : rows[1].shape[1], 0], rows[1])
+    assert len(viewer.static_ts) == 4
 
 
 def test_schedule_explorer_shows_one_image_per_schedule():
