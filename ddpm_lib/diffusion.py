@@ -143,7 +143,7 @@ def min_snr_weight(t: torch.Tensor, schedule: NoiseSchedule, gamma: float, predi
     """Min-SNR-gamma loss weights (Hang et al. 2023, Eq. 8) for a (B,) tensor of 0-based t, shape (B,).
 
     Weighting the x0 error by min(SNR_t, gamma) stops the many nearly noise-free steps (huge SNR)
-    from dominating training. In terms of the eps error (which is SNR_t times smaller) the weight
+    from dominating training. In terms of the eps error (which is SNR_t times the x0 error) the weight
     is min(SNR_t, gamma) / SNR_t, in terms of the v error min(SNR_t, gamma) / (SNR_t + 1).
     """
     snr = schedule.snr.to(t.device)[t].float()

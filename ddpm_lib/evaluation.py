@@ -1,7 +1,7 @@
 """Evaluate a trained MNIST model under each sampler: quality (ddpm_lib.metrics) against cost.
 
 ``evaluate`` draws N samples per sampler setting with ``sampling.sample`` and scores them;
-``scripts/evaluate.py`` and notebook 06 print the same table. Because a full table takes most of
+``scripts/evaluate.py`` and notebook 07 print the same table. Because a full table takes most of
 an hour on a laptop CPU, rows can be cached in a JSON file keyed by the SHA-256 of the weights
 (:func:`weights_sha256`), the setting, N and the seed: a cached row is reused only for exactly the
 same weights and settings.

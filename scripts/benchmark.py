@@ -31,7 +31,7 @@ from ddpm_lib.unet import UNetConfig
 from ddpm_lib.viz import forward_explorer, save_trajectory_gif, schedule_explorer, trajectory_viewer
 
 ROOT = Path(__file__).resolve().parents[1]
-PATCH2 = UNetConfig(patch_size=2, base_channels=32, channel_mults=(1, 2))  # the faster U-Net notebook 3 compares
+PATCH2 = UNetConfig(patch_size=2, base_channels=32, channel_mults=(1, 2))  # the faster U-Net notebook 4 compares
 
 
 def train_speed(device: str, precision: str, model_config: UNetConfig | None = None, batch_size: int = 128, steps: int = 30) -> float:
@@ -124,7 +124,7 @@ def main() -> int:
     viewers = {
         "slider: forward_explorer (notebook 1)": forward_explorer(x0, linear),
         "slider: schedule_explorer (notebook 2)": schedule_explorer(x0[:1], {n: get_schedule(n, 1000) for n in SCHEDULES}),
-        "slider: trajectory_viewer (notebook 5)": trajectory_viewer(trajectory, nrow=4),
+        "slider: trajectory_viewer (notebook 6)": trajectory_viewer(trajectory, nrow=4),
     }
     for name, viewer in viewers.items():
         median, worst = slider_ms(viewer, 50, rng)

@@ -1,4 +1,4 @@
-"""Sample quality of a trained MNIST model under every sampler: the table of notebook 06.
+"""Sample quality of a trained MNIST model under every sampler: the table of notebook 07.
 
     DDPM_DATA=../shared/data python scripts/evaluate.py [--checkpoint checkpoints/mnist_ddpm.pt] [--num 1000]
 

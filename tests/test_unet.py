@@ -25,7 +25,7 @@ def test_output_shape_equals_input_shape(config):
 
 
 def test_default_mnist_model_has_the_parameter_count_the_course_quotes():
-    assert count_parameters(UNet(UNetConfig())) == 686_769  # notebook 3, the README and checkpoints/README.md say so
+    assert count_parameters(UNet(UNetConfig())) == 686_769  # notebook 4, the README and checkpoints/README.md say so
 
 
 def test_time_embedding_at_known_timesteps():
