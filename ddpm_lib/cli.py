@@ -3,7 +3,7 @@
 Every failure a user can cause (a bad argument, a missing or corrupt checkpoint, an
 unwritable output, a device this machine lacks) ends with a one-line message on stderr and exit
 status 2, before any long work, and no traceback. A training run that diverges stops with exit
-status 3, and Ctrl-C saves the checkpoint and exits with 130 (see README, "Command line").
+status 3, and Ctrl-C saves the checkpoint and exits with 130 (see docs/cli.md).
 """
 
 from __future__ import annotations

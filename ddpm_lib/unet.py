@@ -24,7 +24,7 @@ class UNetConfig:
     channel_mults: tuple[int, ...] = (1, 2, 4)  # channels per resolution = base * mult: 16, 32, 64 at 28, 14, 7
     num_res_blocks: int = 1  # residual blocks per resolution on the way down (2 trains 1.6x slower on CPU)
     attention_resolutions: tuple[int, ...] = (7,)  # resolutions (in pixels) with self-attention; the middle always has it
-    dropout: float = 0.0  # dropout inside residual blocks (Ho et al.: 0.1 on CIFAR-10; on MNIST 0.1 slowed learning, see README)
+    dropout: float = 0.0  # dropout inside residual blocks (Ho et al.: 0.1 on CIFAR-10; on MNIST it slowed learning: docs/experiments.md)
     num_groups: int = 8  # GroupNorm groups; must divide every channel count
     num_heads: int = 4  # self-attention heads
 
