@@ -14,7 +14,7 @@ import torch
 
 from .diffusion import loss_simple, q_posterior, q_sample
 from .metrics import GaussianStats, frechet_distance
-from .sampling import ddpm_step
+from .sampling import ddim_step, ddpm_step
 from .schedules import extract, get_schedule
 from .unet import UNet, UNetConfig, timestep_embedding
 
@@ -180,6 +180,44 @@ def check_ddpm_step(fn: Callable) -> bool:
         if not _verdict(f"ddpm_step at t={t}", fn, (x_t, t, eps, schedule, noise), expected, mistakes, quiet=True):
             return False
     print("✓ ddpm_step is correct: it matches ddpm_lib at t = 999, 400, 3 and 0.")
+    return True
+
+
+def check_ddim_step(fn: Callable) -> bool:
+    """fn(x_t, t, t_prev, eps, schedule, eta, noise) -> x_{t_prev} (Song et al. 2021, Eqs. 12 and 16), with the
+    predicted x0 clipped to [-1, 1] and eps derived again from it, for int 0-based t > t_prev >= 0."""
+    g = torch.Generator().manual_seed(3)
+    schedule = get_schedule("linear", 1000)
+    for t, t_prev, eta in ((999, 979, 0.0), (600, 580, 0.5), (100, 80, 1.0)):
+        x_t, eps, noise = (torch.randn(6, 1, 5, 5, generator=g) for _ in range(3))
+        x_t = x_t * 0.3  # so that some predicted x0 stay inside [-1, 1] and some are clipped
+        expected = ddim_step(x_t, t, t_prev, eps, schedule, eta, noise).x_prev
+        a, a_prev = schedule.alpha_bar[t].item(), schedule.alpha_bar[t_prev].item()
+        sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)) ** 0.5
+        x0 = ((x_t - (1 - a) ** 0.5 * eps) / a**0.5).clamp(-1, 1)
+        eps_clipped = (x_t - a**0.5 * x0) / (1 - a) ** 0.5
+        direction = max(1 - a_prev - sigma**2, 0.0) ** 0.5
+        wrong_sigma = eta * (1 - a_prev) / (1 - a) * (1 - a / a_prev)  # the square root missing
+        mistakes = {  # (at eta = 0 the sigma mistakes coincide with the right answer, which is checked first)
+            "alpha_bar_prev and alpha_bar_t are swapped: x0 is scaled by sqrt(alpha_bar_prev), the step's target.": a**0.5 * x0
+            + max(1 - a - sigma**2, 0.0) ** 0.5 * eps_clipped
+            + sigma * noise,
+            "clip the predicted x0 to [-1, 1], then derive eps from the clipped x0.": ddim_step(
+                x_t, t, t_prev, eps, schedule, eta, noise, clip_x0=False
+            ).x_prev,
+            "after clipping x0, derive eps from it again: eps = (x_t - sqrt(alpha_bar_t) x0) / sqrt(1 - alpha_bar_t).": a_prev**0.5 * x0
+            + direction * eps
+            + sigma * noise,
+            "sigma_t^2 belongs under the square root of the direction term: sqrt(1 - alpha_bar_prev - sigma_t^2) eps.": a_prev**0.5 * x0
+            + ((1 - a_prev) ** 0.5 - sigma) * eps_clipped
+            + sigma * noise,
+            "sigma_t (Eq. 16) is eta times the square root of (1 - a_prev) / (1 - a) * (1 - a / a_prev).": a_prev**0.5 * x0
+            + max(1 - a_prev - wrong_sigma**2, 0.0) ** 0.5 * eps_clipped
+            + wrong_sigma * noise,
+        }
+        if not _verdict(f"ddim_step at t={t}, eta={eta}", fn, (x_t, t, t_prev, eps, schedule, eta, noise), expected, mistakes, quiet=True):
+            return False
+    print("✓ ddim_step is correct: it matches ddpm_lib for eta = 0, 0.5 and 1, with and without clipping.")
     return True
 
 

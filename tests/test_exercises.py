@@ -4,6 +4,7 @@ import torch
 from ddpm_lib.diffusion import loss_simple, q_sample
 from ddpm_lib.exercises import (
     check_alpha_bar,
+    check_ddim_step,
     check_ddpm_step,
     check_frechet_distance,
     check_loss_simple,
@@ -30,6 +31,21 @@ def posterior_mean(x0, x_t, t, schedule, prev_in_x0=True, sqrt_alpha=True, prev_
     return c2 * x0 + c1 * x_t if swap else c1 * x0 + c2 * x_t
 
 
+def ddim_by_hand(x_t, t, t_prev, eps, schedule, eta, noise, swap=False, clip=True, rederive=True, sigma_inside=True, sigma_sqrt=True):
+    """Song et al.'s Eqs. 12 and 16 written out, with switches for the usual mistakes."""
+    a, a_prev = schedule.alpha_bar[t].item(), schedule.alpha_bar[t_prev].item()
+    product = (1 - a_prev) / (1 - a) * (1 - a / a_prev)
+    sigma = eta * (product**0.5 if sigma_sqrt else product)
+    x0 = (x_t - (1 - a) ** 0.5 * eps) / a**0.5
+    if clip:
+        x0 = x0.clamp(-1, 1)
+        if rederive:
+            eps = (x_t - a**0.5 * x0) / (1 - a) ** 0.5
+    target = a if swap else a_prev
+    direction = max(1 - target - sigma**2, 0.0) ** 0.5 if sigma_inside else (1 - target) ** 0.5 - sigma
+    return target**0.5 * x0 + direction * eps + sigma * noise
+
+
 def frechet_via_eigvals(mu_a, sigma_a, mu_b, sigma_b, cross=2.0, mean_power=2):
     """Tr (S_a S_b)^(1/2) from the (real, non-negative) eigenvalues of the non-symmetric S_a S_b: an independent route."""
     tr_sqrt = torch.linalg.eigvals(sigma_a @ sigma_b).real.clamp(min=0).sqrt().sum()
@@ -44,6 +60,7 @@ def frechet_via_eigvals(mu_a, sigma_a, mu_b, sigma_b, cross=2.0, mean_power=2):
         (check_alpha_bar, lambda betas: torch.cumprod(1 - betas, 0)),
         (check_timestep_embedding, timestep_embedding),
         (check_ddpm_step, correct_ddpm_step),
+        (check_ddim_step, ddim_by_hand),
         (check_loss_simple, lambda model, x0, t, noise, schedule: loss_simple(model, x0, schedule, t=t, noise=noise)),
         (check_frechet_distance, frechet_via_eigvals),
     ],
@@ -79,6 +96,11 @@ def one_based(x0, t, schedule, noise):
         (check_q_posterior_mean, lambda *args: posterior_mean(*args, prev_in_x_t=False), "(1 - alpha_bar_{t-1}) on top"),
         (check_q_posterior_mean, lambda *args: posterior_mean(*args, swap=True), "swapped"),
         (check_q_posterior_mean, lambda *args: posterior_mean(*args, shift=1), "off by one step"),
+        (check_ddim_step, lambda *args: ddim_by_hand(*args, swap=True), "swapped"),
+        (check_ddim_step, lambda *args: ddim_by_hand(*args, clip=False), "clip the predicted x0"),
+        (check_ddim_step, lambda *args: ddim_by_hand(*args, rederive=False), "derive eps from it again"),
+        (check_ddim_step, lambda *args: ddim_by_hand(*args, sigma_inside=False), "belongs under the square root"),
+        (check_ddim_step, lambda *args: ddim_by_hand(*args, sigma_sqrt=False), "eta times the square root"),
         (check_alpha_bar, lambda betas: torch.cumprod(betas, 0), "cumulative product of the betas"),
         (check_alpha_bar, lambda betas: 1 - torch.cumsum(betas, 0), "a sum, not a product"),
         (check_timestep_embedding, lambda t, d: timestep_embedding(t, d).roll(d // 2, 1), "swapped"),
