@@ -162,16 +162,17 @@ def row_from_dict(d: dict) -> Row:
 
 
 def markdown_table(rows: list[Row], floor: Quality, T: int) -> str:
-    """The rows and the real-data floor as a Markdown table; FD / floor is the Frechet distance over the floor's."""
+    """The rows and the real-data floor as a Markdown table; FD / floor is the Frechet distance over the floor's,
+    with two decimals, so that a ratio just over a target of 3 never prints as 3.0."""
     lines = [
         "| sampler | U-Net evals | Frechet distance | FD / floor | confident | class entropy | s / image |",
         "|---|---:|---:|---:|---:|---:|---:|",
-        f"| real training images (floor) | - | {floor.frechet:.2f} | 1.0 | {floor.confident:.1%} | {floor.entropy:.3f} | - |",
+        f"| real training images (floor) | - | {floor.frechet:.2f} | 1.00 | {floor.confident:.1%} | {floor.entropy:.3f} | - |",
     ]
     for row in rows:
         q = row.quality
         lines.append(
-            f"| {row.setting.label} | {row.setting.steps or T} | {q.frechet:.2f} | {q.frechet / floor.frechet:.1f} "
+            f"| {row.setting.label} | {row.setting.steps or T} | {q.frechet:.2f} | {q.frechet / floor.frechet:.2f} "
             f"| {q.confident:.1%} | {q.entropy:.3f} | {row.seconds_per_image:.3f} |"
         )
     return "\n".join(lines)

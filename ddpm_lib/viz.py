@@ -214,6 +214,16 @@ def png_bytes(image: np.ndarray) -> bytes:
     return iio.imwrite("<bytes>", image, extension=".png")
 
 
+def caption(image: np.ndarray, text: str, height: int = 22) -> np.ndarray:
+    """``image`` (uint8, grey or RGB) with a white strip above it that carries ``text`` in black."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    rgb = image if image.ndim == 3 else np.repeat(image[..., None], 3, axis=2)
+    strip = Image.new("RGB", (rgb.shape[1], height), "white")
+    ImageDraw.Draw(strip).text((4, 3), text, fill="black", font=ImageFont.load_default(size=height - 8))
+    return np.concatenate([np.asarray(strip), rgb], axis=0)
+
+
 class TimestepViewer:
     """An ipywidgets slider over the timestep t and the picture ``render(t)`` for it.
 
@@ -231,9 +241,11 @@ class TimestepViewer:
         value: int | None = None,
         description: str = "t",
         static_ts: Sequence[int] | None = None,
+        label: Callable[[int], str] | None = None,
     ):
         self.render = render
         self.static_ts = list(static_ts) if static_ts is not None else [t_max, (t_min + t_max) // 2, t_min]
+        self.label = label or (lambda t: f"{description} = {t}")  # the caption of each static frame
         self.slider = widgets.IntSlider(
             value=t_max if value is None else value, min=t_min, max=t_max, step=step, description=description, continuous_update=True
         )
@@ -248,8 +260,8 @@ class TimestepViewer:
         self.image.value = png_bytes(self.frame)
 
     def static_image(self) -> np.ndarray:
-        """What the slider would show at each of ``static_ts``, stacked top to bottom."""
-        return stack(*(self.render(t) for t in self.static_ts), gap=16)
+        """What the slider would show at each of ``static_ts``, each captioned with ``label(t)``, stacked top to bottom."""
+        return stack(*(caption(self.render(t), self.label(t)) for t in self.static_ts), gap=16)
 
     def _repr_mimebundle_(self, **kwargs):
         # The live widget for JupyterLab, and a static picture for viewers without a kernel (GitHub).
@@ -281,7 +293,13 @@ def trajectory_viewer(steps: Sequence[SamplerStep], nrow: int | None = None, sca
             frames[nearest] = trajectory_frame(by_t[nearest], nrow, scale, show_x0)
         return frames[nearest]
 
-    return TimestepViewer(render, ts[0], ts[-1], value=ts[-1])
+    wanted = [ts[-1], 400, 200, 100, 50, -1]  # where the digits form: pure noise, then the last few hundred steps
+    static = sorted({min(ts, key=lambda s: abs(s - t)) for t in wanted}, reverse=True)
+
+    def label(t: int) -> str:
+        return "t = -1: the finished samples" if t == -1 else f"t = {t} (left: x_t, right: the predicted x0)"
+
+    return TimestepViewer(render, ts[0], ts[-1], value=ts[-1], static_ts=static, label=label)
 
 
 def forward_explorer(x0: torch.Tensor, schedule: NoiseSchedule, noise: torch.Tensor | None = None, scale: int = 2) -> TimestepViewer:
@@ -296,7 +314,12 @@ def forward_explorer(x0: torch.Tensor, schedule: NoiseSchedule, noise: torch.Ten
         return beside(stack(image_grid(q_sample(x0, t, schedule, noise), len(x0), scale=scale), noise_row), panel.render(t))
 
     return TimestepViewer(
-        render, 0, schedule.T - 1, value=0, static_ts=[0, schedule.T // 10, schedule.T // 4, schedule.T // 2, schedule.T - 1]
+        render,
+        0,
+        schedule.T - 1,
+        value=0,
+        static_ts=[0, schedule.T // 10, schedule.T // 4, schedule.T // 2, schedule.T - 1],
+        label=lambda t: f"t = {t} (top: x_t, below: the noise eps it mixes in)",
     )
 
 
@@ -317,7 +340,12 @@ def posterior_explorer(x0: torch.Tensor, schedule: NoiseSchedule, noise: torch.T
         return beside(stack(*rows), panel.render(t))
 
     return TimestepViewer(
-        render, 0, schedule.T - 1, value=schedule.T // 2, static_ts=[1, schedule.T // 10, schedule.T // 2, schedule.T - 1]
+        render,
+        0,
+        schedule.T - 1,
+        value=schedule.T // 2,
+        static_ts=[1, schedule.T // 10, schedule.T // 2, schedule.T - 1],
+        label=lambda t: f"t = {t} (rows: x_t, the posterior mean, a draw of x_(t-1))",
     )
 
 
@@ -337,4 +365,7 @@ def schedule_explorer(
         row = torch.cat([q_sample(x0, t, s, noise) for s in schedules.values()])
         return beside(image_grid(row, len(row), scale=scale), panel.render(t))
 
-    return TimestepViewer(render, 0, T - 1, value=0, static_ts=[0, T // 4, T // 2, 3 * T // 4, T - 1])
+    names = ", ".join(schedules)
+    return TimestepViewer(
+        render, 0, T - 1, value=0, static_ts=[0, T // 4, T // 2, 3 * T // 4, T - 1], label=lambda t: f"t = {t}: {names}, left to right"
+    )

@@ -69,8 +69,10 @@ def test_table_and_plot_show_every_row_against_the_floor():
     floor = Quality(8, frechet=2.0, confident=1.0, entropy=2.3, counts=(1,) * 10)
     rows = evaluate(MODEL, DIFFUSION, StubClassifier(), gaussian_stats(torch.randn(100, 4)), FAST, n=8)
     table = markdown_table(rows, floor, T=10)
-    assert "| real training images (floor) | - | 2.00 | 1.0 |" in table
+    assert "| real training images (floor) | - | 2.00 | 1.00 |" in table
     assert table.count("\n") == 2 + len(rows) and "| DDIM 2 | 2 |" in table
+    just_over = Row(SETTINGS[3], Quality(8, frechet=6.12, confident=0.9, entropy=2.3, counts=(1,) * 10), 0.1, seed=0, bf16=False)
+    assert "| 6.12 | 3.06 |" in markdown_table([just_over], floor, T=10)  # a miss of the 3x target never reads as 3.0
     fig = plot_quality(rows, floor, T=10)
     assert list(fig.axes[0].lines[0].get_xdata()) == [2]  # the eta = 0 DDIM line; eta 1 is a separate point
 

@@ -14,6 +14,7 @@ from ddpm_lib.unet import UNet
 from ddpm_lib.viz import (
     CurvePanel,
     beside,
+    caption,
     forward_explorer,
     forward_viewer,
     frame_indices,
@@ -193,6 +194,17 @@ def test_posterior_explorer_shows_x_t_the_posterior_mean_and_a_draw_from_it():
     assert len(viewer.static_ts) == 4
 
 
+def test_static_frames_are_captioned_with_what_they_show():
+    steps = [SamplerStep(t, torch.zeros(4, 1, 8, 8), torch.zeros(4, 1, 8, 8)) for t in range(999, -2, -1)]
+    viewer = trajectory_viewer(steps, nrow=2)
+    assert viewer.static_ts == [999, 400, 200, 100, 50, -1]  # the noise, then where the digits form
+    assert viewer.label(-1) == "t = -1: the finished samples" and viewer.label(400).startswith("t = 400")
+    schedules = {name: get_schedule(name, 100) for name in ("linear", "cosine")}
+    assert schedule_explorer(torch.zeros(1, 1, 8, 8), schedules).label(25) == "t = 25: linear, cosine, left to right"
+    framed = caption(np.zeros((10, 30), np.uint8), "x")
+    assert framed.shape == (32, 30, 3) and (framed[22:] == 0).all()
+
+
 def test_schedule_explorer_shows_one_image_per_schedule():
     schedules = {name: get_schedule(name, 100) for name in ("linear", "cosine")}
     x0, noise = torch.rand(1, 1, 8, 8) * 2 - 1, torch.randn(1, 1, 8, 8)
@@ -209,7 +221,9 @@ def test_viewers_carry_a_static_picture_for_readers_without_a_kernel():
     bundle = viewer._repr_mimebundle_()
     assert "application/vnd.jupyter.widget-view+json" in bundle
     static = iio.imread(base64.b64decode(bundle["image/png"]))
-    assert static.shape[0] == 3 * viewer.frame.shape[0] + 2 * 16  # t = 999, 499 and 0, stacked
+    assert static.shape[0] == 3 * (22 + viewer.frame.shape[0]) + 2 * 16  # t = 999, 499 and 0, each captioned, stacked
+    caption_strip = static[:22]
+    assert (caption_strip < 100).any() and (caption_strip == 255).mean() > 0.8  # dark text on white: "t = 999"
     assert viewer.t == 0  # drawing the static picture does not move the slider
 
 
