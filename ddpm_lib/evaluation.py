@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -161,9 +162,14 @@ def row_from_dict(d: dict) -> Row:
     return Row(SamplerSetting(**d["setting"]), quality, d["seconds_per_image"], d["seed"], d["bf16"])
 
 
+def ratio_up(ratio: float) -> str:
+    """``ratio`` with two decimals, rounded up, so that a ratio over a target of 3 never reads as 3.00 or less."""
+    return f"{math.ceil(round(ratio * 100, 6)) / 100:.2f}"
+
+
 def markdown_table(rows: list[Row], floor: Quality, T: int) -> str:
     """The rows and the real-data floor as a Markdown table; FD / floor is the Frechet distance over the floor's,
-    with two decimals, so that a ratio just over a target of 3 never prints as 3.0."""
+    rounded up to two decimals (:func:`ratio_up`)."""
     lines = [
         "| sampler | U-Net evals | Frechet distance | FD / floor | confident | class entropy | s / image |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -172,7 +178,7 @@ def markdown_table(rows: list[Row], floor: Quality, T: int) -> str:
     for row in rows:
         q = row.quality
         lines.append(
-            f"| {row.setting.label} | {row.setting.steps or T} | {q.frechet:.2f} | {q.frechet / floor.frechet:.2f} "
+            f"| {row.setting.label} | {row.setting.steps or T} | {q.frechet:.2f} | {ratio_up(q.frechet / floor.frechet)} "
             f"| {q.confident:.1%} | {q.entropy:.3f} | {row.seconds_per_image:.3f} |"
         )
     return "\n".join(lines)
