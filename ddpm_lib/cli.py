@@ -20,10 +20,12 @@ import numpy as np
 import torch
 
 from .checkpoint import CheckpointError, export_ema, load_checkpoint, load_model, model_from_state
-from .data import DATASETS, DatasetNotFoundError, dataset_info, get_dataset
+from .data import DATASETS, DatasetNotFoundError, dataset_info, get_dataset, num_classes
 from .diffusion import PREDICTIONS, DiffusionConfig
 from .files import OutputPathError, check_writable, exclusive_lock, write_atomic
+from .guidance import DEFAULT_CLASSIFIER_SCALE, DEFAULT_GUIDANCE
 from .likelihood import Bound, bound_table, variational_bound
+from .noisy_classifier import check_matches, load_noisy_classifier
 from .sampling import SAMPLERS, VARIANCES, ddim_timesteps, sample, sample_loop
 from .schedules import SCHEDULES
 from .training import (
@@ -97,6 +99,19 @@ def grey_levels(text: str) -> int:
     return value
 
 
+def label_list(text: str) -> list[int] | str:
+    """--label: 'all', or one or more class numbers separated by commas."""
+    if text.strip().lower() == "all":
+        return "all"
+    try:
+        labels = [int(v) for v in text.split(",")]
+    except ValueError:
+        labels = []
+    if not labels or min(labels) < 0:
+        raise argparse.ArgumentTypeError(f"must be a class number >= 0, a comma-separated list of them, or 'all'; got {text!r}")
+    return labels
+
+
 def int_tuple(text: str) -> tuple[int, ...]:
     return tuple(positive_int(v.strip()) for v in text.split(",") if v.strip())
 
@@ -113,6 +128,7 @@ RESUMABLE = (
     "checkpoint_every",
     "snapshot_every",
     "num_workers",
+    "label_dropout",
 )
 
 
@@ -156,6 +172,18 @@ def build_parser() -> Parser:
     t.add_argument("--num-res-blocks", type=positive_int, help=f"(default: {m.num_res_blocks})")
     t.add_argument("--attention-resolutions", type=int_tuple, help="e.g. 16,8; '' for none (default: the lowest resolution, 7 for MNIST)")
     t.add_argument("--dropout", type=finite_float, help=f"in [0, 1) (default: {m.dropout})")
+    t.add_argument("--conditional", action="store_true", help="condition the U-Net on the dataset's class labels (for guidance)")
+    t.add_argument(
+        "--init",
+        metavar="CHECKPOINT",
+        help="start from this trained model's EMA weights (its U-Net shape and diffusion settings too), e.g. an unconditional "
+        "model before --conditional training; a new class embedding starts at zero",
+    )
+    t.add_argument(
+        "--label-dropout",
+        type=finite_float,
+        help=f"with --conditional: share of labels dropped to 'no label', in [0, 1] (default: {c.label_dropout})",
+    )
     t.add_argument(
         "--sample-every", type=nonnegative_int, help=f"steps between sample grids beside --out, 0: never (default: {c.sample_every})"
     )
@@ -187,6 +215,24 @@ def build_parser() -> Parser:
         s.add_argument("--seed", type=int, default=0)
         s.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
         s.add_argument("--precision", choices=PRECISIONS, default="auto", help="auto: bf16 where the hardware runs it fast, else fp32")
+        s.add_argument(
+            "--label",
+            type=label_list,
+            help="the class to draw (a conditional model, or with --classifier): one, a comma-separated list (equal shares in "
+            "that order) or 'all' (an equal share of each class, in class order)",
+        )
+        s.add_argument(
+            "--guidance",
+            type=finite_float,
+            help=f"classifier-free guidance weight w, with --label on a class-conditional model: eps = (1 + w) eps(x_t, y) - w eps(x_t); "
+            f"0: the plain conditional model (default: {DEFAULT_GUIDANCE:g}, the shipped model's best)",
+        )
+        s.add_argument("--classifier", help="a noisy classifier (scripts/train_noisy_classifier.py) to guide toward --label")
+        s.add_argument(
+            "--classifier-scale",
+            type=finite_float,
+            help=f"classifier guidance scale s (default: {DEFAULT_CLASSIFIER_SCALE:g}, the best found for the shipped models)",
+        )
         s.add_argument("--out", required=True, help=".png or .npy" if name == "sample" else ".gif")
     s.add_argument("--frames", type=positive_int, default=60, help="frames in the GIF")
     s.add_argument("--duration-ms", type=positive_int, default=80, help="milliseconds per frame")
@@ -215,23 +261,46 @@ def new_trainer(args: argparse.Namespace, device: torch.device) -> Trainer:
     size = args.image_size or native
     if size is None:
         raise UsageError("--dataset folder needs --image-size")
-    shape = {"attention_resolutions": (), **given(args, UNetConfig), "image_size": size}
-    model_config = UNetConfig(in_channels=channels, **shape)
-    if args.attention_resolutions is None:  # default: attention at the lowest resolution
-        model_config = dataclasses.replace(model_config, attention_resolutions=tuple(model_config.resolutions[-1:]))
-    diffusion_config = DiffusionConfig(**given(args, DiffusionConfig))
+    if args.label_dropout is not None and not args.conditional:
+        raise UsageError("--label-dropout needs --conditional")
+    labels = {"num_classes": num_classes(dataset_name) if args.conditional else 0}
+    if args.init:
+        init = load_checkpoint(args.init)
+        source, diffusion_config = model_from_state(init, args.init)
+        model_config = source.config
+        taken = [flag(name) for name in {**given(args, UNetConfig), **given(args, DiffusionConfig)} if name != "image_size"]
+        if taken:
+            raise UsageError(f"--init takes the U-Net and diffusion settings from {args.init}; drop {', '.join(taken)}")
+        if (model_config.in_channels, model_config.image_size) != (channels, size):
+            got = f"{model_config.in_channels} x {model_config.image_size} x {model_config.image_size}"
+            raise UsageError(f"--init {args.init} is a model of {got} images, not {channels} x {size} x {size} ({dataset_name})")
+        model_config = dataclasses.replace(model_config, **labels)
+    else:
+        shape = {"attention_resolutions": (), **given(args, UNetConfig), "image_size": size, **labels}
+        model_config = UNetConfig(in_channels=channels, **shape)
+        if args.attention_resolutions is None:  # default: attention at the lowest resolution
+            model_config = dataclasses.replace(model_config, attention_resolutions=tuple(model_config.resolutions[-1:]))
+        diffusion_config = DiffusionConfig(**given(args, DiffusionConfig))
     hflip = dataset_name in ("cifar10", "folder")  # photos may be mirrored, digits may not
     train_config = TrainConfig(**{**given(args, TrainConfig), "dataset": dataset_name, "hflip": hflip})
     dataset = get_dataset(dataset_name, args.data_root, True, args.image_size, hflip, in_memory=not hflip)
     if args.epochs:
         train_config = dataclasses.replace(train_config, steps=epochs_to_steps(args.epochs, len(dataset), train_config.batch_size))
-    return Trainer(model_config, diffusion_config, train_config, dataset, device)
+    trainer = Trainer(model_config, diffusion_config, train_config, dataset, device)
+    if args.init:
+        try:
+            trainer.init_weights(init["ema"])
+        except (RuntimeError, ValueError) as e:
+            raise UsageError(f"--init {args.init} does not fit this run: {' '.join(str(e).split())}") from None
+    return trainer
 
 
 def resumed_trainer(args: argparse.Namespace, out: Path, device: torch.device) -> Trainer:
     """The run saved in ``out``, with the flags --resume may change applied and any other that differs refused."""
     if not out.exists():
         raise UsageError(f"--resume: {out} does not exist")
+    if args.init:
+        raise UsageError("--init starts a new run; --resume continues the one in --out (drop --init)")
     state = load_checkpoint(out)
     saved = saved_configs(state, out)
     fixed = {**given(args, TrainConfig), **given(args, DiffusionConfig), **given(args, UNetConfig)}
@@ -242,6 +311,8 @@ def resumed_trainer(args: argparse.Namespace, out: Path, device: torch.device) -
         was = next(getattr(config, name) for config in saved if hasattr(config, name))  # image_size: the model's
         if value != was:
             differ.append(f"{flag(name)} (saved: {','.join(map(str, was)) if isinstance(was, tuple) else was})")
+    if args.conditional and not saved[0].num_classes:
+        differ.append("--conditional (saved: an unconditional model)")
     if differ:
         raise UsageError(f"--resume cannot change {', '.join(differ)}; drop these flags, or start a new run with another --out")
     step = state.get("step")  # from_state checks it; refuse too few steps before the data is loaded
@@ -308,6 +379,7 @@ def load_for_sampling(args: argparse.Namespace, suffixes: tuple[str, ...]):
     if args.steps is not None:
         ddim_timesteps(diffusion.T, args.steps)  # raises for steps outside 1 ... T
     c = model.config
+    chw = (c.in_channels, c.image_size, c.image_size)
     bf16 = use_bf16(args.precision, device)
     loop_args = dict(
         sampler=args.sampler,
@@ -318,20 +390,58 @@ def load_for_sampling(args: argparse.Namespace, suffixes: tuple[str, ...]):
         device=device,
         bf16=bf16,
     )
-    return model, diffusion, (c.in_channels, c.image_size, c.image_size), loop_args
+    labels, guide = guidance_args(args, model, diffusion, chw, device)
+    return model, diffusion, chw, {**loop_args, **guide}, labels
+
+
+def guidance_args(args: argparse.Namespace, model, diffusion: DiffusionConfig, chw: tuple, device: torch.device):
+    """The (num,) labels (or None) and sample_loop's guidance arguments of --label, --guidance, --classifier and --classifier-scale."""
+    if args.classifier_scale is not None and args.classifier is None:
+        raise UsageError("--classifier-scale needs --classifier")
+    if args.guidance is not None and not model.config.num_classes:
+        raise UsageError(f"--guidance: {args.checkpoint} is an unconditional model; guide it with --classifier and --label instead")
+    if args.label is None:
+        if args.guidance is not None or args.classifier is not None:
+            raise UsageError(f"--{'guidance' if args.guidance is not None else 'classifier'} needs --label, the class to guide toward")
+        return None, {}
+    classifier = None
+    if args.classifier is not None:
+        classifier, trained_for = load_noisy_classifier(args.classifier)
+        try:
+            check_matches(classifier, trained_for, diffusion, chw)
+        except ValueError as e:
+            raise UsageError(f"--classifier {args.classifier} does not fit {args.checkpoint}: {e}") from None
+        classifier = classifier.to(device)
+        classes = classifier.config.num_classes
+    elif model.config.num_classes:
+        classes = model.config.num_classes
+    else:
+        raise UsageError(f"--label: {args.checkpoint} is an unconditional model; add --classifier to guide it toward a class")
+    wanted = list(range(classes)) if args.label == "all" else args.label
+    if max(wanted) >= classes:
+        raise UsageError(f"--label {max(wanted)} is out of range: this model knows classes 0 ... {classes - 1}")
+    if args.num < len(wanted):
+        raise UsageError(f"--num {args.num} is fewer images than the {len(wanted)} classes asked for; pass --num {len(wanted)} or more")
+    labels = torch.tensor([wanted[i * len(wanted) // args.num] for i in range(args.num)])  # equal blocks, in order
+    guide = {"guidance": DEFAULT_GUIDANCE if args.guidance is None else args.guidance} if model.config.num_classes else {}
+    if classifier is not None:
+        scale = DEFAULT_CLASSIFIER_SCALE if args.classifier_scale is None else args.classifier_scale
+        guide.update(classifier=classifier, classifier_scale=scale)
+    return labels, guide
 
 
 BATCH = 256  # images the network sees at once when sampling: memory stays flat however large --num is
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    model, diffusion, chw, loop_args = load_for_sampling(args, (".png", ".npy"))
+    model, diffusion, chw, loop_args, labels = load_for_sampling(args, (".png", ".npy"))
     generator = torch.Generator().manual_seed(args.seed)
     schedule = diffusion.make_schedule()
     batches = []
     for start in range(0, args.num, BATCH):
         n = min(BATCH, args.num - start)
-        batches.append(sample(model, schedule, (n, *chw), generator=generator, **loop_args).cpu())
+        y = labels[start : start + n] if labels is not None else None
+        batches.append(sample(model, schedule, (n, *chw), generator=generator, labels=y, **loop_args).cpu())
     x = torch.cat(batches)  # (N, C, H, W)
     if args.out.lower().endswith(".npy"):
         buffer = io.BytesIO()
@@ -343,10 +453,10 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_gif(args: argparse.Namespace) -> None:
-    model, diffusion, chw, loop_args = load_for_sampling(args, (".gif",))
+    model, diffusion, chw, loop_args, labels = load_for_sampling(args, (".gif",))
     generator = torch.Generator().manual_seed(args.seed)
     schedule = diffusion.make_schedule()
-    steps = sample_loop(model, schedule, (args.num, *chw), generator=generator, batch_size=BATCH, **loop_args)
+    steps = sample_loop(model, schedule, (args.num, *chw), generator=generator, batch_size=BATCH, labels=labels, **loop_args)
     num_steps = (args.steps or diffusion.T) + 1
     show_x0 = not args.no_x0
     save_trajectory_gif(steps, args.out, num_steps, frames=args.frames, duration_ms=args.duration_ms, show_x0=show_x0, levels=args.levels)

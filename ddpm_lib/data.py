@@ -23,6 +23,18 @@ DATASETS: dict[str, tuple[type | None, int, int | None]] = {
 }
 
 
+# name -> number of classes of its labels; a folder of images has none
+NUM_CLASSES: dict[str, int] = {"mnist": 10, "fashion-mnist": 10, "cifar10": 10}
+
+
+def num_classes(name: str) -> int:
+    """The number of classes a dataset's labels take (0 ... n-1); a clear error for a dataset without labels."""
+    dataset_info(name)  # validates the name
+    if name not in NUM_CLASSES:
+        raise ValueError(f"dataset {name!r} has no class labels; class-conditional training needs one of {', '.join(NUM_CLASSES)}")
+    return NUM_CLASSES[name]
+
+
 class DatasetNotFoundError(FileNotFoundError):
     """The dataset's files are missing and could not be downloaded."""
 

@@ -166,12 +166,14 @@ def loss_simple(
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     reduction: str = "mean",
+    y: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """L_simple (Eq. 14): || target - model(x_t, t) ||^2 with t ~ Uniform{0, ..., T-1}, x_t from Eq. 4.
 
     The target is eps, x0 or v according to ``prediction``. ``t`` and ``noise`` are drawn
     (from ``generator``, on its device) when not given. ``reduction="none"`` returns the (B,)
-    per-image losses, for example to bin the loss by timestep.
+    per-image losses, for example to bin the loss by timestep. ``y``, the (B,) class labels of a
+    class-conditional model, is passed on as ``model(x_t, t, y)``.
     """
     if prediction not in PREDICTIONS:
         raise ValueError(f"unknown prediction {prediction!r}; valid choices: {', '.join(PREDICTIONS)}")
@@ -187,7 +189,8 @@ def loss_simple(
         target = x0
     else:
         target = v_from(x0, noise, t, schedule)
-    per_image = F.mse_loss(model(x_t, t).float(), target, reduction="none").mean(dim=tuple(range(1, x0.ndim)))
+    output = model(x_t, t) if y is None else model(x_t, t, y)
+    per_image = F.mse_loss(output.float(), target, reduction="none").mean(dim=tuple(range(1, x0.ndim)))
     if reduction == "none":
         return per_image
     if reduction == "mean":

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .diffusion import PREDICTIONS, eps_from_x0, q_posterior, to_eps_x0, x0_from_eps
+from .guidance import classifier_grad, guided_output, num_classes
 from .schedules import NoiseSchedule, extract
 
 SAMPLERS = ("ddpm", "ddim")
@@ -138,6 +139,10 @@ def sample_loop(
     device: torch.device | str | None = None,
     bf16: bool = False,
     batch_size: int | None = None,
+    labels: torch.Tensor | None = None,
+    guidance: float = 0.0,
+    classifier: nn.Module | None = None,
+    classifier_scale: float = 1.0,
 ) -> Iterator[SamplerStep]:
     """Run the reverse process from x_T ~ N(0, I), yielding a :class:`SamplerStep` at every step.
 
@@ -149,6 +154,14 @@ def sample_loop(
     autocast: about 1.6x faster on a CPU with AVX-512 BF16, and the steps themselves stay float32.
     ``batch_size`` caps how many images the network sees at once (its memory grows with it); the
     random draws, and so the images, stay those of one batch of B.
+
+    Guidance toward the (B,) class ``labels`` (see :mod:`ddpm_lib.guidance`):
+
+    - a class-conditional model uses them, with classifier-free guidance of weight ``guidance``
+      (w = 0: the plain conditional model); without labels it samples unconditionally ("no label");
+    - a ``classifier`` p(y | x_t, t) guides any model with scale ``classifier_scale`` (s): DDPM
+      shifts each step's mean by s sigma_t^2 grad log p(y | x_t) (Dhariwal & Nichol 2021, Alg. 1),
+      DDIM uses eps - sqrt(1 - alpha_bar_t) s grad log p(y | x_t) (their Alg. 2).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; valid choices: {', '.join(SAMPLERS)}")
@@ -160,8 +173,21 @@ def sample_loop(
         raise ValueError(f"eta must be a finite number >= 0, got {eta}")
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    conditional = num_classes(model) > 0
+    if labels is not None and not conditional and classifier is None:
+        raise ValueError("this model is unconditional: labels need a class-conditional model or a classifier to guide it")
+    if (guidance != 0 or classifier is not None) and labels is None:
+        raise ValueError("guidance needs the class labels to guide toward")
+    if guidance != 0 and not conditional:
+        raise ValueError("classifier-free guidance needs a class-conditional model; an unconditional one takes a classifier")
+    if not math.isfinite(guidance) or not math.isfinite(classifier_scale):
+        raise ValueError(f"the guidance weight and scale must be finite numbers, got {guidance} and {classifier_scale}")
+    if labels is not None and labels.shape != (shape[0],):
+        raise ValueError(f"labels must have shape ({shape[0]},), one per image, got {tuple(labels.shape)}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     schedule = schedule.to(device)
+    if labels is not None:
+        labels = labels.to(device)
 
     def randn() -> torch.Tensor:
         gen_device = generator.device if generator is not None else device
@@ -169,17 +195,34 @@ def sample_loop(
 
     x = x_T.to(device) if x_T is not None else randn()
     chunk_size = batch_size or shape[0]
+    label_chunks = labels.split(chunk_size) if labels is not None else [None] * len(x.split(chunk_size))
+
+    def network(chunk: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        if not conditional or y is None:
+            return model(chunk, t)
+        return guided_output(model, chunk, t, y, guidance)
+
     timesteps = list(range(schedule.T - 1, -1, -1)) if sampler == "ddpm" else ddim_timesteps(schedule.T, steps or schedule.T)
     with eval_mode(model):  # dropout off: the same seed must give the same images
         for i, t in enumerate(timesteps):
+            t_batch = [torch.full((len(chunk),), t, device=device, dtype=torch.long) for chunk in x.split(chunk_size)]
             with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
                 output = torch.cat(
-                    [model(chunk, torch.full((len(chunk),), t, device=device, dtype=torch.long)).float() for chunk in x.split(chunk_size)]
+                    [network(chunk, tb, y).float() for chunk, tb, y in zip(x.split(chunk_size), t_batch, label_chunks, strict=True)]
                 )  # (B, C, H, W)
             eps, _ = to_eps_x0(output, x, t, schedule, prediction)
+            grad = None
+            if classifier is not None:  # grad log p(y | x_t, t), (B, C, H, W)
+                parts = zip(x.split(chunk_size), t_batch, label_chunks, strict=True)
+                grad = torch.cat([classifier_grad(classifier, chunk, tb, y) for chunk, tb, y in parts])
             if sampler == "ddpm":
                 step = ddpm_step(x, t, eps, schedule, randn() if t > 0 else None, variance, clip_x0)
+                if grad is not None:  # Alg. 1 of Dhariwal & Nichol: mean + s Sigma grad, Sigma = sigma_t^2
+                    sigma2 = (schedule.betas if variance == "beta" else schedule.posterior_variance)[t].item()
+                    step = StepOutput(step.x_prev + classifier_scale * sigma2 * grad, step.x0)
             else:
+                if grad is not None:  # their Alg. 2: eps - sqrt(1 - alpha_bar_t) s grad
+                    eps = eps - (1 - schedule.alpha_bar[t].item()) ** 0.5 * classifier_scale * grad
                 t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
                 step = ddim_step(x, t, t_prev, eps, schedule, eta, randn() if eta > 0 else None, clip_x0)
             yield SamplerStep(t, x, step.x0)

@@ -52,6 +52,8 @@ class TrainConfig:
     checkpoint_every: int = 1000  # steps between checkpoints when training to a file (0: only at the end)
     snapshot_every: int = 0  # steps between EMA-only snapshots saved beside that file, name_step0001000.pt (0: never)
     num_workers: int = 0  # DataLoader worker processes
+    label_dropout: float = 0.1  # class-conditional models: share of labels replaced by "no label" (Ho & Salimans 2021: 0.1-0.2)
+    init: str = ""  # the checkpoint whose EMA weights the run started from ("": random weights)
 
     def __post_init__(self) -> None:
         dataset_info(self.dataset)  # validates the name
@@ -72,6 +74,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}")
         if not math.isfinite(self.weight_decay) or self.weight_decay < 0:
             raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        if not 0 <= self.label_dropout <= 1:  # also refuses NaN
+            raise ValueError(f"label_dropout must be in [0, 1], got {self.label_dropout}")
         if not 0 <= self.ema_decay < 1:  # also refuses NaN
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
 
@@ -245,6 +249,21 @@ class Trainer:
         self.losses: list[float] = []  # training loss of every step
         self.samples: list[tuple[int, torch.Tensor]] = []  # (step, (16, C, H, W) EMA samples in [-1, 1])
 
+    def init_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Start this run (at step 0) from trained weights, e.g. an unconditional model's before class-conditional training.
+
+        The only weights ``weights`` may lack are the class embedding's; they start at zero, so the
+        class-conditional U-Net begins as exactly the trained model, whatever the label.
+        """
+        if self.step:
+            raise RuntimeError(f"init_weights starts a run; this one is already at step {self.step}")
+        missing, unexpected = self.model.load_state_dict(weights, strict=False)  # shapes that differ raise here
+        if unexpected or set(missing) - {"label_emb.weight"}:
+            raise ValueError(f"the weights do not fit this U-Net: missing {missing}, unexpected {unexpected}")
+        if missing:
+            torch.nn.init.zeros_(self.model.label_emb.weight)
+        self.ema.module.load_state_dict(self.model.state_dict())
+
     def _ema_update(self, ema: list[torch.Tensor], current: list[torch.Tensor], n: torch.Tensor) -> None:
         decay = min(self.config.ema_decay, (1 + int(n)) / (10 + int(n)))
         torch._foreach_lerp_(ema, current, 1 - decay)
@@ -269,8 +288,12 @@ class Trainer:
         if self.device.type == "cuda":
             self.cuda_rng_state = torch.cuda.get_rng_state(self.device)
 
-    def train_step(self, x0: torch.Tensor) -> float:
+    def train_step(self, x0: torch.Tensor, y: torch.Tensor | None = None) -> float:
         """One optimizer step on a batch x0 (B, C, H, W) in [-1, 1] (Alg. 1); returns the batch's L_simple.
+
+        A class-conditional model needs the (B,) labels ``y``; each is replaced by the "no label"
+        class with probability ``label_dropout``, so that one network learns both eps(x_t, y) and
+        eps(x_t) for classifier-free guidance (Ho & Salimans 2021, Alg. 1).
 
         A NaN or infinite loss or gradient norm raises :class:`DivergenceError` before the
         optimizer step, so the weights stay those of the last good step.
@@ -283,8 +306,16 @@ class Trainer:
             group["lr"] = lr_at(self.step, self.config)
         prediction, gen = self.diffusion_config.prediction, self.generator
         t = torch.randint(0, self.schedule.T, (len(x0),), generator=gen, device=gen.device).to(self.device)  # (B,)
+        num_classes = self.model_config.num_classes
+        if num_classes:
+            if y is None:
+                raise ValueError("a class-conditional model trains on labelled batches: pass y")
+            dropped = torch.rand(len(x0), generator=gen, device=gen.device).to(self.device) < self.config.label_dropout  # (B,)
+            y = torch.where(dropped, num_classes, y.to(self.device))
+        else:
+            y = None  # an unconditional model ignores the labels a dataset comes with
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            per_image = loss_simple(self.model, x0, self.schedule, prediction, t=t, generator=gen, reduction="none")  # (B,)
+            per_image = loss_simple(self.model, x0, self.schedule, prediction, t=t, generator=gen, reduction="none", y=y)  # (B,)
         if self.config.loss_weighting == "min_snr":
             loss = (min_snr_weight(t, self.schedule, self.config.min_snr_gamma, prediction) * per_image).mean()
         else:
@@ -337,8 +368,8 @@ class Trainer:
         with deferred_interrupt() as interrupted, self._own_rng(), bar:
             batches = iter(loader)
             while self.step < until and not interrupted():  # checked before fetching: after Ctrl-C, workers may be gone
-                x0, _ = next(batches)
-                loss = self.train_step(x0.to(self.device, non_blocking=True))
+                x0, y = next(batches)
+                loss = self.train_step(x0.to(self.device, non_blocking=True), y)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
                 if cfg.sample_every and self.step % cfg.sample_every == 0:
@@ -358,9 +389,14 @@ class Trainer:
                 raise KeyboardInterrupt
 
     def sample_grid(self, n: int = 16, steps: int = 50, seed: int = 0) -> torch.Tensor:
-        """n DDIM samples of the EMA model, always from the same seed so grids compare across steps."""
+        """n DDIM samples of the EMA model, always from the same seed so grids compare across steps.
+
+        A class-conditional model draws the classes in turn (0, 1, ..., K-1, 0, ...), unguided (w = 0).
+        """
         shape = (n, self.model_config.in_channels, self.model_config.image_size, self.model_config.image_size)
         generator = torch.Generator().manual_seed(seed)
+        k = self.model_config.num_classes
+        labels = torch.arange(n) % k if k else None
         x = sample(
             self.ema.module,
             self.schedule,
@@ -369,6 +405,7 @@ class Trainer:
             steps=min(steps, self.schedule.T),
             prediction=self.diffusion_config.prediction,
             generator=generator,
+            labels=labels,
         )
         return x.cpu()
 

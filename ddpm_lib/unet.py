@@ -2,7 +2,7 @@
 
 Read top-down: the time embedding, the three building blocks (residual block, self-attention,
 resampling), then the U-Net that stacks them. Images are (B, C, H, W) in [-1, 1]; t is a (B,)
-tensor of 0-based timesteps.
+tensor of 0-based timesteps; y, for a class-conditional U-Net, a (B,) tensor of class labels.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ class UNetConfig:
     dropout: float = 0.0  # dropout inside residual blocks (Ho et al.: 0.1 on CIFAR-10; on MNIST it slowed learning: docs/experiments.md)
     num_groups: int = 8  # GroupNorm groups; must divide every channel count
     num_heads: int = 4  # self-attention heads
+    num_classes: int = 0  # class labels the U-Net is conditioned on (0: unconditional); label num_classes means "no label"
 
     def __post_init__(self) -> None:
         levels = len(self.channel_mults)
@@ -35,6 +36,8 @@ class UNetConfig:
         for name in ("in_channels", "image_size", "base_channels", "num_res_blocks", "num_groups", "num_heads"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive whole number, got {getattr(self, name)!r}")
+        if not isinstance(self.num_classes, int) or self.num_classes < 0:
+            raise ValueError(f"num_classes must be a whole number >= 0 (0: unconditional), got {self.num_classes!r}")
         if not all(isinstance(m, int) and m >= 1 for m in self.channel_mults):
             raise ValueError(f"channel_mults must be positive whole numbers, got {self.channel_mults}")
         if not 0 <= self.dropout < 1:  # also refuses NaN
@@ -166,7 +169,11 @@ class Level(nn.Module):
 
 
 class UNet(nn.Module):
-    """model(x_t, t) -> a tensor shaped like x_t (the predicted eps, x0 or v).
+    """model(x_t, t) or model(x_t, t, y) -> a tensor shaped like x_t (the predicted eps, x0 or v).
+
+    With ``num_classes`` K > 0 the U-Net is class-conditional (Ho & Salimans 2021): a learned
+    embedding of the label y in 0 ... K-1, or of the extra "no label" class K (the default when
+    y is None), is added to the time embedding, so every residual block sees both.
 
     With ``patch_size`` p > 1, ``patchify`` first folds each p x p patch into p * p channels and
     the head unfolds them again, so the U-Net itself runs at 1/p the resolution, the way DiT and
@@ -184,6 +191,8 @@ class UNet(nn.Module):
         ch = cfg.base_channels
         emb_dim = 4 * ch
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if cfg.num_classes:
+            self.label_emb = nn.Embedding(cfg.num_classes + 1, emb_dim)  # the last row: "no label"
         self.patchify = nn.PixelUnshuffle(cfg.patch_size)
         self.stem = nn.Conv2d(cfg.in_channels * cfg.patch_size**2, ch, 3, padding=1)
 
@@ -221,8 +230,14 @@ class UNet(nn.Module):
         nn.init.zeros_(self.head[2].weight)
         nn.init.zeros_(self.head[2].bias)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         emb = self.time_mlp(timestep_embedding(t, self.config.base_channels))  # (B, 4 * base)
+        if self.config.num_classes:
+            if y is None:
+                y = torch.full_like(t, self.config.num_classes)  # the "no label" class
+            emb = emb + self.label_emb(y)  # (B, 4 * base)
+        elif y is not None:
+            raise ValueError("this U-Net is unconditional (num_classes=0): it takes no class labels")
         h = self.stem(self.patchify(x))  # (B, C * p * p, H / p, W / p) -> (B, base, H / p, W / p)
         skips = [h]
         for layer in self.down:

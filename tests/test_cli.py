@@ -18,6 +18,8 @@ from ddpm_lib import cli, sampling
 from ddpm_lib.checkpoint import load_checkpoint, save_checkpoint
 from ddpm_lib.cli import main
 from ddpm_lib.data import data_root
+from ddpm_lib.diffusion import DiffusionConfig
+from ddpm_lib.noisy_classifier import NoisyClassifier, NoisyClassifierConfig, save_noisy_classifier
 from ddpm_lib.training import Trainer
 from ddpm_lib.unet import UNet, UNetConfig
 
@@ -493,3 +495,140 @@ def test_nll_prints_the_terms_and_ends_with_the_bound(capsys, tmp_path):
 def test_nll_refuses_a_model_of_a_folder_of_images(checkpoint, capsys):
     code, err = run(capsys, "nll", "--checkpoint", checkpoint, "--num", 2)
     assert_one_line_error(code, err, "trained on a folder of images, which has no test split; pass --dataset")
+
+
+# --- class labels and guidance ---------------------------------------------------------------
+
+GUIDED_DIFFUSION = {"schedule": "linear", "T": 12, "prediction": "eps"}
+
+
+def save_model(path: Path, num_classes: int) -> Path:
+    torch.manual_seed(0)
+    config = UNetConfig(image_size=8, base_channels=8, channel_mults=(1, 2), attention_resolutions=(), num_groups=4, num_heads=2)
+    config = dataclasses.replace(config, num_classes=num_classes)
+    state = {"model_config": dataclasses.asdict(config), "diffusion_config": GUIDED_DIFFUSION, "ema": UNet(config).state_dict()}
+    save_checkpoint(path, state)
+    return path
+
+
+@pytest.fixture(scope="module")
+def guided(tmp_path_factory):
+    """A class-conditional model (3 classes), an unconditional one, and a noisy classifier of 3 classes for their schedule."""
+    folder = tmp_path_factory.mktemp("guided")
+    classifier = NoisyClassifier(NoisyClassifierConfig(image_size=8, num_classes=3, base_channels=8, channel_mults=(1, 2), num_groups=4))
+    save_noisy_classifier(folder / "c.pt", classifier, DiffusionConfig(**GUIDED_DIFFUSION), {0: 1.0}, train_images=0)
+    return {"cfg": save_model(folder / "cfg.pt", 3), "uncond": save_model(folder / "u.pt", 0), "classifier": folder / "c.pt"}
+
+
+@pytest.fixture
+def sampled_labels(monkeypatch):
+    """The labels (and guidance arguments) sample() is called with, batch by batch."""
+    calls = []
+    real = cli.sample
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "sample", spy)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "label, expected",
+    [("2", [2] * 6), ("0,2", [0, 0, 0, 2, 2, 2]), ("all", [0, 0, 1, 1, 2, 2]), ("ALL", [0, 0, 1, 1, 2, 2])],
+)
+def test_label_gives_one_class_a_list_or_equal_blocks_of_all(guided, capsys, tmp_path, sampled_labels, label, expected):
+    code, err = run(capsys, "sample", "--checkpoint", guided["cfg"], "--num", 6, "--label", label, "--out", tmp_path / "x.npy")
+    assert code == 0, err
+    (call,) = sampled_labels
+    assert call["labels"].tolist() == expected and call["guidance"] == cli.DEFAULT_GUIDANCE
+    assert np.load(tmp_path / "x.npy").shape == (6, 1, 8, 8)
+
+
+def test_labels_follow_their_images_across_batches(guided, capsys, tmp_path, sampled_labels, monkeypatch):
+    monkeypatch.setattr(cli, "BATCH", 4)
+    args = ["--num", 6, "--label", "all", "--guidance", 0, "--out", tmp_path / "x.npy"]
+    code, err = run(capsys, "sample", "--checkpoint", guided["cfg"], *args)
+    assert code == 0, err
+    assert [call["labels"].tolist() for call in sampled_labels] == [[0, 0, 1, 1], [2, 2]]
+    assert all(call["guidance"] == 0 for call in sampled_labels)
+
+
+def test_no_label_samples_a_conditional_model_unconditionally(guided, capsys, tmp_path, sampled_labels):
+    code, err = run(capsys, "sample", "--checkpoint", guided["cfg"], "--num", 2, "--out", tmp_path / "x.npy")
+    assert code == 0, err
+    assert sampled_labels[0]["labels"] is None and "guidance" not in sampled_labels[0]
+
+
+def test_a_classifier_guides_an_unconditional_model(guided, capsys, tmp_path, sampled_labels):
+    args = ["sample", "--checkpoint", guided["uncond"], "--num", 3, "--sampler", "ddim", "--steps", 4, "--seed", 1]
+    code, err = run(capsys, *args, "--classifier", guided["classifier"], "--label", 1, "--classifier-scale", 5, "--out", tmp_path / "g.npy")
+    assert code == 0, err
+    call = sampled_labels[-1]
+    assert call["labels"].tolist() == [1, 1, 1] and call["classifier_scale"] == 5 and "guidance" not in call
+    code, err = run(capsys, *args, "--out", tmp_path / "plain.npy")
+    assert code == 0, err
+    assert not np.array_equal(np.load(tmp_path / "g.npy"), np.load(tmp_path / "plain.npy"))  # the same noise, steered
+
+
+def test_gif_takes_labels_and_guidance(guided, capsys, tmp_path):
+    args = ["gif", "--checkpoint", guided["cfg"], "--num", 3, "--label", "all", "--guidance", 1, "--frames", 4, "--out", tmp_path / "r.gif"]
+    code, err = run(capsys, *args)
+    assert code == 0, err
+    assert iio.imread(tmp_path / "r.gif", index=None).shape[0] == 4
+
+
+@pytest.mark.parametrize(
+    "model, args, says",
+    [
+        ("cfg", ["--label", "3"], "--label 3 is out of range: this model knows classes 0 ... 2"),
+        ("cfg", ["--label", "0,7"], "--label 7 is out of range"),
+        ("cfg", ["--label", "-1"], "--label: must be a class number >= 0"),
+        ("cfg", ["--label", "two"], "--label: must be a class number >= 0, a comma-separated list of them, or 'all'"),
+        ("cfg", ["--label", "all", "--num", "2"], "--num 2 is fewer images than the 3 classes asked for"),
+        ("cfg", ["--guidance", "2"], "--guidance needs --label"),
+        ("uncond", ["--label", "1"], "is an unconditional model; add --classifier to guide it toward a class"),
+        ("uncond", ["--label", "1", "--guidance", "2"], "--guidance: {model} is an unconditional model"),
+        ("uncond", ["--classifier", "{classifier}"], "--classifier needs --label"),
+        ("uncond", ["--label", "1", "--classifier-scale", "2"], "--classifier-scale needs --classifier"),
+        ("uncond", ["--label", "1", "--classifier", "{cfg}"], "is not a noisy classifier"),
+        ("cfg", ["--guidance", "nan", "--label", "1"], "--guidance: must be a finite number"),
+    ],
+)
+def test_bad_labels_and_guidance_are_one_line_errors(guided, capsys, tmp_path, model, args, says):
+    names = {"model": guided[model], **guided}
+    args = [str(a).format(**names) for a in args]
+    code, err = run(capsys, "sample", "--checkpoint", guided[model], "--num", 4, *args, "--out", tmp_path / "x.npy")
+    assert_one_line_error(code, err, says.format(**names))
+    assert not (tmp_path / "x.npy").exists()
+
+
+def test_a_classifier_for_another_schedule_is_refused(guided, capsys, tmp_path):
+    classifier = NoisyClassifier(NoisyClassifierConfig(image_size=8, num_classes=3, base_channels=8, channel_mults=(1, 2), num_groups=4))
+    save_noisy_classifier(tmp_path / "c.pt", classifier, DiffusionConfig(T=1000), {}, train_images=0)
+    args = ["--label", 1, "--classifier", tmp_path / "c.pt", "--out", tmp_path / "x.npy"]
+    code, err = run(capsys, "sample", "--checkpoint", guided["uncond"], *args)
+    assert_one_line_error(code, err, "does not fit", "T=1000, the model uses linear with T=12")
+
+
+def test_a_real_process_refuses_guidance_on_an_unconditional_model_with_exit_2(guided, tmp_path):
+    args = ["sample", "--checkpoint", guided["uncond"], "--guidance", "2", "--label", "1", "--out", tmp_path / "x.npy"]
+    result = subprocess.run([sys.executable, "-m", "ddpm_lib", *map(str, args)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "unconditional model" in result.stderr
+
+
+def test_train_init_starts_from_a_checkpoint_and_takes_its_shape(checkpoint, images, capsys, tmp_path):
+    out = tmp_path / "init.pt"
+    code, err = run(capsys, *tiny_train(images, out, "--init", checkpoint))
+    assert_one_line_error(code, err, "--init takes the U-Net and diffusion settings from", "drop --base-channels")
+    base = ["train", "--dataset", "folder", "--data-root", images, "--image-size", 8, "--steps", 1, "--batch-size", 4]
+    code, err = run(capsys, *base, "--lr", 1e-12, "--sample-every", 0, "--init", checkpoint, "--out", out)
+    assert code == 0, err
+    state, source = load_checkpoint(out), load_checkpoint(checkpoint)
+    assert state["model_config"] == source["model_config"] and state["diffusion_config"] == source["diffusion_config"]
+    assert state["train_config"]["init"] == str(checkpoint)
+    for name, weight in source["ema"].items():  # one step at a vanishing learning rate: still the source's weights
+        assert torch.allclose(state["ema"][name], weight, atol=1e-6), name
+    code, err = run(capsys, *base[:-4], "--init", checkpoint, "--resume", "--steps", 6, "--out", out)
+    assert_one_line_error(code, err, "--init starts a new run")

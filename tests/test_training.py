@@ -22,7 +22,7 @@ from ddpm_lib.training import (
     lr_at,
     resolve_device,
 )
-from ddpm_lib.unet import UNetConfig
+from ddpm_lib.unet import UNet, UNetConfig
 
 DIFFUSION = DiffusionConfig(schedule="linear", T=50)
 CONFIG = TrainConfig(batch_size=4, steps=6, warmup_steps=2, sample_every=0, checkpoint_every=0, seed=3, precision="fp32")
@@ -399,3 +399,50 @@ def test_epochs_are_a_positive_whole_number():
     for epochs in (0, -1, 1.5, float("inf")):
         with pytest.raises(ValueError, match="epochs must be a positive whole number"):
             epochs_to_steps(epochs, 20, 4)
+
+
+@pytest.mark.parametrize("label_dropout, seen", [(0.0, "labels"), (1.0, "null")])
+def test_a_dropped_label_trains_the_no_label_class(tiny_config, label_dropout, seen):
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(20) % 3
+    data = TensorDataset(torch.rand(20, 1, 8, 8, generator=g) * 2 - 1, labels)
+    config = dataclasses.replace(CONFIG, label_dropout=label_dropout, batch_size=20)
+    trainer = Trainer(dataclasses.replace(tiny_config, num_classes=3), DIFFUSION, config, data, device="cpu")
+    calls = []
+    trainer.model.register_forward_pre_hook(lambda module, args: calls.append(args[2].clone()))
+    trainer.fit(1, progress=False)
+    (y,) = calls
+    assert torch.equal(y, torch.full((20,), 3)) if seen == "null" else sorted(y.tolist()) == sorted(labels.tolist())
+    with pytest.raises(ValueError, match="pass y"):
+        trainer.train_step(data.tensors[0][:4])
+
+
+def test_label_dropout_is_a_share(tiny_config):
+    with pytest.raises(ValueError, match=r"label_dropout must be in \[0, 1\]"):
+        TrainConfig(label_dropout=1.5)
+
+
+def test_init_weights_starts_a_conditional_run_as_the_unconditional_model(dataset, tiny_config):
+    source = Trainer(tiny_config, DIFFUSION, CONFIG, dataset, device="cpu")
+    source.fit(2, progress=False)  # trained a little: its zero-initialised layers are no longer zero
+    conditional = Trainer(dataclasses.replace(tiny_config, num_classes=3), DIFFUSION, CONFIG, dataset, device="cpu")
+    conditional.init_weights(source.ema.module.state_dict())
+    x, t = torch.randn(6, 1, 8, 8), torch.tensor([0, 5, 10, 20, 30, 49])
+    with torch.no_grad():
+        expected = source.ema.module(x, t)
+        for y in (torch.zeros(6, dtype=torch.long), torch.full((6,), 2), None):  # every label, and "no label"
+            assert torch.allclose(conditional.model(x, t, y), expected, atol=1e-6)
+            assert torch.allclose(conditional.ema.module(x, t, y), expected, atol=1e-6)
+
+
+def test_init_weights_refuses_weights_of_another_shape_and_a_started_run(dataset, tiny_config):
+    trainer = Trainer(tiny_config, DIFFUSION, CONFIG, dataset, device="cpu")
+    wider = UNet(dataclasses.replace(tiny_config, base_channels=2 * tiny_config.base_channels)).state_dict()
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        trainer.init_weights(wider)
+    conditional = UNet(dataclasses.replace(tiny_config, num_classes=3)).state_dict()
+    with pytest.raises(ValueError, match="unexpected"):  # an unconditional run cannot take a class embedding
+        trainer.init_weights(conditional)
+    trainer.fit(1, progress=False)
+    with pytest.raises(RuntimeError, match="already at step 1"):
+        trainer.init_weights(trainer.model.state_dict())

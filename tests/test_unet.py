@@ -1,9 +1,11 @@
+import dataclasses
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from ddpm_lib.checkpoint import config_from_dict
 from ddpm_lib.unet import SelfAttention, UNet, UNetConfig, count_parameters, layer_shapes, timestep_embedding
 
 
@@ -123,3 +125,24 @@ def test_layer_shapes_follow_the_u_and_count_every_parameter():
     assert shapes["mid2"] == (2, 64, 7, 7) and shapes["head"] == (2, 1, 28, 28)
     assert sum(p for _, _, p in rows) == count_parameters(model)
     assert not model._forward_hooks and all(not m._forward_hooks for m in model.modules())
+
+
+def test_labels_condition_the_unet_and_no_label_is_the_extra_class(tiny_config):
+    model = UNet(dataclasses.replace(tiny_config, num_classes=10)).eval()
+    for p in model.parameters():  # the head starts at zero; give it weights so labels show
+        torch.nn.init.normal_(p, std=0.2)
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([5, 600])
+    with torch.no_grad():
+        three, seven = model(x, t, torch.tensor([3, 3])), model(x, t, torch.tensor([7, 7]))
+        assert not torch.allclose(three, seven, atol=1e-3)
+        assert torch.equal(model(x, t), model(x, t, torch.tensor([10, 10])))  # y=None: the "no label" class
+    assert model.label_emb.num_embeddings == 11
+    with pytest.raises(ValueError, match="unconditional"):
+        UNet(tiny_config)(x, t, torch.tensor([3, 3]))
+    with pytest.raises(ValueError, match="num_classes"):
+        UNetConfig(num_classes=-1)
+
+
+def test_configs_saved_before_labels_existed_load_as_unconditional(tiny_config):
+    saved = {k: v for k, v in dataclasses.asdict(tiny_config).items() if k != "num_classes"}
+    assert config_from_dict(UNetConfig, saved) == tiny_config and tiny_config.num_classes == 0
