@@ -3,12 +3,16 @@
 Each ``check_*`` runs the reader's function on random inputs, compares it with ddpm_lib's own
 implementation, prints what is right or, for the usual mistakes, what exactly is wrong, and
 returns True or False. A function that still raises NotImplementedError is reported as not
-attempted yet. The reference solutions in the notebooks are checked with ``assert check_...(...)``.
+attempted yet. ``reveal`` checks a reference solution from ``ddpm_lib.solutions`` and shows its
+source folded, so that a notebook read without a kernel does not give the answer away.
 """
 
 from __future__ import annotations
 
+import html
+import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -244,3 +248,27 @@ def check_frechet_distance(fn: Callable) -> bool:
         return torch.as_tensor(fn(*args), dtype=torch.float64)
 
     return _verdict("frechet_distance", as_tensor, (mu_a, sigma_a, mu_b, sigma_b), expected, mistakes, atol=1e-6)
+
+
+@dataclass(frozen=True)
+class FoldedSolution:
+    """A reference solution's source, displayed folded: an HTML <details> that opens on a click."""
+
+    name: str  # the solution's function name
+    source: str  # its source code
+
+    def _repr_html_(self) -> str:
+        return (
+            f"<details><summary><b>Reference solution</b>: <code>{self.name}</code> (click to open)</summary>"
+            f'<pre><code class="language-python">{html.escape(self.source)}</code></pre></details>'
+        )
+
+    def __repr__(self) -> str:  # where no HTML is shown, say where the answer is instead of printing it
+        return f"Reference solution: {self.name} in ddpm_lib/solutions.py"
+
+
+def reveal(solution: Callable, check: Callable) -> FoldedSolution:
+    """Run ``check`` on ``solution`` (raising AssertionError if it fails) and return its source, folded."""
+    if not check(solution):
+        raise AssertionError(f"the reference solution {solution.__name__} fails {check.__name__}; fix ddpm_lib/solutions.py")
+    return FoldedSolution(solution.__name__, inspect.getsource(solution))
