@@ -6,7 +6,7 @@ NOTEBOOKS := $(wildcard notebooks/*.ipynb)
 # The data root, made absolute: notebook kernels run inside notebooks/, not here.
 export DDPM_DATA := $(abspath $(or $(DDPM_DATA),data))
 
-.PHONY: lab test figures evaluate benchmark setup clean
+.PHONY: lab test figures evaluate guidance benchmark setup clean
 
 lab: $(VENV)/.installed
 	$(BIN)/jupyter lab
@@ -24,6 +24,10 @@ figures: $(VENV)/.installed
 # The quality table of every sampler (docs/quality.md, figures/quality_vs_steps.png): about an hour on 2 CPU cores.
 evaluate: $(VENV)/.installed
 	$(BIN)/python scripts/evaluate.py
+
+# The guidance sweeps of notebook 8 (docs/guidance.md, figures/guidance_sweep.png): about 20 minutes on 2 CPU cores.
+guidance: $(VENV)/.installed
+	$(BIN)/python scripts/guidance_sweep.py
 
 # Speed: training, sampling, sliders, GIF export and the nbval run (docs/benchmarks.md): about 10 minutes on 2 CPU cores.
 benchmark: $(VENV)/.installed

@@ -23,7 +23,7 @@ from .checkpoint import CheckpointError, export_ema, load_checkpoint, load_model
 from .data import DATASETS, DatasetNotFoundError, dataset_info, get_dataset, num_classes
 from .diffusion import PREDICTIONS, DiffusionConfig
 from .files import OutputPathError, check_writable, exclusive_lock, write_atomic
-from .guidance import DEFAULT_CLASSIFIER_SCALE, DEFAULT_GUIDANCE
+from .guidance import DEFAULT_CLASSIFIER_SCALE, DEFAULT_GUIDANCE, class_blocks
 from .likelihood import Bound, bound_table, variational_bound
 from .noisy_classifier import check_matches, load_noisy_classifier
 from .sampling import SAMPLERS, VARIANCES, ddim_timesteps, sample, sample_loop
@@ -422,7 +422,7 @@ def guidance_args(args: argparse.Namespace, model, diffusion: DiffusionConfig, c
         raise UsageError(f"--label {max(wanted)} is out of range: this model knows classes 0 ... {classes - 1}")
     if args.num < len(wanted):
         raise UsageError(f"--num {args.num} is fewer images than the {len(wanted)} classes asked for; pass --num {len(wanted)} or more")
-    labels = torch.tensor([wanted[i * len(wanted) // args.num] for i in range(args.num)])  # equal blocks, in order
+    labels = class_blocks(wanted, args.num)
     guide = {"guidance": DEFAULT_GUIDANCE if args.guidance is None else args.guidance} if model.config.num_classes else {}
     if classifier is not None:
         scale = DEFAULT_CLASSIFIER_SCALE if args.classifier_scale is None else args.classifier_scale

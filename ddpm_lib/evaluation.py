@@ -81,18 +81,22 @@ def draw(
     seed: int = 0,
     batch_size: int = 250,
     bf16: bool = False,
+    labels: torch.Tensor | None = None,
+    **guide,
 ) -> tuple[torch.Tensor, float]:
     """n samples (n, C, H, W) in [-1, 1] drawn with ``setting`` in batches, and the seconds it took.
 
     ``bf16`` runs the U-Net under bf16 autocast (see sampling.sample_loop). Batches of 250 are the
-    fastest on a 2-core CPU: larger ones fall out of its caches.
+    fastest on a 2-core CPU: larger ones fall out of its caches. ``labels`` (n,) and ``guide``
+    (guidance, classifier, classifier_scale) steer the samples as in sampling.sample_loop.
     """
     schedule = diffusion.make_schedule()
     config = model.config
     generator = torch.Generator().manual_seed(seed)
     batches = []
     start = time.perf_counter()
-    for size in [batch_size] * (n // batch_size) + ([n % batch_size] if n % batch_size else []):
+    for first in range(0, n, batch_size):
+        size = min(batch_size, n - first)
         shape = (size, config.in_channels, config.image_size, config.image_size)
         batches.append(
             sample(
@@ -106,6 +110,8 @@ def draw(
                 prediction=diffusion.prediction,
                 generator=generator,
                 bf16=bf16,
+                labels=labels[first : first + size] if labels is not None else None,
+                **guide,
             ).cpu()
         )
     return torch.cat(batches), time.perf_counter() - start

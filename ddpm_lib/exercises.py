@@ -250,6 +250,52 @@ def check_frechet_distance(fn: Callable) -> bool:
     return _verdict("frechet_distance", as_tensor, (mu_a, sigma_a, mu_b, sigma_b), expected, mistakes, atol=1e-6)
 
 
+def check_guided_eps(fn: Callable) -> bool:
+    """fn(model, x_t, t, y, w, schedule) -> the classifier-free guided eps (1 + w) eps(x_t, y) - w eps(x_t) (Ho & Salimans,
+    Eq. 6) of a class-conditional eps-predicting ``model``, for x_t (B, C, H, W), 0-based t (B,) and labels y (B,)."""
+    g = torch.Generator().manual_seed(5)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        model = UNet(UNetConfig(image_size=8, base_channels=8, channel_mults=(1, 2), attention_resolutions=(), num_classes=3, num_groups=4))
+        with torch.no_grad():  # a fresh U-Net predicts eps = 0 for every label; give it weights that tell labels apart
+            for p in model.parameters():
+                p.normal_(0, 0.2, generator=g)
+    model.eval()
+    schedule = get_schedule("linear", 1000)
+    x_t = torch.randn(6, 1, 8, 8, generator=g)
+    t, y = torch.tensor([999, 800, 500, 300, 100, 10]), torch.tensor([0, 1, 2, 0, 1, 2])
+    null = torch.full_like(y, 3)
+    with torch.no_grad():
+        cond, uncond, as_zero = model(x_t, t, y), model(x_t, t, null), model(x_t, t, torch.zeros_like(y))
+    a_bar = extract(schedule.alpha_bar, t, x_t.shape)  # (B, 1, 1, 1)
+
+    def x0_of(eps: torch.Tensor) -> torch.Tensor:
+        return ((x_t - (1 - a_bar).sqrt() * eps) / a_bar.sqrt()).clamp(-1, 1)
+
+    for w in (2.0, 0.5):
+        expected = (1 + w) * cond - w * uncond
+        guided_x0 = (1 + w) * x0_of(cond) - w * x0_of(uncond)
+        mistakes = {
+            "the sign of w: the conditional prediction gets 1 + w and the unconditional one -w, (1 + w) eps(x_t, y) - w eps(x_t).": (
+                (1 - w) * cond + w * uncond
+            ),
+            "the sign of w: the conditional prediction is pushed further, (1 + w) eps(x_t, y) - w eps(x_t), not the unconditional.": (
+                (1 + w) * uncond - w * cond
+            ),
+            "forgot the null class: the unconditional eps(x_t) is the model given the 'no label' class (y = num_classes), "
+            "not the same label again.": cond,
+            "forgot the null class: label 0 is the digit 0; 'no label' is the extra class num_classes.": (1 + w) * cond - w * as_zero,
+            "guide eps, not x0: combine the two eps predictions and return an eps (the sampler clips x0 after guidance).": (
+                (x_t - a_bar.sqrt() * guided_x0) / (1 - a_bar).sqrt()
+            ),
+            "return the guided eps, not the predicted x0 it implies.": guided_x0,
+        }
+        if not _verdict(f"guided_eps at w={w}", fn, (model, x_t, t, y, w, schedule), expected, mistakes, quiet=True):
+            return False
+    print("✓ guided_eps is correct: it matches (1 + w) eps(x_t, y) - w eps(x_t) for w = 2 and 0.5.")
+    return True
+
+
 @dataclass(frozen=True)
 class FoldedSolution:
     """A reference solution's source, displayed folded: an HTML <details> that opens on a click."""

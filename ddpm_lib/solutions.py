@@ -65,3 +65,9 @@ def ddim_step_solution(
 def frechet_distance_solution(mu_a: torch.Tensor, sigma_a: torch.Tensor, mu_b: torch.Tensor, sigma_b: torch.Tensor) -> torch.Tensor:
     eigenvalues = torch.linalg.eigvals(sigma_a @ sigma_b).real.clamp(min=0)
     return (mu_a - mu_b).square().sum() + sigma_a.trace() + sigma_b.trace() - 2 * eigenvalues.sqrt().sum()
+
+
+def guided_eps_solution(model: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor, w: float, schedule) -> torch.Tensor:
+    null = torch.full_like(y, model.config.num_classes)  # the "no label" class
+    cond, uncond = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)  # one batched pass
+    return (1 + w) * cond - w * uncond  # Ho & Salimans, Eq. 6

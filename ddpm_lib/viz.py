@@ -369,3 +369,52 @@ def schedule_explorer(
     return TimestepViewer(
         render, 0, T - 1, value=0, static_ts=[0, T // 4, T // 2, 3 * T // 4, T - 1], label=lambda t: f"t = {t}: {names}, left to right"
     )
+
+
+class GuidanceViewer:
+    """A digit picker and a guidance-strength slider over precomputed sample grids.
+
+    ``grids[(digit, strength)]`` is a (B, C, H, W) tensor in [-1, 1] of samples asked to be
+    ``digit`` at that strength, drawn from the same noise for every strength. Every grid is
+    encoded to PNG once, up front, so moving a control only swaps bytes. ``viewer.picker.value``
+    and ``viewer.slider.value`` may be set in code; ``viewer.frame`` holds the array shown.
+    Without a kernel the viewer shows ``static_digits`` at every strength, each row captioned.
+    """
+
+    def __init__(
+        self,
+        grids: dict[tuple[int, float], torch.Tensor],
+        description: str = "w",
+        nrow: int | None = None,
+        scale: int = 2,
+        static_digits: Sequence[int] = (3,),
+    ):
+        self.digits = sorted({d for d, _ in grids})
+        self.strengths = sorted({s for _, s in grids})
+        self.description, self.static_digits = description, list(static_digits)
+        self.frames = {key: image_grid(x, nrow, scale=scale) for key, x in grids.items()}
+        self.pngs = {key: png_bytes(frame) for key, frame in self.frames.items()}
+        self.picker = widgets.ToggleButtons(options=self.digits, value=self.digits[0], description="digit", style={"button_width": "32px"})
+        self.slider = widgets.SelectionSlider(options=self.strengths, value=self.strengths[0], description=description)
+        self.image = widgets.Image(format="png")
+        self.widget = widgets.VBox([self.picker, self.slider, self.image])
+        for control in (self.picker, self.slider):
+            control.observe(lambda change: self.show(), names="value")
+        self.show()
+
+    def show(self) -> None:
+        key = (self.picker.value, self.slider.value)
+        self.frame = self.frames[key]
+        self.image.value = self.pngs[key]
+
+    def static_image(self) -> np.ndarray:
+        """Each of ``static_digits`` at every strength, captioned, side by side in a row per strength."""
+        rows = [beside(*(self.frames[(d, s)] for d in self.static_digits)) for s in self.strengths]
+        digits = ", ".join(map(str, self.static_digits))
+        captioned = [caption(row, f"digit {digits}, {self.description} = {s:g}") for row, s in zip(rows, self.strengths, strict=True)]
+        return stack(*captioned, gap=12)
+
+    def _repr_mimebundle_(self, **kwargs):
+        bundle = self.widget._repr_mimebundle_(**kwargs)
+        bundle["image/png"] = base64.b64encode(png_bytes(self.static_image())).decode()
+        return bundle

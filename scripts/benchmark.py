@@ -23,7 +23,9 @@ from torch.utils.data import TensorDataset
 from ddpm_lib.checkpoint import load_model
 from ddpm_lib.diffusion import DiffusionConfig
 from ddpm_lib.files import atomic_write
+from ddpm_lib.guidance import class_blocks
 from ddpm_lib.likelihood import variational_bound
+from ddpm_lib.noisy_classifier import load_noisy_classifier
 from ddpm_lib.sampling import sample, sample_loop
 from ddpm_lib.schedules import SCHEDULES, get_schedule
 from ddpm_lib.training import TrainConfig, Trainer, device_name, fast_bf16
@@ -47,14 +49,30 @@ def train_speed(device: str, precision: str, model_config: UNetConfig | None = N
     return batch_size * steps / (time.perf_counter() - start)
 
 
-def ddim_seconds(model, diffusion, n: int, steps: int, device: str, bf16: bool = False) -> float:
+def ddim_seconds(model, diffusion, n: int, steps: int, device: str, bf16: bool = False, **guide) -> float:
+    """Wall time of n DDIM samples; ``guide``: labels (moved to the device), guidance, classifier, classifier_scale."""
     model, schedule = model.to(device), diffusion.make_schedule()
-    sample(model, schedule, (n, 1, 28, 28), sampler="ddim", steps=2, device=device, bf16=bf16)  # warm-up
+    sample(model, schedule, (n, 1, 28, 28), sampler="ddim", steps=2, device=device, bf16=bf16, **guide)  # warm-up
     start = time.perf_counter()
-    sample(model, schedule, (n, 1, 28, 28), sampler="ddim", steps=steps, generator=torch.Generator(device), bf16=bf16)
+    sample(model, schedule, (n, 1, 28, 28), sampler="ddim", steps=steps, generator=torch.Generator(device), bf16=bf16, **guide)
     if device == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start
+
+
+def guided_settings(labels: torch.Tensor, device: str) -> list[tuple[str, torch.nn.Module, dict]]:
+    """Guided DDIM-50 beside unguided: the class-conditional model at w = 0 (one pass) and w = 2 (a batched pair),
+    and the unconditional model with and without the noisy classifier's gradient."""
+    cfg, _ = load_model("checkpoints/mnist_cfg.pt")
+    uncond, _ = load_model("checkpoints/mnist_ddpm.pt")
+    classifier, _ = load_noisy_classifier("checkpoints/mnist_noisy_classifier.pt")
+    labels = labels.to(device)
+    return [
+        ("unconditional mnist_ddpm, unguided", uncond, {}),
+        ("mnist_cfg, w = 0 (unguided)", cfg, {"labels": labels, "guidance": 0.0}),
+        ("mnist_cfg, w = 2 (classifier-free guidance)", cfg, {"labels": labels, "guidance": 2.0}),
+        ("mnist_ddpm + noisy classifier (classifier guidance)", uncond, {"labels": labels, "classifier": classifier.to(device)}),
+    ]
 
 
 def gif_peak_mib(num: int, out: Path) -> float:
@@ -115,6 +133,10 @@ def main() -> int:
             seconds = ddim_seconds(model, diffusion, 64, 50, device, bf16)
             name = f"DDIM 50 steps, 64 images, {device}, {'bf16 autocast' if bf16 else 'fp32'}"
             add(name, f"{seconds:.2f} s ({seconds / 64 / 50 * 1000:.2f} ms/img/step)", "< 5 s" if device == "cpu" else "")
+        labels = class_blocks(list(range(10)), 64)
+        for what, guided_model, guide in guided_settings(labels, device):
+            seconds = ddim_seconds(guided_model, diffusion, 64, 50, device, True, **guide)
+            add(f"DDIM 50 steps, 64 images, {device}, bf16 autocast, {what}", f"{seconds / 64 * 1000:.1f} ms per image")
         x0 = torch.randint(0, 256, (100, 1, 28, 28)) / 127.5 - 1  # the bound costs the same on any 100 images
         start = time.perf_counter()
         variational_bound(model.to(device), x0, diffusion.make_schedule(), diffusion.prediction, torch.Generator().manual_seed(0))

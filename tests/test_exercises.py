@@ -7,6 +7,7 @@ from ddpm_lib.exercises import (
     check_ddim_step,
     check_ddpm_step,
     check_frechet_distance,
+    check_guided_eps,
     check_loss_simple,
     check_q_posterior_mean,
     check_q_sample,
@@ -46,6 +47,20 @@ def ddim_by_hand(x_t, t, t_prev, eps, schedule, eta, noise, swap=False, clip=Tru
     return target**0.5 * x0 + direction * eps + sigma * noise
 
 
+def guided_by_hand(model, x_t, t, y, w, schedule, sign=1, uncond_label="none", in_x0=False, return_x0=False):
+    """Classifier-free guidance with two separate passes (the unconditional one with y=None): an independent route."""
+    cond = model(x_t, t, y)
+    uncond = {"none": lambda: model(x_t, t), "same": lambda: cond, "zero": lambda: model(x_t, t, torch.zeros_like(y))}[uncond_label]()
+    if sign < 0:
+        cond, uncond = uncond, cond
+    if not (in_x0 or return_x0):
+        return (1 + w) * cond - w * uncond
+    a = extract(schedule.alpha_bar, t, x_t.shape)
+    x0 = [((x_t - (1 - a).sqrt() * e) / a.sqrt()).clamp(-1, 1) for e in (cond, uncond)]
+    guided = (1 + w) * x0[0] - w * x0[1]
+    return guided if return_x0 else (x_t - a.sqrt() * guided) / (1 - a).sqrt()
+
+
 def frechet_via_eigvals(mu_a, sigma_a, mu_b, sigma_b, cross=2.0, mean_power=2):
     """Tr (S_a S_b)^(1/2) from the (real, non-negative) eigenvalues of the non-symmetric S_a S_b: an independent route."""
     tr_sqrt = torch.linalg.eigvals(sigma_a @ sigma_b).real.clamp(min=0).sqrt().sum()
@@ -63,6 +78,7 @@ def frechet_via_eigvals(mu_a, sigma_a, mu_b, sigma_b, cross=2.0, mean_power=2):
         (check_ddim_step, ddim_by_hand),
         (check_loss_simple, lambda model, x0, t, noise, schedule: loss_simple(model, x0, schedule, t=t, noise=noise)),
         (check_frechet_distance, frechet_via_eigvals),
+        (check_guided_eps, guided_by_hand),
     ],
 )
 def test_the_reference_solutions_pass(check, fn, capsys):
@@ -108,6 +124,11 @@ def one_based(x0, t, schedule, noise):
         (check_ddpm_step, lambda x_t, t, eps, s, z: ddpm_step(x_t, t, eps, s, z * 0, clip_x0=False).x_prev, "noise is missing"),
         (check_loss_simple, lambda model, x0, t, noise, s: ((x0 - model(q_sample(x0, t, s, noise), t)) ** 2).mean(), "not the clean image"),
         (check_loss_simple, lambda model, x0, t, noise, s: ((noise - model(q_sample(x0, t, s, noise), t)) ** 2).sum(), "a sum"),
+        (check_guided_eps, lambda *args: guided_by_hand(*args, sign=-1), "the sign of w"),
+        (check_guided_eps, lambda *args: guided_by_hand(*args, uncond_label="same"), "forgot the null class"),
+        (check_guided_eps, lambda *args: guided_by_hand(*args, uncond_label="zero"), "label 0 is the digit 0"),
+        (check_guided_eps, lambda *args: guided_by_hand(*args, in_x0=True), "guide eps, not x0"),
+        (check_guided_eps, lambda *args: guided_by_hand(*args, return_x0=True), "not the predicted x0"),
         (check_frechet_distance, lambda *args: frechet_via_eigvals(*args, cross=1.0), "factor 2"),
         (check_frechet_distance, lambda *args: frechet_via_eigvals(*args, mean_power=1), "squared distance"),
         (check_frechet_distance, lambda ma, sa, mb, sb: float(frechet_via_eigvals(ma, sa, mb, sb)) + 1.0, "wrong values"),

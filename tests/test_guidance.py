@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from ddpm_lib.guidance import cfg_combine, classifier_grad, guided_output
+from ddpm_lib.guidance import cfg_combine, class_blocks, classifier_grad, guided_output
 from ddpm_lib.sampling import ddim_step, ddpm_step, sample, sample_loop
 from ddpm_lib.schedules import get_schedule
 from ddpm_lib.unet import UNet
@@ -117,3 +117,13 @@ def test_bad_guidance_requests_are_refused(tiny_config, conditional):
         sample(conditional, schedule, shape, guidance=1.0)
     with pytest.raises(ValueError, match=r"shape \(2,\)"):
         sample(conditional, schedule, shape, labels=torch.tensor([0, 1, 2]))
+
+
+def test_class_blocks_are_equal_shares_in_order():
+    assert class_blocks([0, 1, 2], 6).tolist() == [0, 0, 1, 1, 2, 2]
+    assert class_blocks([7], 3).tolist() == [7, 7, 7]
+    blocks = class_blocks(list(range(10)), 1000)
+    assert torch.equal(torch.bincount(blocks), torch.full((10,), 100)) and torch.equal(blocks, blocks.sort().values)
+    assert torch.bincount(class_blocks([0, 1, 2], 7)).tolist() in ([3, 2, 2], [2, 3, 2], [2, 2, 3])
+    with pytest.raises(ValueError, match="fewer than the 3 classes"):
+        class_blocks([0, 1, 2], 2)

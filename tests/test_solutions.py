@@ -17,6 +17,7 @@ PAIRS = {
     "check_ddpm_step": "ddpm_step_solution",
     "check_ddim_step": "ddim_step_solution",
     "check_frechet_distance": "frechet_distance_solution",
+    "check_guided_eps": "guided_eps_solution",
 }
 
 

@@ -13,12 +13,14 @@ from ddpm_lib.schedules import get_schedule
 from ddpm_lib.unet import UNet
 from ddpm_lib.viz import (
     CurvePanel,
+    GuidanceViewer,
     beside,
     caption,
     forward_explorer,
     forward_viewer,
     frame_indices,
     image_grid,
+    png_bytes,
     posterior_explorer,
     posterize,
     save_grid,
@@ -233,3 +235,17 @@ def test_beside_and_stack_pad_with_white_and_keep_gray_when_they_can():
     assert joined.shape == (6, 5 + 1 + 2) and (joined[4:, :5] == 255).all() and (joined[:, 5] == 255).all()
     assert beside(gray, rgb).shape == (4, 5 + 8 + 3, 3)
     assert stack(gray, tall, gap=2).shape == (4 + 2 + 6, 5) and (stack(gray, tall)[-6:, 2:] == 255).all()
+
+
+def test_guidance_viewer_shows_the_grid_of_the_picked_digit_and_strength():
+    g = torch.Generator().manual_seed(0)
+    grids = {(d, w): torch.rand(4, 1, 6, 6, generator=g) * 2 - 1 for d in (0, 1, 2) for w in (0.0, 2.0, 8.0)}
+    viewer = GuidanceViewer(grids, nrow=2, scale=1, static_digits=(1, 2))
+    assert viewer.digits == [0, 1, 2] and viewer.strengths == [0.0, 2.0, 8.0]
+    viewer.picker.value, viewer.slider.value = 2, 8.0
+    assert np.array_equal(viewer.frame, image_grid(grids[(2, 8.0)], 2, scale=1))
+    assert viewer.image.value == png_bytes(viewer.frame)
+    static = viewer.static_image()  # three captioned rows, each digits 1 and 2 side by side
+    assert static.shape[0] > 3 * viewer.frame.shape[0] and static.shape[1] > 2 * viewer.frame.shape[1]
+    bundle = viewer._repr_mimebundle_()
+    assert "application/vnd.jupyter.widget-view+json" in bundle and base64.b64decode(bundle["image/png"]).startswith(b"\x89PNG")

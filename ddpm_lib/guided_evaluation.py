@@ -1,0 +1,190 @@
+"""Guided samples scored: is it the digit asked for, how sure is the judge, how varied are they (notebook 08).
+
+``guided_sweep`` draws N samples per guidance strength (w of classifier-free guidance, or s of
+classifier guidance), an equal share of each digit in class order (``guidance.class_blocks``),
+from the same seed, so every strength starts from the same noise. The MNIST judge
+(``ddpm_lib.metrics``) gives each row:
+
+- label accuracy: the share it classifies as the digit asked for;
+- confident share: the share it classifies with probability >= 0.9;
+- class-wise Frechet distance: the mean over digits of the Frechet distance between the samples
+  asked to be that digit and the test images of that digit. It falls when samples look like real
+  ones of their class and rises when they lose variety, so it shows what guidance costs;
+- the unconditional figures of ``metrics.score`` (Frechet distance to all test digits, class entropy).
+
+Rows are cached in a JSON file keyed by the SHA-256 of the weights, like ``evaluation.evaluate``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import matplotlib.pyplot as plt
+import torch
+
+from .classifier import MnistClassifier, predict
+from .diffusion import DiffusionConfig
+from .evaluation import SamplerSetting, draw, read_cache, write_cache
+from .guidance import class_blocks
+from .metrics import GaussianStats, Quality, frechet_distance, gaussian_stats, score
+
+METHODS = ("cfg", "classifier")  # classifier-free guidance (strength w), classifier guidance (scale s)
+
+
+@dataclass(frozen=True)
+class GuidedQuality:
+    """What the judge sees in n samples that were each asked to be a digit."""
+
+    label_accuracy: float  # share classified as the digit asked for
+    class_frechet: float  # mean over digits of the Frechet distance to that digit's test images
+    quality: Quality  # the unconditional figures: Frechet distance to all test digits, confident share, entropy
+
+
+@dataclass(frozen=True)
+class GuidedRow:
+    method: str  # one of METHODS
+    strength: float  # w for "cfg", s for "classifier"
+    guided: GuidedQuality
+    seconds_per_image: float  # sampling wall time / n
+    steps: int  # DDIM steps
+    seed: int
+    bf16: bool  # whether the U-Net ran under bf16 autocast
+
+
+def class_references(judge: MnistClassifier, images: torch.Tensor, labels: torch.Tensor) -> list[GaussianStats]:
+    """The Gaussian of the judge's features of each class's images (N, 1, 28, 28), in class order 0 ... 9."""
+    features = predict(judge, images)[0]
+    return [gaussian_stats(features[labels == k]) for k in range(int(labels.max()) + 1)]
+
+
+def score_guided(
+    judge: MnistClassifier, images: torch.Tensor, asked: torch.Tensor, references: list[GaussianStats], overall: GaussianStats
+) -> GuidedQuality:
+    """Score images (N, 1, 28, 28) in [-1, 1] that were asked to be the digits ``asked`` (N,)."""
+    features, probs = predict(judge, images.cpu())
+    classes = asked.unique().tolist()
+    class_fd = sum(frechet_distance(gaussian_stats(features[asked == k]), references[k]) for k in classes) / len(classes)
+    label_accuracy = (probs.argmax(dim=1) == asked).double().mean().item()
+    return GuidedQuality(label_accuracy, class_fd, score(judge, images, overall))
+
+
+def guided_floor(
+    judge: MnistClassifier,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    references: list[GaussianStats],
+    overall: GaussianStats,
+    n: int,
+    seed: int = 0,
+) -> GuidedQuality:
+    """The same scores for n real training images, an equal share of each digit: the best a model can hope for."""
+    generator = torch.Generator().manual_seed(seed)
+    asked = class_blocks(list(range(len(references))), n)
+    picks = []
+    for k in range(len(references)):
+        of_k = torch.nonzero(labels == k).flatten()  # the indices of digit k
+        picks.append(of_k[torch.randperm(len(of_k), generator=generator)[: int((asked == k).sum())]])
+    pick = torch.cat(picks)  # in class order, like asked
+    return score_guided(judge, images[pick], asked, references, overall)
+
+
+def guided_sweep(
+    model: torch.nn.Module,
+    diffusion: DiffusionConfig,
+    judge: MnistClassifier,
+    references: list[GaussianStats],
+    overall: GaussianStats,
+    method: str,
+    strengths: Iterable[float],
+    n: int = 1000,
+    steps: int = 50,
+    classifier: torch.nn.Module | None = None,
+    seed: int = 0,
+    cache: str | os.PathLike | None = None,
+    model_id: str | None = None,
+    on_row: Callable[[GuidedRow], None] | None = None,
+    bf16: bool = False,
+) -> list[GuidedRow]:
+    """One :class:`GuidedRow` per strength: n DDIM samples (``steps`` steps) of every digit in equal shares.
+
+    ``method`` "cfg" guides a class-conditional ``model`` with weight w; "classifier" guides any
+    ``model`` with the noisy ``classifier`` at scale s. With ``cache`` and ``model_id`` (naming the
+    weights of the model and, for "classifier", of the classifier too) finished rows are read back.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown guidance method {method!r}; valid choices: {', '.join(METHODS)}")
+    if method == "classifier" and classifier is None:
+        raise ValueError("classifier guidance needs the noisy classifier")
+    asked = class_blocks(list(range(len(references))), n)
+    setting = SamplerSetting(f"DDIM {steps}", steps=steps)
+    rows = []
+    for strength in strengths:
+        key = json.dumps([model_id, method, float(strength), n, steps, seed, "bf16" if bf16 else "fp32"])
+        cached = read_cache(cache).get(key) if cache is not None and model_id is not None else None
+        if cached is not None:
+            row = row_from_dict(cached)
+        else:
+            guide = {"guidance": strength} if method == "cfg" else {"classifier": classifier, "classifier_scale": strength}
+            images, seconds = draw(model, diffusion, setting, n, seed, bf16=bf16, labels=asked, **guide)
+            row = GuidedRow(
+                method, float(strength), score_guided(judge, images, asked, references, overall), seconds / n, steps, seed, bf16
+            )
+            if cache is not None and model_id is not None:
+                write_cache(cache, {**read_cache(cache), key: dataclasses.asdict(row)})
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+    return rows
+
+
+def row_from_dict(d: dict) -> GuidedRow:
+    g = d["guided"]
+    quality = Quality(**{**g["quality"], "counts": tuple(g["quality"]["counts"])})
+    return GuidedRow(**{**d, "guided": GuidedQuality(g["label_accuracy"], g["class_frechet"], quality)})
+
+
+def markdown_table(rows: list[GuidedRow], floor: GuidedQuality) -> str:
+    """The sweep as a Markdown table, the real-data floor first."""
+    name = {"cfg": "w", "classifier": "s"}
+    lines = [
+        "| guidance | label accuracy | confident | class-wise FD | FD (all digits) | class entropy | s / image |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        f"| real training images (floor) | {floor.label_accuracy:.1%} | {floor.quality.confident:.1%} | {floor.class_frechet:.2f} | "
+        f"{floor.quality.frechet:.2f} | {floor.quality.entropy:.3f} | - |",
+    ]
+    for r in rows:
+        g = r.guided
+        lines.append(
+            f"| {name[r.method]} = {r.strength:g} | {g.label_accuracy:.1%} | {g.quality.confident:.1%} | {g.class_frechet:.2f} | "
+            f"{g.quality.frechet:.2f} | {g.quality.entropy:.3f} | {r.seconds_per_image:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_sweep(rows: list[GuidedRow], floor: GuidedQuality) -> plt.Figure:
+    """Label accuracy, confident share and class-wise Frechet distance against the guidance strength, one line per method."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    panels = (
+        (lambda g: 100 * g.label_accuracy, 100 * floor.label_accuracy, "classified as the digit asked for (%)"),
+        (lambda g: 100 * g.quality.confident, 100 * floor.quality.confident, "confidently classified (%)"),
+        (lambda g: g.class_frechet, floor.class_frechet, "class-wise Frechet distance"),
+    )
+    names = {"cfg": "classifier-free, weight w", "classifier": "classifier guidance, scale s"}
+    for ax, (value, floor_value, ylabel) in zip(axes, panels, strict=True):
+        for method in METHODS:
+            mine = sorted((r for r in rows if r.method == method), key=lambda r: r.strength)
+            if mine:
+                ax.plot([r.strength for r in mine], [value(r.guided) for r in mine], "o-", label=names[method])
+        ax.axhline(floor_value, color="gray", ls="--", label="real training images")
+        ax.set(xlabel="guidance strength (w or s)", ylabel=ylabel)
+        ax.set_xscale("symlog", linthresh=1)
+    axes[2].set_yscale("log")
+    axes[0].legend(fontsize=8)
+    n, steps = rows[0].guided.quality.n, rows[0].steps
+    fig.suptitle(f"What guidance buys and costs: {n} DDIM-{steps} samples per point, an equal share per digit")
+    fig.tight_layout()
+    return fig
