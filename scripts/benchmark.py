@@ -30,7 +30,7 @@ from ddpm_lib.sampling import sample, sample_loop
 from ddpm_lib.schedules import SCHEDULES, get_schedule
 from ddpm_lib.training import TrainConfig, Trainer, device_name, fast_bf16
 from ddpm_lib.unet import UNetConfig
-from ddpm_lib.viz import forward_explorer, save_trajectory_gif, schedule_explorer, trajectory_viewer
+from ddpm_lib.viz import GuidanceViewer, forward_explorer, save_trajectory_gif, schedule_explorer, trajectory_viewer
 
 ROOT = Path(__file__).resolve().parents[1]
 PATCH2 = UNetConfig(patch_size=2, base_channels=32, channel_mults=(1, 2))  # the faster U-Net notebook 4 compares
@@ -95,7 +95,10 @@ def slider_ms(viewer, moves: int, rng: random.Random) -> tuple[float, float]:
     times = []
     for _ in range(moves):
         start = time.perf_counter()
-        viewer.slider.value = rng.randrange(viewer.slider.min, viewer.slider.max + 1)
+        if isinstance(viewer, GuidanceViewer):  # a digit picker and a slider over a list of strengths
+            viewer.picker.value, viewer.slider.value = rng.choice(viewer.digits), rng.choice(viewer.strengths)
+        else:
+            viewer.slider.value = rng.randrange(viewer.slider.min, viewer.slider.max + 1)
         times.append((time.perf_counter() - start) * 1000)
     return statistics.median(times), max(times)
 
@@ -150,6 +153,9 @@ def main() -> int:
         "slider: forward_explorer (notebook 1)": forward_explorer(x0, linear),
         "slider: schedule_explorer (notebook 2)": schedule_explorer(x0[:1], {n: get_schedule(n, 1000) for n in SCHEDULES}),
         "slider: trajectory_viewer (notebook 6)": trajectory_viewer(trajectory, nrow=4),
+        "digit picker and w slider: GuidanceViewer (notebook 8)": GuidanceViewer(
+            {(d, w): torch.rand(8, 1, 28, 28) * 2 - 1 for d in range(10) for w in (0, 0.5, 1, 2, 4, 8)}, nrow=8
+        ),
     }
     for name, viewer in viewers.items():
         median, worst = slider_ms(viewer, 50, rng)
