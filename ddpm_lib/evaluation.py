@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import matplotlib.pyplot as plt
 import torch
@@ -138,19 +139,31 @@ def evaluate(
     """
     rows = []
     for setting in settings:
-        key = json.dumps([model_id, dataclasses.asdict(setting), n, seed, "bf16" if bf16 else "fp32"])
-        cached = read_cache(cache).get(key) if cache is not None and model_id is not None else None
-        if cached is not None:
-            row = row_from_dict(cached)
-        else:
+
+        def compute(setting: SamplerSetting = setting) -> Row:
             images, seconds = draw(model, diffusion, setting, n, seed, bf16=bf16)
-            row = Row(setting, score(classifier, images, reference), seconds / n, seed, bf16)
-            if cache is not None and model_id is not None:
-                write_cache(cache, {**read_cache(cache), key: dataclasses.asdict(row)})
+            return Row(setting, score(classifier, images, reference), seconds / n, seed, bf16)
+
+        key = [model_id, dataclasses.asdict(setting), n, seed, "bf16" if bf16 else "fp32"]
+        row = cached_row(cache, key, compute, row_from_dict)
         rows.append(row)
         if on_row is not None:
             on_row(row)
     return rows
+
+
+def cached_row(cache: str | os.PathLike | None, key: list, compute: Callable[[], Any], from_dict: Callable[[dict], Any]) -> Any:
+    """The row stored under ``key`` (a list that starts with the model id) in the JSON file ``cache``, else
+    ``compute()``, added to the file as soon as it is done. Without a cache or a model id, always ``compute()``."""
+    if cache is None or key[0] is None:
+        return compute()
+    text = json.dumps(key)
+    stored = read_cache(cache).get(text)
+    if stored is not None:
+        return from_dict(stored)
+    row = compute()
+    write_cache(cache, {**read_cache(cache), text: dataclasses.asdict(row)})
+    return row
 
 
 def read_cache(path: str | os.PathLike) -> dict:

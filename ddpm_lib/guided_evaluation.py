@@ -17,8 +17,6 @@ Rows are cached in a JSON file keyed by the SHA-256 of the weights, like ``evalu
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -28,7 +26,7 @@ import torch
 
 from .classifier import MnistClassifier, predict
 from .diffusion import DiffusionConfig
-from .evaluation import SamplerSetting, draw, read_cache, write_cache
+from .evaluation import SamplerSetting, cached_row, draw
 from .guidance import class_blocks
 from .metrics import GaussianStats, Quality, frechet_distance, gaussian_stats, score
 
@@ -123,18 +121,15 @@ def guided_sweep(
     setting = SamplerSetting(f"DDIM {steps}", steps=steps)
     rows = []
     for strength in strengths:
-        key = json.dumps([model_id, method, float(strength), n, steps, seed, "bf16" if bf16 else "fp32"])
-        cached = read_cache(cache).get(key) if cache is not None and model_id is not None else None
-        if cached is not None:
-            row = row_from_dict(cached)
-        else:
+
+        def compute(strength: float = strength) -> GuidedRow:
             guide = {"guidance": strength} if method == "cfg" else {"classifier": classifier, "classifier_scale": strength}
             images, seconds = draw(model, diffusion, setting, n, seed, bf16=bf16, labels=asked, **guide)
-            row = GuidedRow(
-                method, float(strength), score_guided(judge, images, asked, references, overall), seconds / n, steps, seed, bf16
-            )
-            if cache is not None and model_id is not None:
-                write_cache(cache, {**read_cache(cache), key: dataclasses.asdict(row)})
+            scores = score_guided(judge, images, asked, references, overall)
+            return GuidedRow(method, float(strength), scores, seconds / n, steps, seed, bf16)
+
+        key = [model_id, method, float(strength), n, steps, seed, "bf16" if bf16 else "fp32"]
+        row = cached_row(cache, key, compute, row_from_dict)
         rows.append(row)
         if on_row is not None:
             on_row(row)
