@@ -8,8 +8,10 @@ export DDPM_DATA := $(abspath $(or $(DDPM_DATA),data))
 
 .PHONY: lab test figures evaluate guidance benchmark setup clean
 
+# JupyterLab refuses to run as root (containers, cloud GPU machines) unless told it may.
+USER_ID ?= $(shell id -u)
 lab: $(VENV)/.installed
-	$(BIN)/jupyter lab
+	$(BIN)/jupyter lab$(if $(filter 0,$(USER_ID)), --allow-root)
 
 # Notebooks run in quick mode (DDPM_SMOKE=1): fewer images and training steps, the same code.
 test: $(VENV)/.installed
@@ -39,7 +41,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -e ".[course,test]"
 	touch $@
 
 clean:

@@ -1,20 +1,20 @@
 """Pictures: image grids, GIFs of the reverse process, and timestep-slider widgets.
 
 Images come in as (B, C, H, W) floats in [-1, 1] and go out as uint8 arrays of shape (H, W)
-for one channel or (H, W, 3) for three. The widgets only need ipywidgets, not a display: set
-``viewer.slider.value`` and ``viewer.frame`` and ``viewer.image`` update.
+for one channel or (H, W, 3) for three. The widgets only need ipywidgets (imported when a widget is made, so the
+rest runs without it), not a display: set ``viewer.slider.value`` and ``viewer.frame`` and
+``viewer.image`` update. Shown in a notebook, every viewer also carries a kernel-free version of
+itself (see :mod:`ddpm_lib.scrubber`) for readers without a kernel.
 """
 
 from __future__ import annotations
 
-import base64
 import math
 import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import imageio.v3 as iio
-import ipywidgets as widgets
 import numpy as np
 import torch
 from torchvision.utils import make_grid
@@ -23,6 +23,9 @@ from .diffusion import q_posterior, q_sample
 from .files import write_atomic
 from .sampling import SamplerStep
 from .schedules import NoiseSchedule
+from .scrubber import OUTPUT_BUDGET, encoded_size, fit_frames, scrubber_html
+
+MAX_SCRUB_FRAMES = 201  # a kernel-free scrubber's frames at most, however many fit its budget
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -214,6 +217,12 @@ def png_bytes(image: np.ndarray) -> bytes:
     return iio.imwrite("<bytes>", image, extension=".png")
 
 
+def webp_bytes(image: np.ndarray) -> bytes:
+    """Lossless WebP: the same pixels as the PNG in about half the bytes (grey noise and plots), for a
+    kernel-free scrubber's frames; every browser of the last five years shows it."""
+    return iio.imwrite("<bytes>", image, extension=".webp", lossless=True, quality=100, method=2)
+
+
 def caption(image: np.ndarray, text: str, height: int = 22) -> np.ndarray:
     """``image`` (uint8, grey or RGB) with a white strip above it that carries ``text`` in black."""
     from PIL import Image, ImageDraw, ImageFont
@@ -230,6 +239,8 @@ class TimestepViewer:
     ``render`` maps a 0-based t to a uint8 image. Moving the slider (or setting
     ``viewer.slider.value`` in code) re-renders: ``viewer.frame`` holds the array and
     ``viewer.image`` the PNG shown. The slider's bounds clamp out-of-range values.
+    ``scrub_ts`` are the t the kernel-free version may offer (default: every slider value); it
+    keeps as many of them, evenly spaced, as fit its budget.
     """
 
     def __init__(
@@ -242,9 +253,14 @@ class TimestepViewer:
         description: str = "t",
         static_ts: Sequence[int] | None = None,
         label: Callable[[int], str] | None = None,
+        scrub_ts: Sequence[int] | None = None,
     ):
+        import ipywidgets as widgets
+
         self.render = render
+        self.description = description
         self.static_ts = list(static_ts) if static_ts is not None else [t_max, (t_min + t_max) // 2, t_min]
+        self.scrub_ts = sorted(scrub_ts) if scrub_ts is not None else list(range(t_min, t_max + 1, step))
         self.label = label or (lambda t: f"{description} = {t}")  # the caption of each static frame
         self.slider = widgets.IntSlider(
             value=t_max if value is None else value, min=t_min, max=t_max, step=step, description=description, continuous_update=True
@@ -263,10 +279,22 @@ class TimestepViewer:
         """What the slider would show at each of ``static_ts``, each captioned with ``label(t)``, stacked top to bottom."""
         return stack(*(caption(self.render(t), self.label(t)) for t in self.static_ts), gap=16)
 
+    def kernel_free_html(self, budget: int = OUTPUT_BUDGET) -> str:
+        """The scrubber for readers without a kernel (see :mod:`ddpm_lib.scrubber`): the static picture,
+        and the frames at as many of ``scrub_ts`` as fit in ``budget`` characters with it."""
+        static = png_bytes(self.static_image())
+        room = budget - encoded_size(len(static)) - 8_000  # the script, the labels and the JSON around the frames
+        frames = fit_frames(self.scrub_ts, lambda t: webp_bytes(self.render(t)), room, MAX_SCRUB_FRAMES)
+        ts = list(frames)
+        start = min(range(len(ts)), key=lambda i: abs(ts[i] - self.slider.value))
+        shown = ", ".join(str(t) for t in self.static_ts)
+        text = f"A static picture at {self.description} = {shown}. Run the notebook, or read it on the course site, to move the slider."
+        return scrubber_html({self.description: ts}, {(i,): frames[t] for i, t in enumerate(ts)}, (start,), static, text)
+
     def _repr_mimebundle_(self, **kwargs):
-        # The live widget for JupyterLab, and a static picture for viewers without a kernel (GitHub).
+        # The live widget for JupyterLab, and the kernel-free scrubber (with its static picture) for the rest.
         bundle = self.widget._repr_mimebundle_(**kwargs)
-        bundle["image/png"] = base64.b64encode(png_bytes(self.static_image())).decode()
+        bundle["text/html"] = self.kernel_free_html()
         return bundle
 
 
@@ -299,7 +327,7 @@ def trajectory_viewer(steps: Sequence[SamplerStep], nrow: int | None = None, sca
     def label(t: int) -> str:
         return "t = -1: the finished samples" if t == -1 else f"t = {t} (left: x_t, right: the predicted x0)"
 
-    return TimestepViewer(render, ts[0], ts[-1], value=ts[-1], static_ts=static, label=label)
+    return TimestepViewer(render, ts[0], ts[-1], value=ts[-1], static_ts=static, label=label, scrub_ts=ts)
 
 
 def forward_explorer(x0: torch.Tensor, schedule: NoiseSchedule, noise: torch.Tensor | None = None, scale: int = 2) -> TimestepViewer:
@@ -378,7 +406,7 @@ class GuidanceViewer:
     ``digit`` at that strength, drawn from the same noise for every strength. Every grid is
     encoded to PNG once, up front, so moving a control only swaps bytes. ``viewer.picker.value``
     and ``viewer.slider.value`` may be set in code; ``viewer.frame`` holds the array shown.
-    Without a kernel the viewer shows ``static_digits`` at every strength, each row captioned.
+    Where scripts cannot run the viewer shows ``static_digits`` at every strength, each row captioned.
     """
 
     def __init__(
@@ -392,6 +420,8 @@ class GuidanceViewer:
         self.digits = sorted({d for d, _ in grids})
         self.strengths = sorted({s for _, s in grids})
         self.description, self.static_digits = description, list(static_digits)
+        import ipywidgets as widgets
+
         self.frames = {key: image_grid(x, nrow, scale=scale) for key, x in grids.items()}
         self.pngs = {key: png_bytes(frame) for key, frame in self.frames.items()}
         self.picker = widgets.ToggleButtons(options=self.digits, value=self.digits[0], description="digit", style={"button_width": "32px"})
@@ -414,7 +444,20 @@ class GuidanceViewer:
         captioned = [caption(row, f"digit {digits}, {self.description} = {s:g}") for row, s in zip(rows, self.strengths, strict=True)]
         return stack(*captioned, gap=12)
 
+    def kernel_free_html(self, budget: int = OUTPUT_BUDGET) -> str:
+        """The scrubber for readers without a kernel (see :mod:`ddpm_lib.scrubber`): a range input
+        over the digits, one over the strengths, every grid, and the static picture."""
+        static = png_bytes(self.static_image())
+        size = encoded_size(len(static)) + sum(encoded_size(len(png)) for png in self.pngs.values())
+        if size > budget:
+            raise ValueError(f"the grids take {size:,} characters, over the budget of {budget:,}: use fewer samples or a smaller scale")
+        frames = {(i, j): self.pngs[(d, s)] for i, d in enumerate(self.digits) for j, s in enumerate(self.strengths)}
+        start = (self.digits.index(self.picker.value), self.strengths.index(self.slider.value))
+        digits = ", ".join(map(str, self.static_digits))
+        text = f"A static picture of digit {digits} at every {self.description}. Run the notebook, or read it on the course site, to pick."
+        return scrubber_html({"digit": self.digits, self.description: self.strengths}, frames, start, static, text, image_format="png")
+
     def _repr_mimebundle_(self, **kwargs):
         bundle = self.widget._repr_mimebundle_(**kwargs)
-        bundle["image/png"] = base64.b64encode(png_bytes(self.static_image())).decode()
+        bundle["text/html"] = self.kernel_free_html()
         return bundle

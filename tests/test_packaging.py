@@ -1,7 +1,9 @@
 """The project's own files agree with each other: conda and pip pin the same dependencies,
 and CI runs the test command the README gives."""
 
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -16,10 +18,11 @@ def test_environment_yml_pins_the_same_dependencies_as_pyproject():
     import tomllib
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    pip_deps = set(project["dependencies"] + project["optional-dependencies"]["test"])
+    extras = project["optional-dependencies"]
+    pip_deps = set(project["dependencies"] + extras["course"] + extras["test"])
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
-    assert "-e ." in pip_section  # the package itself, editable
+    assert "-e .[course]" in pip_section  # the package itself, editable, with the course's extra
     assert {d for d in pip_section if not d.startswith("-e")} == pip_deps  # same names and version pins
     assert "torch>=2.14" in pip_deps
     python = next(d for d in env["dependencies"] if isinstance(d, str) and d.startswith("python"))
@@ -33,3 +36,45 @@ def test_ci_runs_the_test_command_the_readme_gives():
     assert "test" in commands and "lab" in commands
     assert re.search(r"^make test$", ci, flags=re.M)
     assert "DDPM_DATA=" in ci and "../shared/data" in ci
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="tomllib is Python 3.11+")
+def test_the_library_installs_without_jupyterlab_and_the_course_installs_it():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    names = {re.split(r"[<>=\[ ]", d)[0] for d in project["dependencies"]}
+    assert names.isdisjoint({"jupyterlab", "ipywidgets", "nbval", "notebook"})  # pip install . : the library and its CLI
+    assert {"jupyterlab", "ipywidgets"} <= set(project["optional-dependencies"]["course"])
+    makefile = (ROOT / "Makefile").read_text()
+    assert 'pip install --quiet -e ".[course,test]"' in makefile  # what make lab and make test set up
+
+
+def test_the_library_and_its_cli_run_without_jupyter_installed():
+    hide = (
+        "import sys\n"
+        "class Hide:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in {'ipywidgets', 'IPython', 'jupyterlab', 'notebook', 'nbformat'}:\n"
+        "            raise ImportError(f'{name} is hidden')\n"
+        "sys.meta_path.insert(0, Hide())\n"
+        "import importlib, pkgutil, ddpm_lib\n"
+        "for m in pkgutil.iter_modules(ddpm_lib.__path__):\n"
+        "    if m.name != '__main__':\n"
+        "        importlib.import_module('ddpm_lib.' + m.name)\n"
+        "from ddpm_lib.cli import main\n"
+        "sys.argv = ['ddpm_lib', '--help']\n"
+        "main()\n"
+    )
+    run = subprocess.run([sys.executable, "-c", hide], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    assert "train" in run.stdout and "sample" in run.stdout
+
+
+@pytest.mark.parametrize("user_id, flag", [("0", True), ("1000", False)])
+def test_make_lab_allows_root_exactly_when_run_as_root(user_id, flag):
+    run = subprocess.run(["make", "-n", "lab", f"USER_ID={user_id}"], capture_output=True, text=True, cwd=ROOT, check=True)
+    lab = next(line for line in run.stdout.splitlines() if "jupyter lab" in line)
+    assert ("--allow-root" in lab) is flag
+    default = subprocess.run(["make", "-n", "lab"], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    assert ("--allow-root" in default) is (os.geteuid() == 0)

@@ -1,4 +1,4 @@
-import base64
+import json
 
 import imageio.v3 as iio
 import numpy as np
@@ -10,6 +10,7 @@ from ddpm_lib.diffusion import q_posterior, q_sample
 from ddpm_lib.files import OutputPathError
 from ddpm_lib.sampling import SamplerStep, sample_loop
 from ddpm_lib.schedules import get_schedule
+from ddpm_lib.scrubber import OUTPUT_BUDGET, read_scrubber
 from ddpm_lib.unet import UNet
 from ddpm_lib.viz import (
     CurvePanel,
@@ -222,11 +223,44 @@ def test_viewers_carry_a_static_picture_for_readers_without_a_kernel():
     viewer = forward_viewer(torch.rand(2, 1, 8, 8), SCHEDULE, nrow=2, scale=1)
     bundle = viewer._repr_mimebundle_()
     assert "application/vnd.jupyter.widget-view+json" in bundle
-    static = iio.imread(base64.b64decode(bundle["image/png"]))
+    static = iio.imread(read_scrubber(bundle["text/html"]).static_png)
+    assert np.array_equal(static, viewer.static_image())
     assert static.shape[0] == 3 * (22 + viewer.frame.shape[0]) + 2 * 16  # t = 999, 499 and 0, each captioned, stacked
     caption_strip = static[:22]
     assert (caption_strip < 100).any() and (caption_strip == 255).mean() > 0.8  # dark text on white: "t = 999"
     assert viewer.t == 0  # drawing the static picture does not move the slider
+
+
+@pytest.mark.parametrize("make", ["forward", "posterior", "trajectory"])
+def test_the_kernel_free_scrubber_shows_what_the_live_slider_shows_at_every_t_it_offers(make, tiny_config):
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(4, 1, 8, 8, generator=g) * 2 - 1
+    if make == "trajectory":
+        steps = list(sample_loop(UNet(tiny_config), get_schedule("linear", 20), (2, 1, 8, 8), generator=g))
+        viewer = trajectory_viewer(steps, nrow=2)
+    else:
+        viewer = (forward_explorer if make == "forward" else posterior_explorer)(x0, SCHEDULE, scale=1)
+    viewer.slider.value = viewer.scrub_ts[len(viewer.scrub_ts) // 3]
+    scrubber = read_scrubber(viewer._repr_mimebundle_()["text/html"])
+    (ts,) = scrubber.axes.values()
+    assert ts[0] == viewer.scrub_ts[0] and ts[-1] == viewer.scrub_ts[-1] and set(ts) <= set(viewer.scrub_ts)
+    assert scrubber.image_format == "webp"
+    start = ts[scrubber.start[0]]
+    assert abs(start - viewer.slider.value) == min(abs(t - viewer.slider.value) for t in ts)  # it opens where the widget is
+    for (i,), frame in scrubber.frames.items():
+        viewer.slider.value = ts[i]  # the live widget at the same t
+        live = viewer.frame if viewer.frame.ndim == 3 else np.repeat(viewer.frame[..., None], 3, axis=2)  # WebP has no grey mode
+        assert np.array_equal(iio.imread(frame, extension=".webp"), live), f"t = {ts[i]}"
+
+
+def test_the_kernel_free_scrubber_keeps_as_many_frames_as_fit_about_a_megabyte():
+    x0 = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1  # noise: the worst case for compression
+    viewer = forward_explorer(x0, get_schedule("linear", 1000))
+    html = viewer.kernel_free_html()
+    assert len(json.dumps(viewer._repr_mimebundle_())) <= OUTPUT_BUDGET
+    assert 10 <= len(read_scrubber(html).frames) < 1000
+    small = read_scrubber(viewer.kernel_free_html(budget=OUTPUT_BUDGET // 2))
+    assert len(small.frames) < len(read_scrubber(html).frames)
 
 
 def test_beside_and_stack_pad_with_white_and_keep_gray_when_they_can():
@@ -248,4 +282,10 @@ def test_guidance_viewer_shows_the_grid_of_the_picked_digit_and_strength():
     static = viewer.static_image()  # three captioned rows, each digits 1 and 2 side by side
     assert static.shape[0] > 3 * viewer.frame.shape[0] and static.shape[1] > 2 * viewer.frame.shape[1]
     bundle = viewer._repr_mimebundle_()
-    assert "application/vnd.jupyter.widget-view+json" in bundle and base64.b64decode(bundle["image/png"]).startswith(b"\x89PNG")
+    assert "application/vnd.jupyter.widget-view+json" in bundle
+    scrubber = read_scrubber(bundle["text/html"])
+    assert scrubber.axes == {"digit": [0, 1, 2], "w": [0.0, 2.0, 8.0]} and scrubber.start == (2, 2)  # where the widget is
+    assert scrubber.frames[(1, 2)] == viewer.pngs[(1, 8.0)] and scrubber.image_format == "png"
+    assert np.array_equal(iio.imread(scrubber.static_png), static)
+    with pytest.raises(ValueError, match="over the budget"):
+        viewer.kernel_free_html(budget=1_000)
