@@ -6,7 +6,7 @@ NOTEBOOKS := $(wildcard notebooks/*.ipynb)
 # The data root, made absolute: notebook kernels run inside notebooks/, not here.
 export DDPM_DATA := $(abspath $(or $(DDPM_DATA),data))
 
-.PHONY: lab test figures evaluate guidance benchmark setup clean
+.PHONY: lab test notebooks site figures evaluate guidance benchmark setup clean
 
 # JupyterLab refuses to run as root (containers, cloud GPU machines) unless told it may.
 USER_ID ?= $(shell id -u)
@@ -18,6 +18,14 @@ test: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	DDPM_SMOKE=1 $(BIN)/python -m pytest tests $(if $(NOTEBOOKS),--nbval-lax notebooks)
+
+# Re-run every notebook in full mode and save it with its outputs, as committed: about 20 minutes on 2 CPU cores.
+notebooks: $(VENV)/.installed
+	$(BIN)/python scripts/execute_notebooks.py
+
+# The static course site in site/, from the committed notebooks (not re-executed): open site/index.html.
+site: $(VENV)/.installed
+	$(BIN)/python scripts/build_site.py
 
 # The README's pictures, from the shipped checkpoint.
 figures: $(VENV)/.installed

@@ -16,9 +16,9 @@ import base64
 import html
 import itertools
 import json
-import re
 import uuid
 from collections.abc import Callable, Hashable, Sequence
+from html.parser import HTMLParser
 from typing import NamedTuple
 
 OUTPUT_BUDGET = 1_000_000  # characters one scrubber's output may take in a notebook, frames in base64 included: about 1 MB
@@ -138,14 +138,34 @@ class Scrubber(NamedTuple):
     static_png: bytes  # the picture shown where scripts do not run
 
 
+class _Finder(HTMLParser):
+    """The first scrubber's frame data and static picture, wherever its attributes sit."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.data, self.static, self._in_frames = None, None, False
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        classes = (attrs.get("class") or "").split()
+        if tag == "img" and "ddpm-static" in classes and self.static is None:
+            self.static = attrs.get("src", "")
+        self._in_frames = tag == "script" and "ddpm-frames" in classes and self.data is None
+
+    def handle_data(self, data):
+        if self._in_frames:
+            self.data = data
+            self._in_frames = False
+
+
 def read_scrubber(text: str) -> Scrubber:
-    """The scrubber that :func:`scrubber_html` wrote into ``text``."""
-    found = re.search(r'<script type="application/json" class="ddpm-frames">(.*?)</script>', text, flags=re.S)
-    static = re.search(r'<img class="ddpm-static" alt="[^"]*" src="data:image/png;base64,([^"]*)">', text)
-    if found is None or static is None:
+    """The (first) scrubber that :func:`scrubber_html` wrote into ``text``, however a renderer re-serialised it."""
+    finder = _Finder()
+    finder.feed(text)
+    if finder.data is None or not (finder.static or "").startswith("data:image/png;base64,"):
         raise ValueError("no kernel-free scrubber in this HTML")
-    data = json.loads(found.group(1))
+    data = json.loads(finder.data)
     axes = {axis["name"]: axis["values"] for axis in data["axes"]}
     keys = itertools.product(*(range(len(values)) for values in axes.values()))
     frames = {k: base64.b64decode(frame) for k, frame in zip(keys, data["frames"], strict=True)}
-    return Scrubber(axes, frames, tuple(data["start"]), data["format"], base64.b64decode(static.group(1)))
+    return Scrubber(axes, frames, tuple(data["start"]), data["format"], base64.b64decode(finder.static.split(",", 1)[1]))

@@ -309,7 +309,8 @@ def forward_viewer(
 def trajectory_viewer(steps: Sequence[SamplerStep], nrow: int | None = None, scale: int = 2, show_x0: bool = True) -> TimestepViewer:
     """Scrub a stored reverse trajectory: x_t and the predicted x0 at the visited t nearest the slider.
 
-    t = -1 shows the finished sample.
+    t = -1 shows the finished sample. The kernel-free version's frames crowd toward the end of the
+    run, where the digits form, as the GIF's do.
     """
     by_t = {step.t: step for step in steps}
     ts = sorted(by_t)
@@ -327,7 +328,9 @@ def trajectory_viewer(steps: Sequence[SamplerStep], nrow: int | None = None, sca
     def label(t: int) -> str:
         return "t = -1: the finished samples" if t == -1 else f"t = {t} (left: x_t, right: the predicted x0)"
 
-    return TimestepViewer(render, ts[0], ts[-1], value=ts[-1], static_ts=static, label=label, scrub_ts=ts)
+    order = sorted(ts, reverse=True)  # in sampling order, so that ease > 1 crowds toward t = -1
+    crowded = [order[i] for i in frame_indices(len(order), MAX_SCRUB_FRAMES, ease=2.0)]
+    return TimestepViewer(render, ts[0], ts[-1], value=ts[-1], static_ts=static, label=label, scrub_ts=crowded)
 
 
 def forward_explorer(x0: torch.Tensor, schedule: NoiseSchedule, noise: torch.Tensor | None = None, scale: int = 2) -> TimestepViewer:

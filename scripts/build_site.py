@@ -1,0 +1,158 @@
+"""Build the static course site (make site): the committed notebooks as HTML pages, not re-executed.
+
+    python scripts/build_site.py            # into site/
+    python scripts/build_site.py --out DIR
+
+One page per notebook, in order, with previous and next links; an index page from the README's
+front matter (everything before its "Data" section); the docs as pages too. nbconvert renders
+everything, markdown included, with JupyterLab's own template, so the pages look like the notebooks
+and TeX is typeset by MathJax. Links between the project's files are rewritten to their pages;
+figures they point at are copied. The notebooks carry no widget state, so every slider shows its
+kernel-free version (see ddpm_lib.scrubber).
+"""
+
+import argparse
+import html
+import posixpath
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import nbformat
+from nbconvert import HTMLExporter
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ["docs/cli.md", "docs/experiments.md", "docs/benchmarks.md", "docs/quality.md", "docs/guidance.md", "checkpoints/README.md"]
+NAV_STYLE = (
+    "<style>.ddpm-nav{display:flex;gap:1.5em;justify-content:space-between;max-width:1100px;margin:1em auto;"
+    "padding:0.5em 1em;font-family:sans-serif;border-bottom:1px solid #ddd}.ddpm-nav.bottom{border-top:1px solid #ddd;"
+    "border-bottom:none}</style>"
+)
+
+
+def page_of(path: str) -> str:
+    """The site path of a project file: README.md -> index.html, notebooks/x.ipynb -> notebooks/x.html."""
+    if path == "README.md":
+        return "index.html"
+    return re.sub(r"\.(ipynb|md)$", ".html", path)
+
+
+def title_of(nb: nbformat.NotebookNode) -> str:
+    for cell in nb.cells:
+        if cell.cell_type == "markdown" and (found := re.search(r"^#\s+(.+)$", cell.source, flags=re.M)):
+            return found.group(1).strip()
+    return "ddpm-notebooks"
+
+
+def front_matter(readme: str) -> str:
+    """The README up to its first section after "Two commands" (the data, the CLI, the results ...)."""
+    return readme[: readme.index("\n## Data\n")]
+
+
+def rewrite_links(text: str, source: str, pages: set[str], copies: set[str]) -> str:
+    """Point href and src attributes of the page made from ``source`` at pages of the site; collect
+    the project files (figures) they name that must be copied beside them."""
+
+    def rewrite(match: re.Match) -> str:
+        attribute, target = match.group(1), html.unescape(match.group(2))
+        if re.match(r"^([a-z][a-z0-9+.-]*:|#|/)", target):  # http:, data:, mailto:, an anchor, or absolute
+            return match.group(0)
+        path, _, fragment = target.partition("#")
+        resolved = posixpath.normpath(posixpath.join(posixpath.dirname(source), path))
+        if resolved in pages:
+            new = relative(page_of(resolved), page_of(source)) + ("#" + fragment if fragment else "")
+            return f'{attribute}="{html.escape(new)}"'
+        if (ROOT / resolved).is_file():
+            copies.add(resolved)
+        return match.group(0)
+
+    return re.sub(r'\b(href|src)="([^"]*)"', rewrite, text)
+
+
+def relative(target: str, page: str) -> str:
+    """The site path ``target`` as a link from the page ``page``."""
+    return posixpath.relpath(target, posixpath.dirname(page) or ".")
+
+
+def nav_links(source: str, sources: list[str]) -> list[tuple[str, str]]:
+    """(text, href) of the bar on the page of ``source``: home, and for a notebook the previous and the next one."""
+    home = ("ddpm-notebooks: the course", relative("index.html", page_of(source)))
+    if not source.endswith(".ipynb"):
+        return [home]
+    notebooks = [s for s in sources if s.endswith(".ipynb")]
+    i = notebooks.index(source)
+    previous = (f"← {Path(notebooks[i - 1]).stem}", relative(page_of(notebooks[i - 1]), page_of(source))) if i else ("", "")
+    following = (
+        (f"{Path(notebooks[i + 1]).stem} →", relative(page_of(notebooks[i + 1]), page_of(source))) if i + 1 < len(notebooks) else ("", "")
+    )
+    return [previous, home, following]
+
+
+def nav(links: list[tuple[str, str]], bottom: bool = False) -> str:
+    items = "".join(f'<a href="{html.escape(href)}">{html.escape(text)}</a>' if href else "<span></span>" for text, href in links)
+    return f'<nav class="ddpm-nav{" bottom" if bottom else ""}">{items}</nav>'
+
+
+def with_nav(page: str, top: str, bottom: str) -> str:
+    page = page.replace("</head>", NAV_STYLE + "</head>", 1)
+    page = re.sub(r"(<body[^>]*>)", lambda m: m.group(1) + top, page, count=1)
+    return page.replace("</body>", bottom + "</body>", 1)
+
+
+def build(out: Path) -> list[Path]:
+    """Write the site into ``out`` (replaced whole, only once it is complete); return its pages."""
+    exporter = HTMLExporter(template_name="lab", exclude_input_prompt=True, exclude_output_prompt=True)
+    notebooks = sorted((ROOT / "notebooks").glob("*.ipynb"))
+    if not notebooks:
+        raise SystemExit("no notebooks in notebooks/: nothing to build")
+    sources = ["README.md", *(f"notebooks/{p.name}" for p in notebooks), *DOCS]
+    pages, copies = set(sources), set()
+    tmp = Path(tempfile.mkdtemp(prefix=".site-", dir=out.parent))
+    try:
+        written = []
+        for source in sources:
+            if source.endswith(".ipynb"):
+                nb = nbformat.read(ROOT / source, as_version=4)
+                title = title_of(nb)
+            else:
+                text = (ROOT / source).read_text()
+                text = front_matter(text) + _more(sources) if source == "README.md" else text
+                nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell(text)])
+                title = "ddpm-notebooks" if source == "README.md" else title_of(nb)
+            body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"name": title}})
+            body = rewrite_links(body, source, pages, copies)
+            links = nav_links(source, sources)
+            path = tmp / page_of(source)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(with_nav(body, nav(links), nav(links, bottom=True)))
+            written.append(out / page_of(source))
+        for copy in sorted(copies):
+            (tmp / copy).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / copy, tmp / copy)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return written
+
+
+def _more(sources: list[str]) -> str:
+    docs = [s for s in sources if s.endswith(".md") and s != "README.md"]
+    items = "\n".join(f"- [{s}]({s})" for s in docs)
+    return f"\n## Reference\n\nThe command line, the experiments and measurements behind the course, and the shipped models:\n\n{items}\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "site", help="the folder to write (replaced); default site/")
+    out = parser.parse_args().out.resolve()
+    pages = build(out)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"{len(pages)} pages, {size / 2**20:.1f} MiB in {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""The course where readers use it: JupyterLab driven in a real Chromium, and the static site.
+
+JupyterLab runs on 127.0.0.1 (a free port, a token, no browser of its own, temporary settings and
+runtime folders) over a copy of the notebooks, so that nothing it saves touches the committed ones.
+Chromium is Debian's (/usr/bin/chromium, which .ci/run installs when it is missing); without it,
+or without Playwright, these tests are skipped with a message that says so. Every server is shut
+down and every process it started is killed, also when a test fails. Screenshots go to
+build/screenshots/.
+"""
+
+import base64
+import functools
+import http.server
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from ddpm_lib.scrubber import read_scrubber
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = Path("/usr/bin/chromium")
+SCREENSHOTS = ROOT / "build" / "screenshots"
+# The last three keep Chromium from calling home, which floods a closed network.
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--no-first-run"]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.exists():
+        pytest.skip(f"the browser tests need Chromium at {CHROMIUM}: apt-get install chromium (.ci/run does it where it can)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("the browser tests need Playwright for Python: pip install -e '.[test]'")
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+def offline_page(browser, base: str):
+    """A page that may load only from ``base``: no CDN, no telemetry, nothing from the outside."""
+    page = browser.new_page(viewport={"width": 1300, "height": 1000})
+    page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(base) else route.abort())
+    return page
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def processes_under(folder: Path) -> list[int]:
+    """PIDs whose command line names ``folder``: the server and the kernels it started (their connection files live there)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and str(folder) in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode():
+                pids.append(int(proc.name))
+        except OSError:
+            pass  # gone meanwhile
+    return pids
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    """A JupyterLab server over a copy of the notebooks; yields its base URL and token."""
+    home = tmp_path_factory.mktemp("lab")
+    shutil.copytree(ROOT / "notebooks", home / "notebooks", ignore=shutil.ignore_patterns("*.pt", "*.gif", ".ipynb_checkpoints"))
+    for folder in ("checkpoints", "docs"):  # what the notebooks read, read-only
+        (home / folder).symlink_to(ROOT / folder)
+    port, token = free_port(), secrets.token_hex(16)
+    env = dict(os.environ, DDPM_SMOKE="1")
+    for name in ("JUPYTER_CONFIG_DIR", "JUPYTER_RUNTIME_DIR", "JUPYTERLAB_SETTINGS_DIR", "JUPYTERLAB_WORKSPACES_DIR"):
+        env[name] = str(home / ".jupyter" / name.lower())
+    settings = Path(env["JUPYTERLAB_SETTINGS_DIR"]) / "@jupyterlab"
+    (settings / "notebook-extension").mkdir(parents=True)
+    (settings / "notebook-extension" / "tracker.jupyterlab-settings").write_text('{"windowingMode": "none"}')  # every cell in the page
+    (settings / "apputils-extension").mkdir()
+    (settings / "apputils-extension" / "notification.jupyterlab-settings").write_text('{"fetchNews": "false"}')
+    command = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}", "--ServerApp.port_retries=0"]
+    command += [f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={home}", "--expose-app-in-browser"]
+    command += ["--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate", "--LabApp.news_url=None"]
+    command += ["--allow-root"] if os.geteuid() == 0 else []
+    log = (home / "server.log").open("w")
+    server = subprocess.Popen(command, cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=2)
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"JupyterLab did not start: {(home / 'server.log').read_text()[-2000:]}") from None
+                time.sleep(0.5)
+        yield base, token
+    finally:
+        try:  # the server's own shutdown, which stops its kernels first
+            urllib.request.urlopen(urllib.request.Request(f"{base}/api/shutdown?token={token}", method="POST"), timeout=10)
+            server.wait(timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        deadline = time.monotonic() + 10
+        while (left := processes_under(home)) and time.monotonic() < deadline:  # a kernel that outlived its server
+            for pid in left:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.2)
+        log.close()
+        assert not processes_under(home), "processes of the JupyterLab test were left behind"
+
+
+def run_all_cells(page, base: str, token: str, notebook: str, timeout_s: float) -> None:
+    """Open ``notebook`` in JupyterLab, run all its cells and wait until the kernel is done."""
+    page.goto(f"{base}/lab/tree/notebooks/{notebook}?reset&token={token}")  # reset: not the previous test's open notebooks
+    current = f"window.jupyterapp?.shell.currentWidget?.context?.path === 'notebooks/{notebook}'"
+    page.wait_for_function(
+        f"() => {current} && window.jupyterapp.shell.currentWidget.sessionContext.session?.kernel?.status === 'idle'", timeout=90_000
+    )
+    # Clear the committed outputs first: their execution counts would otherwise pass for this run's.
+    page.evaluate("() => window.jupyterapp.commands.execute('notebook:clear-all-cell-outputs')")
+    cleared = (
+        "() => window.jupyterapp.shell.currentWidget.content.widgets.every(c => c.model.type !== 'code' || c.model.executionCount === null)"
+    )
+    page.wait_for_function(cleared)
+    page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); }")
+    done = """() => {
+        const w = window.jupyterapp.shell.currentWidget, kernel = w.sessionContext.session?.kernel;
+        const cells = w.content.widgets.filter(c => c.model.type === 'code');
+        const ran = cells.every(c => c.model.executionCount !== null && !c.promptNode.textContent.includes('*'));
+        const failed = document.querySelector('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]');
+        return kernel?.status === 'idle' && (ran || failed !== null);
+    }"""
+    page.wait_for_function(done, timeout=timeout_s * 1000, polling=500)
+
+
+def errors_shown(page) -> list[str]:
+    return [e.inner_text()[:500] for e in page.query_selector_all('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]')]
+
+
+def drag_widget_slider(page, name: str, keys: list[str]) -> tuple[str, str]:
+    """Move the notebook's only timestep slider with the keyboard; return the readout before and after,
+    after checking that the picture below it changed. Saves a screenshot of the widget."""
+    widget = page.locator(".widget-vbox:has(.widget-slider)").first
+    try:
+        widget.wait_for(state="visible", timeout=60_000)
+    except Exception:
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=SCREENSHOTS / f"{name}_failed.png", full_page=True)
+        raise
+    widget.scroll_into_view_if_needed()
+    image, readout = widget.locator("img").first, widget.locator(".widget-readout").first
+    page.wait_for_function("(img) => img.complete && img.naturalWidth > 0", arg=image.element_handle())
+    before, picture = readout.inner_text(), image.screenshot()
+    widget.locator(".noUi-handle").first.focus()
+    for key in keys:
+        page.keyboard.press(key)
+    page.wait_for_function("([r, v]) => r.textContent.trim() !== v", arg=[readout.element_handle(), before])
+    page.wait_for_timeout(300)  # the kernel renders the new frame and sends it back
+    page.wait_for_function("(img) => img.complete && img.naturalWidth > 0", arg=image.element_handle())
+    assert image.screenshot() != picture, f"{name}: the slider moved but the picture did not change"
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    widget.screenshot(path=SCREENSHOTS / f"{name}.png")
+    return before, readout.inner_text()
+
+
+def test_the_forward_process_slider_in_jupyterlab(browser, lab):
+    base, token = lab
+    page = offline_page(browser, base)
+    run_all_cells(page, base, token, "01_forward_process.ipynb", timeout_s=180)
+    assert errors_shown(page) == []
+    before, after = drag_widget_slider(page, "jupyterlab_forward_process", ["ArrowRight"] * 3 + ["PageUp"] * 40)
+    assert before == "0" and int(after) == 203  # 3 steps of 1 and 40 pages of 5, up from the clean digits
+    page.close()
+
+
+def test_the_reverse_process_slider_in_jupyterlab(browser, lab):
+    base, token = lab
+    page = offline_page(browser, base)
+    run_all_cells(page, base, token, "06_sampling.ipynb", timeout_s=400)
+    assert errors_shown(page) == []
+    before, after = drag_widget_slider(page, "jupyterlab_reverse_process", ["ArrowLeft"] * 2 + ["PageDown"] * 2)
+    assert before == "999" and int(after) < 997  # from pure noise toward the digits
+    page.close()
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def site_server(tmp_path_factory):
+    """The built site served on 127.0.0.1, with no kernel anywhere."""
+    import build_site
+
+    site = tmp_path_factory.mktemp("served") / "site"
+    build_site.build(site)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(site)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", site
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+@pytest.mark.parametrize("notebook, keys", [("01_forward_process", ["ArrowRight"] * 3), ("08_guidance", ["ArrowRight"] * 2)])
+def test_a_kernel_free_scrubber_on_the_site(browser, site_server, notebook, keys):
+    base, site = site_server
+    page = offline_page(browser, base)
+    page.goto(f"{base}/notebooks/{notebook}.html")
+    root = page.locator(".ddpm-scrubber").first
+    root.scroll_into_view_if_needed()
+    assert root.locator(".ddpm-static").count() == 0  # the script ran: the static picture made way for the inputs
+    scrubber = read_scrubber((site / "notebooks" / f"{notebook}.html").read_text())  # the page's first, as served
+    first = root.locator("input[type=range]").first
+    start = int(first.input_value())
+    first.focus()
+    for key in keys:
+        page.keyboard.press(key)
+    moved = int(first.input_value())
+    assert moved == min(start + len(keys), len(next(iter(scrubber.axes.values()))) - 1) and moved != start
+    index = (moved, *scrubber.start[1:])
+    shown = root.locator("img").first.get_attribute("src")
+    assert shown == f"data:image/{scrubber.image_format};base64," + base64.b64encode(scrubber.frames[index]).decode()
+    assert page.evaluate("(img) => img.complete && img.naturalWidth > 0", root.locator("img").first.element_handle())
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    root.screenshot(path=SCREENSHOTS / f"site_{notebook}.png")
+    page.close()

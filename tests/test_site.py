@@ -1,0 +1,117 @@
+"""The static course site (make site): every page there, in order, no broken link or image, small enough."""
+
+import base64
+import io
+import json
+import re
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import pytest
+from PIL import Image
+
+from ddpm_lib.scrubber import OUTPUT_BUDGET, read_scrubber
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import build_site  # noqa: E402
+
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+
+
+class Page(HTMLParser):
+    """The links, image sources, element ids and scrubbers of one HTML page."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.links, self.images, self.ids = [], [], set()
+        self.feed(text)
+        self.scrubbers = [re.split(r"</script>\s*</div>", part)[0] for part in text.split('<div class="ddpm-scrubber"')[1:]]
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if "id" in attrs:
+            self.ids.add(attrs["id"])
+        if tag == "img":
+            self.images.append(attrs.get("src", ""))
+        elif tag in ("a", "link") and attrs.get("href"):
+            self.links.append(attrs["href"])
+        elif tag == "script" and attrs.get("src"):
+            self.links.append(attrs["src"])
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    out = tmp_path_factory.mktemp("built") / "site"
+    build_site.build(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pages(site):
+    return {path.relative_to(site).as_posix(): Page(path.read_text()) for path in site.rglob("*.html")}
+
+
+def test_every_notebook_has_a_page_in_order_with_previous_and_next_links(pages):
+    names = [f"notebooks/{p.stem}.html" for p in NOTEBOOKS]
+    assert set(names) <= set(pages) and "index.html" in pages
+    for i, name in enumerate(names):
+        local = [link for link in pages[name].links if link.endswith(".html")]
+        assert "../index.html" in local
+        if i > 0:
+            assert f"{NOTEBOOKS[i - 1].stem}.html" in local
+        if i + 1 < len(names):
+            assert f"{NOTEBOOKS[i + 1].stem}.html" in local
+    index_links = pages["index.html"].links
+    assert [link for link in index_links if link.startswith("notebooks/")][: len(names)] == names  # the table of contents
+
+
+def test_no_link_or_image_is_broken(site, pages):
+    for name, page in pages.items():
+        for link in page.links:
+            parts = urlsplit(link)
+            if parts.scheme or link.startswith("//"):
+                continue  # the web: MathJax and the like, fetched by the reader's browser
+            target = (site / name).parent / unquote(parts.path) if parts.path else site / name
+            assert target.resolve().is_file(), f"{name}: broken link {link}"
+            if parts.fragment and target.suffix == ".html":
+                ids = pages[target.resolve().relative_to(site.resolve()).as_posix()].ids
+                assert {parts.fragment, unquote(parts.fragment)} & ids, f"{name}: no anchor for {link}"  # as written, or decoded
+        for src in page.images:
+            if src.startswith("data:"):
+                header, payload = src.split(",", 1)
+                Image.open(io.BytesIO(base64.b64decode(payload))).verify()  # raises on a broken image
+            else:
+                assert ((site / name).parent / unquote(src)).is_file(), f"{name}: missing image {src}"
+
+
+def test_math_is_typeset_and_figures_are_inline(pages):
+    first = pages["notebooks/01_forward_process.html"]
+    assert any("mathjax" in link.lower() for link in first.links)
+    assert len([src for src in first.images if src.startswith("data:image/png")]) >= 3
+
+
+def test_every_slider_of_the_course_has_a_kernel_free_scrubber_of_about_a_megabyte(site, pages):
+    viewers = {"01_forward_process": 1, "02_noise_schedules": 1, "03_reverse_process": 1, "06_sampling": 1, "08_guidance": 1}
+    for stem, count in viewers.items():
+        page = pages[f"notebooks/{stem}.html"]
+        assert len(page.scrubbers) == count, stem
+        for html in page.scrubbers:
+            scrubber = read_scrubber(html)
+            assert len(html) <= OUTPUT_BUDGET and len(scrubber.frames) >= 5, stem
+    size = sum(f.stat().st_size for f in site.rglob("*") if f.is_file())
+    assert size < 40 * 2**20, f"the site takes {size / 2**20:.1f} MiB"
+
+
+def test_the_committed_notebooks_carry_no_widget_state_for_the_sliders():
+    # With it, renderers without a kernel draw the frozen widget instead of its kernel-free scrubber.
+    view = "application/vnd.jupyter.widget-view+json"
+    for path in NOTEBOOKS:
+        nb = json.loads(path.read_text())
+        state = nb["metadata"].get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {}).get("state", {})
+        outputs = [o for cell in nb["cells"] for o in cell.get("outputs", []) if view in o.get("data", {})]
+        sliders = [o["data"][view]["model_id"] for o in outputs if "ddpm-scrubber" in "".join(o["data"].get("text/html", ""))]
+        assert not set(sliders) & set(state), path.name
+        assert all(o["data"][view]["model_id"] in state for o in outputs if o["data"][view]["model_id"] not in sliders), path.name
