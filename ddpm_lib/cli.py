@@ -9,6 +9,7 @@ status 3, and Ctrl-C saves the checkpoint and exits with 130 (see docs/cli.md).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import io
 import math
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import distributed
 from .checkpoint import CheckpointError, export_ema, load_checkpoint, load_model, model_from_state
 from .data import DATASETS, DatasetNotFoundError, dataset_info, get_dataset, num_classes
 from .diffusion import PREDICTIONS, DiffusionConfig
@@ -158,8 +160,14 @@ def build_parser() -> Parser:
     length = t.add_mutually_exclusive_group()
     length.add_argument("--steps", type=positive_int, help=f"optimizer steps in total (default: {c.steps})")
     length.add_argument("--epochs", type=positive_int, help="passes over the training set in total, instead of --steps")
-    t.add_argument("--batch-size", type=positive_int, help=f"(default: {c.batch_size})")
-    t.add_argument("--lr", type=finite_float, help=f"peak learning rate, > 0 (default: {c.lr})")
+    t.add_argument(
+        "--batch-size",
+        type=positive_int,
+        help=f"images per optimizer step over all ranks: under torchrun each of N ranks takes batch-size / N (default: {c.batch_size})",
+    )
+    t.add_argument(
+        "--lr", type=finite_float, help=f"peak learning rate for that global batch, on any number of ranks, > 0 (default: {c.lr})"
+    )
     t.add_argument("--lr-schedule", choices=LR_SCHEDULES, help=f"after warm-up: cosine decay to 0, or constant (default: {c.lr_schedule})")
     t.add_argument("--warmup-steps", type=nonnegative_int, help=f"(default: {c.warmup_steps})")
     t.add_argument("--ema-decay", type=finite_float, help=f"in [0, 1) (default: {c.ema_decay})")
@@ -333,36 +341,54 @@ def resumed_trainer(args: argparse.Namespace, out: Path, device: torch.device) -
 
 def cmd_train(args: argparse.Namespace) -> None:
     out = Path(args.out)
-    device = resolve_device(args.device)
-    check_writable(out)
-    with exclusive_lock(out):  # held for the whole run: a second run on this --out refuses at once
-        if out.exists() and not args.resume:
-            raise UsageError(f"{out} exists; pass --resume to continue that run, or choose another --out")
+    rank, device = distributed.start(resolve_device(args.device))  # under torchrun: this rank's device and process group
+    try:
+        with contextlib.ExitStack() as held:
+            train(args, out, rank, device, held)
+        distributed.barrier(rank)  # no rank leaves while another still talks to it
+    finally:
+        distributed.stop()
+
+
+def train(args: argparse.Namespace, out: Path, rank: distributed.Rank, device: torch.device, held: contextlib.ExitStack) -> None:
+    """cmd_train on one rank: every rank sets up (rank 0 alone checks --out and locks it), agrees that all
+    did, then trains; every rank ends with the same error or exit status."""
+    with distributed.together(rank):  # one rank's failure becomes every rank's, with its message
+        if rank.is_main:
+            check_writable(out)
+            held.enter_context(exclusive_lock(out))  # held for the whole run: a second run on this --out refuses at once
+            if out.exists() and not args.resume:
+                raise UsageError(f"{out} exists; pass --resume to continue that run, or choose another --out")
         trainer = resumed_trainer(args, out, device) if args.resume else new_trainer(args, device)
-        start, steps = trainer.step, trainer.config.steps
-        where = f"{trainer.device} ({device_name(trainer.device)})"
+    start, steps = trainer.step, trainer.config.steps
+    where = f"{trainer.device} ({device_name(trainer.device)})"
+    if rank.distributed:
+        per_rank = trainer.config.batch_size // rank.world_size
+        where = f"{rank.world_size} ranks of {trainer.device.type} (rank 0: {where}), {per_rank} images per rank and step"
+    if rank.is_main:
         print(f"training on {where}, {len(trainer.dataset)} images, steps {trainer.step} -> {steps}", file=sys.stderr)
 
-        def save_samples(step: int, grid: torch.Tensor) -> None:
-            save_grid(grid, out.with_name(f"{out.stem}_samples_{step:07d}.png"))
+    def save_samples(step: int, grid: torch.Tensor) -> None:
+        save_grid(grid, out.with_name(f"{out.stem}_samples_{step:07d}.png"))
 
-        try:
-            trainer.fit(steps, checkpoint_path=out, on_sample=save_samples)
-        except DivergenceError as e:
-            if trainer.saved_step is None:
-                kept = f"{out} was not written"
-            elif trainer.saved_step == start:
-                kept = f"{out} is unchanged (step {start})"
-            else:
-                kept = f"{out} holds step {trainer.saved_step}, its last checkpoint before that"
-            fp32 = " or --precision fp32" if trainer.bf16 else ""
-            raise Diverged(f"{e}; {kept}; try a lower --lr (this run: {trainer.config.lr:g}){fp32}, then --resume") from None
-        except KeyboardInterrupt:
-            if trainer.saved_step == trainer.step:
-                raise Interrupted(f"interrupted at step {trainer.step}: saved {out}; continue with --resume") from None
-            kept = f"{out} holds step {trainer.saved_step}" if trainer.saved_step is not None else f"{out} was not written"
-            raise Interrupted(f"interrupted again while saving, at step {trainer.step}: {kept}") from None
-    print(f"wrote {out} (step {trainer.step}, last loss {trainer.losses[-1]:.4f})", file=sys.stderr)
+    try:
+        trainer.fit(steps, checkpoint_path=out, on_sample=save_samples)
+    except DivergenceError as e:
+        if trainer.saved_step is None:
+            kept = f"{out} was not written"
+        elif trainer.saved_step == start:
+            kept = f"{out} is unchanged (step {start})"
+        else:
+            kept = f"{out} holds step {trainer.saved_step}, its last checkpoint before that"
+        fp32 = " or --precision fp32" if trainer.bf16 else ""
+        raise Diverged(f"{e}; {kept}; try a lower --lr (this run: {trainer.config.lr:g}){fp32}, then --resume") from None
+    except KeyboardInterrupt:
+        if trainer.saved_step == trainer.step:
+            raise Interrupted(f"interrupted at step {trainer.step}: saved {out}; continue with --resume") from None
+        kept = f"{out} holds step {trainer.saved_step}" if trainer.saved_step is not None else f"{out} was not written"
+        raise Interrupted(f"interrupted again while saving, at step {trainer.step}: {kept}") from None
+    if rank.is_main:
+        print(f"wrote {out} (step {trainer.step}, last loss {trainer.losses[-1]:.4f})", file=sys.stderr)
 
 
 def load_for_sampling(args: argparse.Namespace, suffixes: tuple[str, ...]):

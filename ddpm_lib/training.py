@@ -19,6 +19,7 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
+from . import distributed
 from .checkpoint import CheckpointError, check_finite, config_from_dict, load_checkpoint, nonfinite_tensors, save_checkpoint
 from .data import dataset_info, get_dataset
 from .diffusion import DiffusionConfig, loss_simple, min_snr_weight
@@ -35,9 +36,9 @@ LOSS_WEIGHTINGS = ("min_snr", "uniform")
 class TrainConfig:
     dataset: str = "mnist"  # one of data.DATASETS
     image_size: int | None = None  # None: the dataset's own size
-    batch_size: int = 128  # images per optimizer step
+    batch_size: int = 128  # images per optimizer step over all ranks (torchrun: each of N ranks takes batch_size / N)
     steps: int = 30_000  # optimizer steps in total (the shipped recipe: 194 minutes on a 2-core CPU with bf16)
-    lr: float = 1e-3  # peak AdamW learning rate (Ho et al.: 2e-4 for a 35 M-parameter model; small models take more)
+    lr: float = 1e-3  # peak AdamW learning rate for that global batch, on any number of ranks (Ho et al.: 2e-4 at 35 M parameters)
     warmup_steps: int = 200  # the learning rate rises linearly over these first steps
     lr_schedule: str = "cosine"  # after warm-up: "cosine" decays to 0 at the last step, "constant" stays (Ho et al.)
     weight_decay: float = 0.0  # AdamW weight decay
@@ -191,12 +192,14 @@ class EpochBatches(Sampler[list[int]]):
 
     Step s reads batch s % batches_per_epoch of epoch s // batches_per_epoch, so a resumed
     run sees exactly the batches the uninterrupted run would have. Incomplete batches are dropped.
+    ``batch_size`` is the global batch; ``rank`` keeps only its share of each (see :mod:`distributed`).
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, start_step: int = 0):
+    def __init__(self, n: int, batch_size: int, seed: int, start_step: int = 0, rank: distributed.Rank | None = None):
         if n < batch_size:
             raise ValueError(f"the dataset has {n} images, fewer than one batch of {batch_size}")
         self.n, self.batch_size, self.seed, self.start_step = n, batch_size, seed, start_step
+        self.share = (rank or distributed.Rank()).share(batch_size)
         self.per_epoch = n // batch_size
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -204,7 +207,7 @@ class EpochBatches(Sampler[list[int]]):
         while True:
             epoch, i = divmod(step, self.per_epoch)
             perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
-            yield perm[i * self.batch_size : (i + 1) * self.batch_size].tolist()
+            yield perm[i * self.batch_size : (i + 1) * self.batch_size][self.share].tolist()
             step += 1
 
 
@@ -230,10 +233,17 @@ class Trainer:
         if dataset is None:  # decoded once unless flips are random
             dataset = get_dataset(cfg.dataset, data_root, True, cfg.image_size, cfg.hflip, in_memory=not cfg.hflip)
         self.dataset = dataset
+        self.rank = distributed.current()  # rank 0 of 1 unless torchrun started this process
+        if cfg.batch_size % self.rank.world_size:
+            raise ValueError(f"batch_size {cfg.batch_size} is the global batch; it must split evenly over the {self.rank.world_size} ranks")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             self.model = UNet(model_config).to(self.device)
+            if self.rank.rank:  # every rank its own dropout stream, rank 0 that of a single process
+                torch.manual_seed(cfg.seed + 1_000_003 * self.rank.rank)
             self.rng_state = torch.get_rng_state()  # the global stream dropout draws from
+        self.rank_rng: list[dict] | None = None  # every rank's streams, gathered for rank 0's checkpoint
+        self.net: torch.nn.Module | None = None  # the model as training calls it: itself, or wrapped in DDP on first use
         self.cuda_rng_state = None
         self._rng_live = False  # True inside _own_rng, where the global RNG is this run's stream
         self.ema = AveragedModel(self.model, multi_avg_fn=self._ema_update, use_buffers=True)
@@ -302,36 +312,53 @@ class Trainer:
         the returned (and logged) value is always the unweighted L_simple, so runs compare.
         """
         self.model.train()
+        net = self._network()
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.step, self.config)
         prediction, gen = self.diffusion_config.prediction, self.generator
-        t = torch.randint(0, self.schedule.T, (len(x0),), generator=gen, device=gen.device).to(self.device)  # (B,)
+        # On N ranks x0 is this rank's b = B / N images of the global batch; t, the label dropout and eps
+        # are drawn for all B, in a single process's order, and each rank keeps its share.
+        share = self.rank.share(len(x0) * self.rank.world_size)
+        B = len(x0) * self.rank.world_size
+        t = torch.randint(0, self.schedule.T, (B,), generator=gen, device=gen.device)[share].to(self.device)  # (b,)
         num_classes = self.model_config.num_classes
         if num_classes:
             if y is None:
                 raise ValueError("a class-conditional model trains on labelled batches: pass y")
-            dropped = torch.rand(len(x0), generator=gen, device=gen.device).to(self.device) < self.config.label_dropout  # (B,)
+            dropped = torch.rand(B, generator=gen, device=gen.device)[share].to(self.device) < self.config.label_dropout  # (b,)
             y = torch.where(dropped, num_classes, y.to(self.device))
         else:
             y = None  # an unconditional model ignores the labels a dataset comes with
+        noise = torch.randn((B, *x0.shape[1:]), generator=gen, device=gen.device)[share].to(self.device)  # (b, C, H, W)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            per_image = loss_simple(self.model, x0, self.schedule, prediction, t=t, generator=gen, reduction="none", y=y)  # (B,)
+            per_image = loss_simple(net, x0, self.schedule, prediction, t=t, noise=noise, reduction="none", y=y)  # (b,)
         if self.config.loss_weighting == "min_snr":
             loss = (min_snr_weight(t, self.schedule, self.config.min_snr_gamma, prediction) * per_image).mean()
         else:
             loss = per_image.mean()
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # with DDP, the gradients are averaged over the ranks here: the global batch's
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-        loss_value, norm_value = torch.stack([loss.detach().float(), grad_norm.float()]).tolist()  # one sync for both
+        losses = distributed.all_mean(torch.stack([loss.detach().float(), per_image.detach().mean().float()]), self.rank)
+        loss_value, logged, norm_value = torch.cat([losses, grad_norm.float().reshape(1)]).tolist()  # one sync for all three
         if not math.isfinite(loss_value) or not math.isfinite(norm_value):  # stop before the weights take it in
             what = f"the loss is {loss_value}" if not math.isfinite(loss_value) else f"the gradient norm is {norm_value}"
             raise DivergenceError(self.step + 1, what)
         self.optimizer.step()
         self.ema.update_parameters(self.model)
         self.step += 1
-        self.losses.append(per_image.mean().item())
-        return self.losses[-1]
+        self.losses.append(logged)
+        return logged
+
+    def _network(self) -> torch.nn.Module:
+        """The model, wrapped in DistributedDataParallel on several ranks (which meets the others: all ranks call it together)."""
+        if self.net is None:
+            self.net = self.model
+            if self.rank.distributed:
+                from torch.nn.parallel import DistributedDataParallel
+
+                self.net = DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
+        return self.net
 
     def fit(
         self,
@@ -349,44 +376,59 @@ class Trainer:
         weight raises :class:`DivergenceError` and leaves the checkpoint (and snapshots) as they
         were. A first Ctrl-C stops the run between two steps, saves the checkpoint and raises
         KeyboardInterrupt; a second one leaves at once (the checkpoint then stays as it was).
+
+        On several ranks every rank calls ``fit``: they stop at the same step (after a Ctrl-C on
+        any of them, or a divergence), and only rank 0 draws samples, shows progress and writes files.
         """
         until = steps if steps is not None else self.config.steps
         cfg = self.config
         # The loader's own generator: creating its iterator would otherwise draw from the global RNG (dropout's stream).
         loader = DataLoader(
             self.dataset,
-            batch_sampler=EpochBatches(len(self.dataset), cfg.batch_size, cfg.seed, start_step=self.step),
+            batch_sampler=EpochBatches(len(self.dataset), cfg.batch_size, cfg.seed, start_step=self.step, rank=self.rank),
             num_workers=cfg.num_workers,
             pin_memory=self.device.type == "cuda",
             generator=torch.Generator().manual_seed(cfg.seed),
         )
-        bar = tqdm(total=until, initial=self.step, disable=not progress, desc="training", unit="step")
+        main = self.rank.is_main
+        bar = tqdm(total=until, initial=self.step, disable=not progress or not main, desc="training", unit="step")
         started = time.perf_counter() - self.train_seconds
         machine = device_name(self.device)
         offset = self.machine_seconds.get(machine, 0.0) - self.train_seconds  # offset + train_seconds: time on this machine
         written = None  # the step last written to checkpoint_path
         with deferred_interrupt() as interrupted, self._own_rng(), bar:
             batches = iter(loader)
-            while self.step < until and not interrupted():  # checked before fetching: after Ctrl-C, workers may be gone
+            # Checked before fetching (after Ctrl-C, workers may be gone), and agreed: all ranks stop at one step.
+            while self.step < until and not (stopping := distributed.any_rank(interrupted(), self.rank, self.device)):
                 x0, y = next(batches)
                 loss = self.train_step(x0.to(self.device, non_blocking=True), y)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-                if cfg.sample_every and self.step % cfg.sample_every == 0:
+                if main and cfg.sample_every and self.step % cfg.sample_every == 0:
                     self.samples.append((self.step, self.sample_grid()))
                     if on_sample is not None:
                         on_sample(*self.samples[-1])
                 self.train_seconds = time.perf_counter() - started
                 self.machine_seconds[machine] = offset + self.train_seconds
-                if checkpoint_path is not None and cfg.snapshot_every and self.step % cfg.snapshot_every == 0:
+                if main and checkpoint_path is not None and cfg.snapshot_every and self.step % cfg.snapshot_every == 0:
                     self.save(snapshot_path(checkpoint_path, self.step), full=False)
                 if checkpoint_path is not None and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-                    self.save(checkpoint_path)
+                    self._checkpoint(checkpoint_path)
                     written = self.step
             if checkpoint_path is not None and written != self.step:
-                self.save(checkpoint_path)
-            if interrupted():
+                self._checkpoint(checkpoint_path)
+            if stopping:
                 raise KeyboardInterrupt
+
+    def _checkpoint(self, path: str | os.PathLike) -> None:
+        """Every rank: gather the ranks' random streams; rank 0: write the full checkpoint with them."""
+        if self.rank.distributed:
+            self._store_rng()
+            self.rank_rng = distributed.gather({"cpu": self.rng_state, "cuda": self.cuda_rng_state}, self.rank)
+        if self.rank.is_main:
+            self.save(path)
+        else:
+            self.saved_step = self.step
 
     def sample_grid(self, n: int = 16, steps: int = 50, seed: int = 0) -> torch.Tensor:
         """n DDIM samples of the EMA model, always from the same seed so grids compare across steps.
@@ -430,6 +472,8 @@ class Trainer:
                 losses=torch.tensor(self.losses),
                 rng={"cpu": self.rng_state, "cuda": self.cuda_rng_state, "noise": self.generator.get_state()},
             )
+            if self.rank_rng is not None:  # a distributed run: rank r resumes with its own dropout stream
+                state["rng"]["ranks"] = self.rank_rng
         return state
 
     def save(self, path: str | os.PathLike, full: bool = True) -> None:
@@ -496,6 +540,11 @@ class Trainer:
         self.machine_seconds = {str(k): float(v) for k, v in state.get("machine_seconds", {}).items()}
         self.losses = state["losses"].tolist()
         rng = state["rng"]
+        ranks = rng.get("ranks")
+        if self.rank.rank and ranks is not None and len(ranks) == self.rank.world_size:  # the same ranks as saved
+            rng = {**rng, "cpu": ranks[self.rank.rank]["cpu"], "cuda": ranks[self.rank.rank]["cuda"]}
+        elif self.rank.rank:  # another number of ranks: keep this rank's own fresh stream (dropout only)
+            rng = {**rng, "cpu": self.rng_state, "cuda": None}
         with torch.random.fork_rng(devices=[]):
             torch.set_rng_state(rng["cpu"].cpu())  # raises here, not mid-training, if the state is not one
         self.rng_state = rng["cpu"].cpu()

@@ -446,3 +446,15 @@ def test_init_weights_refuses_weights_of_another_shape_and_a_started_run(dataset
     trainer.fit(1, progress=False)
     with pytest.raises(RuntimeError, match="already at step 1"):
         trainer.init_weights(trainer.model.state_dict())
+
+
+def test_a_single_process_run_is_unchanged_by_distributed_training_support(tiny_config):
+    # Losses and EMA weights of this seeded run, recorded before t, the label dropout and eps were
+    # drawn per global batch: one process must draw exactly what it drew before.
+    g = torch.Generator().manual_seed(1)
+    data = TensorDataset(torch.rand(64, 1, 8, 8, generator=g) * 2 - 1, torch.randint(0, 10, (64,), generator=g))
+    config = TrainConfig(batch_size=8, steps=5, precision="fp32", sample_every=0, checkpoint_every=0)
+    trainer = Trainer(tiny_config, DiffusionConfig(T=50), config, data, "cpu")
+    trainer.fit(progress=False)
+    assert trainer.losses == pytest.approx([0.973744, 1.084211, 0.937936, 0.955202, 0.986175], abs=2e-6)
+    assert float(sum(p.detach().double().sum() for p in trainer.ema.module.parameters())) == pytest.approx(320.2336206275907, rel=1e-6)

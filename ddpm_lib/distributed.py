@@ -1,0 +1,154 @@
+"""Data-parallel training over processes started by torchrun: one rank per device, NCCL on GPUs, gloo on CPUs.
+
+torchrun gives every process it starts RANK, WORLD_SIZE and LOCAL_RANK (and where to meet:
+MASTER_ADDR, MASTER_PORT). Without them, or with WORLD_SIZE=1, a run is one plain process and
+nothing here starts a process group.
+
+The batch is global: a run with batch B on N ranks has each rank take B / N images of every batch
+a single process would take, and draw t and eps for all B images (keeping its own share), so that
+N ranks train on exactly the data and noise one process would, and a checkpoint resumes on any N.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Rank:
+    """Where this process sits in a run: its rank among ``world_size`` and its device index on this machine."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that writes checkpoints, snapshots, sample grids and the log."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def share(self, n: int) -> slice:
+        """This rank's slice of a global batch of ``n`` (which ``world_size`` must divide)."""
+        if n % self.world_size:
+            raise ValueError(f"a batch of {n} does not split evenly over {self.world_size} ranks")
+        size = n // self.world_size
+        return slice(self.rank * size, (self.rank + 1) * size)
+
+
+def from_env() -> Rank:
+    """The Rank torchrun described in the environment (a single process when it did not)."""
+    try:
+        values = [int(os.environ.get(name, default)) for name, default in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0))]
+    except ValueError:
+        raise ValueError("RANK, WORLD_SIZE and LOCAL_RANK must be whole numbers (torchrun sets them)") from None
+    rank = Rank(*values)
+    if not 0 <= rank.rank < rank.world_size:
+        raise ValueError(f"RANK must be in 0 ... WORLD_SIZE - 1, got RANK={rank.rank}, WORLD_SIZE={rank.world_size}")
+    return rank
+
+
+def current() -> Rank:
+    """This process's Rank in the running process group, or a single process's when there is none."""
+    if dist.is_available() and dist.is_initialized():
+        return Rank(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    return Rank()
+
+
+def start(device: torch.device) -> tuple[Rank, torch.device]:
+    """Join the process group torchrun described (if any) and return this rank and its device:
+    with CUDA, GPU LOCAL_RANK of this machine; on CPUs, ``device`` itself."""
+    rank = from_env()
+    if not rank.distributed:
+        return rank, device
+    if device.type == "cuda":
+        if rank.local_rank >= torch.cuda.device_count():
+            raise ValueError(f"LOCAL_RANK {rank.local_rank} has no GPU: this machine has {torch.cuda.device_count()}")
+        device = torch.device("cuda", rank.local_rank)
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise ValueError(f"distributed training runs on cuda or cpu, not {device.type}")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    return rank, device
+
+
+def barrier(rank: Rank) -> None:
+    """Wait until every rank gets here."""
+    if rank.distributed:
+        dist.barrier()
+
+
+def stop() -> None:
+    """Leave the process group, if this process is in one."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@contextmanager
+def together(rank: Rank) -> Iterator[None]:
+    """Run the body on every rank, then agree: when any rank raised, every rank raises the first
+    failing rank's exception (the same type and message), so all stop alike and none waits for the others.
+
+    A single process just runs the body.
+    """
+    if not rank.distributed:
+        yield
+        return
+    error: BaseException | None = None
+    try:
+        yield
+    except Exception as e:  # every kind: the others must hear of it
+        error = e
+    errors: list = [None] * rank.world_size
+    dist.all_gather_object(errors, None if error is None else _portable(error))
+    failed = next((i for i, e in enumerate(errors) if e is not None), None)
+    if failed is not None:
+        raise errors[failed]
+
+
+def _portable(error: BaseException) -> BaseException:
+    """``error`` as something all_gather_object can pickle: itself, or a RuntimeError with its message."""
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:
+        return RuntimeError(str(error))
+
+
+def all_mean(values: torch.Tensor, rank: Rank) -> torch.Tensor:
+    """The mean over ranks of ``values`` (one tensor per rank, the same shape everywhere)."""
+    if not rank.distributed:
+        return values
+    values = values.clone()
+    dist.all_reduce(values)  # SUM: gloo has no AVG
+    return values / rank.world_size
+
+
+def any_rank(flag: bool, rank: Rank, device: torch.device) -> bool:
+    """Whether ``flag`` is true on any rank (True on all ranks alike)."""
+    if not rank.distributed:
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def gather(obj: object, rank: Rank) -> list:
+    """``obj`` of every rank, in rank order, on every rank."""
+    if not rank.distributed:
+        return [obj]
+    out: list = [None] * rank.world_size
+    dist.all_gather_object(out, obj)
+    return out

@@ -1,0 +1,234 @@
+"""Data-parallel training on CPU: gloo, 2 processes, started as torchrun starts them."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from PIL import Image
+from torch.utils.data import TensorDataset
+
+from ddpm_lib.cli import main
+from ddpm_lib.diffusion import DiffusionConfig
+from ddpm_lib.distributed import Rank, from_env
+from ddpm_lib.training import EpochBatches, TrainConfig, Trainer
+from ddpm_lib.unet import UNetConfig
+
+MODEL = UNetConfig(
+    in_channels=1, image_size=8, base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(4,), num_groups=4
+)
+CONFIG = TrainConfig(batch_size=8, steps=3, precision="fp32", sample_every=0, checkpoint_every=0, warmup_steps=0)
+TINY_MODEL = ["--base-channels", "8", "--channel-mults", "1,2", "--num-res-blocks", "1", "--attention-resolutions", "4"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def dataset() -> TensorDataset:
+    g = torch.Generator().manual_seed(1)
+    return TensorDataset(torch.rand(64, 1, 8, 8, generator=g) * 2 - 1, torch.randint(0, 10, (64,), generator=g))
+
+
+def weights(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+
+def _rank(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    try:
+        trainer = Trainer(MODEL, DiffusionConfig(T=50), CONFIG, dataset(), "cpu")
+        trainer.fit(1, progress=False)
+        first = weights(trainer)
+        trainer.fit(3, progress=False)
+        torch.save({"first": first, "last": weights(trainer), "losses": trainer.losses}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ranks")
+    mp.start_processes(_rank, args=(2, free_port(), str(out)), nprocs=2, start_method="spawn")
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+def test_both_ranks_end_with_identical_weights(two_ranks):
+    for name, value in two_ranks[0]["last"].items():
+        assert torch.equal(value, two_ranks[1]["last"][name]), name
+    assert two_ranks[0]["losses"] == two_ranks[1]["losses"]  # the global batch's loss, on every rank
+
+
+def test_a_two_rank_step_with_global_batch_b_matches_one_process_with_batch_b(two_ranks):
+    single = Trainer(MODEL, DiffusionConfig(T=50), CONFIG, dataset(), "cpu")
+    before = weights(single)
+    single.fit(1, progress=False)
+    # The same images, t and eps, so the same gradient up to the order of float sums; AdamW's first
+    # step moves each weight by about lr * sign(gradient), so the tolerance is a small share of lr.
+    tolerance = 1e-3 * CONFIG.lr
+    for name, value in weights(single).items():
+        moved = (value - before[name]).abs().max().item()
+        assert (value - two_ranks[0]["first"][name]).abs().max().item() <= tolerance, name
+        assert moved <= 1.01 * CONFIG.lr  # the step did move the weights (by up to lr) ...
+    assert any((value - before[name]).abs().max() > 0.5 * CONFIG.lr for name, value in weights(single).items())  # ... really
+    assert single.losses[0] == pytest.approx(two_ranks[0]["losses"][0], rel=1e-6)
+
+
+def test_each_rank_reads_its_share_of_every_global_batch():
+    whole = EpochBatches(40, 8, seed=3, start_step=5)
+    shares = [EpochBatches(40, 8, seed=3, start_step=5, rank=Rank(r, 2)) for r in range(2)]
+    for _, batch, first, second in zip(range(12), whole, *shares, strict=False):  # across epochs too (5 batches each)
+        assert first + second == batch
+    with pytest.raises(ValueError, match="does not split evenly over 3 ranks"):
+        EpochBatches(40, 8, seed=0, rank=Rank(0, 3))
+
+
+def test_the_rank_comes_from_torchrun_s_environment(monkeypatch):
+    assert from_env() == Rank()  # no torchrun: one process
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    rank = from_env()
+    assert rank == Rank(1, 4, 1) and rank.distributed and not rank.is_main and rank.share(8) == slice(2, 4)
+    monkeypatch.setenv("RANK", "4")
+    with pytest.raises(ValueError, match="RANK must be in 0 ... WORLD_SIZE - 1"):
+        from_env()
+
+
+# --- The command line under torchrun ---
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+def train_args(images, out, *extra) -> list[str]:
+    common = ["train", "--dataset", "folder", "--data-root", str(images), "--image-size", "8", "--T", "20", "--batch-size", "4"]
+    return [*common, "--sample-every", "0", "--precision", "fp32", *TINY_MODEL, *extra, "--out", str(out)]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def torchrun(*args: str, **popen) -> subprocess.Popen:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ddpm_lib", *args]
+    return subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes started by ``pid``, and theirs, from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def finish(process: subprocess.Popen, timeout: float = 180) -> tuple[int, str]:
+    try:
+        _, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for pid in [process.pid, *descendants(process.pid)]:
+            os.kill(pid, signal.SIGKILL)
+        raise AssertionError("the distributed run hung") from None
+    return process.returncode, err
+
+
+def test_a_killed_distributed_run_resumes_to_where_an_uninterrupted_one_ends(images, tmp_path):
+    steps = ["--steps", "200", "--checkpoint-every", "10"]
+    code, err = finish(torchrun(*train_args(images, tmp_path / "whole.pt", *steps)))
+    assert code == 0, err
+    assert "training on 2 ranks of cpu" in err and "2 images per rank and step" in err
+    killed = torchrun(*train_args(images, tmp_path / "killed.pt", *steps))
+    while not (tmp_path / "killed.pt").exists() and killed.poll() is None:
+        time.sleep(0.02)
+    for pid in [killed.pid, *descendants(killed.pid)]:  # every process of the run (torchrun's workers sit in their own sessions)
+        os.kill(pid, signal.SIGKILL)
+    killed.communicate()
+    reached = torch.load(tmp_path / "killed.pt", weights_only=True)["step"]
+    assert 10 <= reached < 200
+    code, err = finish(torchrun(*train_args(images, tmp_path / "killed.pt", *steps, "--resume")))
+    assert code == 0, err
+    whole, resumed = (torch.load(tmp_path / f"{name}.pt", weights_only=True) for name in ("whole", "killed"))
+    assert resumed["step"] == whole["step"] == 200
+    for part in ("model", "ema"):
+        for name, value in whole[part].items():
+            torch.testing.assert_close(resumed[part][name], value, rtol=0, atol=0, msg=f"{part}.{name}")
+    assert resumed["losses"].tolist() == whole["losses"].tolist()
+
+
+def test_checkpoints_move_between_one_process_and_several(images, tmp_path, capsys):
+    assert main(train_args(images, tmp_path / "one.pt", "--steps", "4")) == 0  # one process ...
+    code, err = finish(torchrun(*train_args(images, tmp_path / "one.pt", "--steps", "8", "--resume")))  # ... resumed on 2 ranks
+    assert code == 0, err
+    assert main(train_args(images, tmp_path / "one.pt", "--steps", "10", "--resume")) == 0  # and back on one
+    out = tmp_path / "samples.png"
+    assert (
+        main(["sample", "--checkpoint", str(tmp_path / "one.pt"), "--num", "4", "--sampler", "ddim", "--steps", "5", "--out", str(out)])
+        == 0
+    )
+    assert out.stat().st_size > 0
+
+
+def ranks(*args: str, world: int = 2) -> list[tuple[int, str]]:
+    """Start ``world`` ranks as torchrun would (its environment variables) and collect each one's exit status and stderr."""
+    port = free_port()
+    processes = []
+    for rank in range(world):
+        env = {
+            **ENV,
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+        command = [sys.executable, "-m", "ddpm_lib", *args]
+        processes.append(
+            subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        )
+    return [finish(p, timeout=120) for p in processes]
+
+
+@pytest.mark.parametrize(
+    "case, extra, status, says",
+    [
+        ("one rank cannot write --out", ["--steps", "2"], 2, "does not exist"),
+        ("a batch that does not split", ["--steps", "2", "--batch-size", "5"], 2, "batch_size 5 is the global batch"),
+        ("a diverging loss", ["--steps", "50", "--lr", "1e30"], 3, "training diverged at step"),
+    ],
+)
+def test_when_one_rank_fails_every_rank_stops_with_the_same_line_and_status(images, tmp_path, case, extra, status, says):
+    out = tmp_path / "run.pt"
+    if case.startswith("one rank"):
+        out = tmp_path / "missing" / "run.pt"  # rank 0 alone checks and writes --out
+    results = ranks(*train_args(images, out, *extra))
+    lines = [err.strip().splitlines()[-1] if err.strip() else "" for _, err in results]
+    assert [code for code, _ in results] == [status, status], results
+    assert lines[0] == lines[1] and lines[0].startswith("python -m ddpm_lib train: error:") and says in lines[0], results
+    assert all("Traceback" not in err for _, err in results), results
