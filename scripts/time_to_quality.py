@@ -14,13 +14,11 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 from ddpm_lib.checkpoint import load_checkpoint, load_model
 from ddpm_lib.classifier import load_classifier, mnist_tensors
 from ddpm_lib.evaluation import SETTINGS, evaluate, weights_sha256
 from ddpm_lib.metrics import real_data_floor, reference_stats, target_misses
-from ddpm_lib.training import PRECISIONS, use_bf16
+from ddpm_lib.training import PRECISIONS, resolve_device, use_bf16
 
 DDIM50, DDPM1000 = (next(s for s in SETTINGS if s.label == label) for label in ("DDIM 50", "DDPM 1000, var beta_tilde"))
 
@@ -33,6 +31,7 @@ def main() -> int:
     parser.add_argument("--num", type=int, default=1000, help="samples per evaluation")
     parser.add_argument("--cache", default="docs/quality.json")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="the U-Net under bf16 autocast (auto: where fast) or fp32")
+    parser.add_argument("--device", default="cpu", help="where the snapshots sample: cpu (the default), cuda or cuda:N")
     parser.add_argument("--all", action="store_true", help="score every snapshot with both samplers, not only up to the first success")
     args = parser.parse_args()
 
@@ -41,7 +40,8 @@ def main() -> int:
     if not snapshots:
         print(f"no snapshots {run.stem}_step*{run.suffix} beside {run}; train with --snapshot-every", file=sys.stderr)
         return 2
-    bf16 = use_bf16(args.precision, torch.device("cpu"))
+    device = resolve_device(args.device)
+    bf16 = use_bf16(args.precision, device)
     classifier = load_classifier(args.classifier)
     reference = reference_stats(classifier, mnist_tensors(args.data_root, train=False)[0])
     floor = real_data_floor(classifier, mnist_tensors(args.data_root, train=True)[0], reference, args.num)
@@ -51,7 +51,7 @@ def main() -> int:
         print("trained on " + "; ".join(f"{name}: {seconds / 60:.1f} min" for name, seconds in machines.items()))
     print(f"{'snapshot':<28} {'minutes':>7}  {'sampler':<26} {'FD':>6} {'FD/floor':>8} {'confident':>9} {'entropy':>7}  verdict")
     for path in snapshots:
-        model, diffusion = load_model(path)
+        model, diffusion = load_model(path, device)
         minutes = load_checkpoint(path).get("train_seconds", float("nan")) / 60
         met = True
         for setting in (DDIM50, DDPM1000):
