@@ -6,7 +6,7 @@ NOTEBOOKS := $(wildcard notebooks/*.ipynb)
 # The data root, made absolute: notebook kernels run inside notebooks/, not here.
 export DDPM_DATA := $(abspath $(or $(DDPM_DATA),data))
 
-.PHONY: lab test notebooks site figures evaluate guidance benchmark setup clean
+.PHONY: lab test notebooks site figures evaluate guidance benchmark gpu-check setup clean
 
 # JupyterLab refuses to run as root (containers, cloud GPU machines) unless told it may.
 USER_ID ?= $(shell id -u)
@@ -42,6 +42,11 @@ guidance: $(VENV)/.installed
 # Speed: training, sampling, sliders, GIF export and the nbval run (docs/benchmarks.md): about 10 minutes on 2 CPU cores.
 benchmark: $(VENV)/.installed
 	$(BIN)/python scripts/benchmark.py
+
+# The GPU check (docs/benchmarks.md, GPU section): about 6 minutes on one H100 or H200. It runs with the
+# machine's own python3 and the library from this tree, not .venv; MNIST in ./data (cp -r ../shared/data/MNIST data/).
+gpu-check:
+	PYTHONPATH=. python3 scripts/gpu_check.py
 
 setup: $(VENV)/.installed
 

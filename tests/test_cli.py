@@ -632,3 +632,15 @@ def test_train_init_starts_from_a_checkpoint_and_takes_its_shape(checkpoint, ima
         assert torch.allclose(state["ema"][name], weight, atol=1e-6), name
     code, err = run(capsys, *base[:-4], "--init", checkpoint, "--resume", "--steps", 6, "--out", out)
     assert_one_line_error(code, err, "--init starts a new run")
+
+
+@pytest.mark.skipif(not (data_root() / "FashionMNIST" / "raw").is_dir(), reason="no Fashion-MNIST copy under the data root (set DDPM_DATA)")
+def test_a_short_fashion_mnist_run_trains_and_samples(capsys, tmp_path):
+    out = tmp_path / "fashion.pt"
+    model = ["--base-channels", "8", "--channel-mults", "1,2", "--num-res-blocks", "1", "--attention-resolutions", "14"]
+    code, err = run(capsys, "train", "--dataset", "fashion-mnist", "--steps", "3", "--batch-size", "8", "--T", "20", *model, "--out", out)
+    assert code == 0, err
+    assert "60000 images" in err and load_checkpoint(out)["train_config"]["dataset"] == "fashion-mnist"
+    code, err = run(capsys, "sample", "--checkpoint", out, "--num", "4", "--sampler", "ddim", "--steps", "5", "--out", tmp_path / "x.npy")
+    assert code == 0, err
+    assert np.load(tmp_path / "x.npy").shape == (4, 1, 28, 28)

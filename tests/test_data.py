@@ -70,6 +70,17 @@ def test_mnist_from_the_data_root_is_in_minus_one_to_one():
     assert os.environ.get("CI") != "true" or len(train) == 23_797  # CI uses the offline copy
 
 
+@pytest.mark.skipif(not (data_root() / "FashionMNIST" / "raw").is_dir(), reason="no Fashion-MNIST copy under the data root (set DDPM_DATA)")
+def test_fashion_mnist_from_the_data_root_is_complete_and_in_minus_one_to_one():
+    train, test = get_dataset("fashion-mnist", download=False), get_dataset("fashion-mnist", train=False, download=False)
+    assert (len(train), len(test)) == (60_000, 10_000)
+    x, y = test[0]
+    assert x.shape == (1, 28, 28) and x.min() == -1 and x.max() <= 1 and y == 9  # the first test image: an ankle boot
+    assert sorted(torch.bincount(train.targets).tolist()) == [6_000] * 10  # balanced, as published
+    memory = get_dataset("fashion-mnist", train=False, download=False, in_memory=True)
+    assert torch.equal(memory[0][0], x) and memory[0][1] == y
+
+
 def test_decoded_folder_holds_the_same_images_and_labels(tmp_path):
     make_images(tmp_path)
     lazy = get_dataset("folder", tmp_path, image_size=16)

@@ -78,3 +78,7 @@ def test_make_lab_allows_root_exactly_when_run_as_root(user_id, flag):
     assert ("--allow-root" in lab) is flag
     default = subprocess.run(["make", "-n", "lab"], capture_output=True, text=True, cwd=ROOT, check=True).stdout
     assert ("--allow-root" in default) is (os.geteuid() == 0)
+
+
+def test_the_readme_is_a_front_page_of_at_most_12000_characters():
+    assert len((ROOT / "README.md").read_text()) <= 12_000  # the experiments live in docs/
