@@ -6,7 +6,7 @@ NOTEBOOKS := $(wildcard notebooks/*.ipynb)
 # The data root, made absolute: notebook kernels run inside notebooks/, not here.
 export DDPM_DATA := $(abspath $(or $(DDPM_DATA),data))
 
-.PHONY: lab test notebooks site figures evaluate guidance benchmark gpu-check setup clean
+.PHONY: lab test notebooks site figures evaluate guidance benchmark gpu-check gpu-prepare setup clean
 
 # JupyterLab refuses to run as root (containers, cloud GPU machines) unless told it may.
 USER_ID ?= $(shell id -u)
@@ -44,9 +44,16 @@ benchmark: $(VENV)/.installed
 	$(BIN)/python scripts/benchmark.py
 
 # The GPU check (docs/benchmarks.md, GPU section): about 6 minutes on one H100 or H200. It runs with the
-# machine's own python3 and the library from this tree, not .venv; MNIST in ./data (cp -r ../shared/data/MNIST data/).
+# machine's own python3 and the library from this tree, not .venv. make gpu-prepare first, where there is
+# a network: the GPU machine gets only the tree (carry data/ and wheels/ along) and installs nothing.
+GPU_PYTHON ?= python3
 gpu-check:
-	PYTHONPATH=. python3 scripts/gpu_check.py
+	PYTHONPATH=.$(foreach wheel,$(wildcard wheels/*.whl),:$(wheel)) $(GPU_PYTHON) scripts/gpu_check.py
+
+# MNIST into data/, and the one pure-Python package the library needs that the GPU machine lacks (filelock).
+gpu-prepare: $(VENV)/.installed
+	test -d data/MNIST || (mkdir -p data && cp -r $(DDPM_DATA)/MNIST data/)
+	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: --dest wheels filelock
 
 setup: $(VENV)/.installed
 

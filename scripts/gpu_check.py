@@ -27,7 +27,10 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+try:
+    import torch
+except ImportError:
+    sys.exit(f"{sys.executable} has no PyTorch: run the check with a Python that has it (make gpu-check GPU_PYTHON=...)")
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the library from this tree, with any python3

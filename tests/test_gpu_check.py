@@ -18,9 +18,9 @@ sys.meta_path.insert(0, Hide())
 """
 
 
-def test_without_cuda_the_check_says_so_and_exits_cleanly():
+def test_without_cuda_make_gpu_check_says_so_and_exits_cleanly():
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    run = subprocess.run([sys.executable, "scripts/gpu_check.py"], cwd=ROOT, capture_output=True, text=True, env=env)
+    run = subprocess.run(["make", "gpu-check", f"GPU_PYTHON={sys.executable}"], cwd=ROOT, capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr
     assert "no CUDA GPU is visible here" in run.stdout and "nothing to check" in run.stdout
 
