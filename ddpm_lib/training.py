@@ -121,9 +121,9 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
 
 
 @contextmanager
-def deferred_interrupt() -> Iterator[Callable[[], bool]]:
-    """Within the body, a first Ctrl-C (SIGINT) only sets a flag, which the yielded function reads,
-    so a loop can stop between two steps; a second Ctrl-C raises KeyboardInterrupt at once.
+def deferred_interrupt(signals: tuple[int, ...] = (signal.SIGINT,)) -> Iterator[Callable[[], bool]]:
+    """Within the body, a first Ctrl-C (SIGINT, or any of ``signals``) only sets a flag, which the yielded
+    function reads, so a loop can stop between two steps; a second one raises KeyboardInterrupt at once.
 
     Outside the main thread (where Python cannot catch signals) Ctrl-C is left as it is.
     """
@@ -137,11 +137,13 @@ def deferred_interrupt() -> Iterator[Callable[[], bool]]:
             raise KeyboardInterrupt
         pressed.append(True)
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {s: signal.signal(s, handler) for s in signals}
     try:
         yield lambda: bool(pressed)
     finally:
-        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+        for s, handler_before in previous.items():
+            default = signal.default_int_handler if s == signal.SIGINT else signal.SIG_DFL
+            signal.signal(s, handler_before if handler_before is not None else default)
 
 
 def cpuinfo() -> str:
@@ -396,7 +398,9 @@ class Trainer:
         machine = device_name(self.device)
         offset = self.machine_seconds.get(machine, 0.0) - self.train_seconds  # offset + train_seconds: time on this machine
         written = None  # the step last written to checkpoint_path
-        with deferred_interrupt() as interrupted, self._own_rng(), bar:
+        # Under torchrun a Ctrl-C reaches the launcher, which passes it on to the ranks as SIGTERM.
+        stop_on = (signal.SIGINT, signal.SIGTERM) if self.rank.distributed else (signal.SIGINT,)
+        with deferred_interrupt(stop_on) as interrupted, self._own_rng(), bar:
             batches = iter(loader)
             # Checked before fetching (after Ctrl-C, workers may be gone), and agreed: all ranks stop at one step.
             while self.step < until and not (stopping := distributed.any_rank(interrupted(), self.rank, self.device)):

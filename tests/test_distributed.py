@@ -1,6 +1,7 @@
 """Data-parallel training on CPU: gloo, 2 processes, started as torchrun starts them."""
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -187,6 +188,7 @@ def test_checkpoints_move_between_one_process_and_several(images, tmp_path, caps
     code, err = finish(torchrun(*train_args(images, tmp_path / "one.pt", "--steps", "8", "--resume")))  # ... resumed on 2 ranks
     assert code == 0, err
     assert main(train_args(images, tmp_path / "one.pt", "--steps", "10", "--resume")) == 0  # and back on one
+    assert main(["export", "--checkpoint", str(tmp_path / "one.pt"), "--out", str(tmp_path / "ema.pt")]) == 0
     out = tmp_path / "samples.png"
     assert (
         main(["sample", "--checkpoint", str(tmp_path / "one.pt"), "--num", "4", "--sampler", "ddim", "--steps", "5", "--out", str(out)])
@@ -232,3 +234,18 @@ def test_when_one_rank_fails_every_rank_stops_with_the_same_line_and_status(imag
     assert [code for code, _ in results] == [status, status], results
     assert lines[0] == lines[1] and lines[0].startswith("python -m ddpm_lib train: error:") and says in lines[0], results
     assert all("Traceback" not in err for _, err in results), results
+
+
+def test_ctrl_c_on_torchrun_saves_once_at_the_step_every_rank_reached(images, tmp_path):
+    out = tmp_path / "run.pt"
+    run = torchrun(*train_args(images, out, "--steps", "5000", "--checkpoint-every", "1000"))
+    while not list(tmp_path.glob(".*run.pt*")) and not out.exists() and run.poll() is None:
+        time.sleep(0.05)  # the lock file beside --out: rank 0 has set up
+    time.sleep(3)  # some steps, before the first checkpoint
+    run.send_signal(signal.SIGINT)  # what Ctrl-C sends; torchrun passes it on to its ranks
+    _, err = finish(run)
+    said = re.findall(r"interrupted at step (\d+): saved", err)
+    assert len(said) == 2 and said[0] == said[1], err  # both ranks, one step
+    assert torch.load(out, weights_only=True)["step"] == int(said[0]) > 0
+    code, err = finish(torchrun(*train_args(images, out, "--steps", str(int(said[0]) + 4), "--resume")))
+    assert code == 0, err
