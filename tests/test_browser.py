@@ -183,23 +183,19 @@ def drag_widget_slider(page, name: str, keys: list[str]) -> tuple[str, str]:
     return before, readout.inner_text()
 
 
-def test_the_forward_process_slider_in_jupyterlab(browser, lab):
+@pytest.mark.parametrize(
+    "notebook, name, keys, before, after",
+    [  # arrows move by 1, pages by 5: from the clean digits up into the noise, and from pure noise down toward the digits
+        ("01_forward_process.ipynb", "jupyterlab_forward_process", ["ArrowRight"] * 3 + ["PageUp"] * 40, "0", "203"),
+        ("06_sampling.ipynb", "jupyterlab_reverse_process", ["ArrowLeft"] * 2 + ["PageDown"] * 2, "999", "987"),
+    ],
+)
+def test_a_timestep_slider_in_jupyterlab(browser, lab, notebook, name, keys, before, after):
     base, token = lab
     page = offline_page(browser, base)
-    run_all_cells(page, base, token, "01_forward_process.ipynb", timeout_s=180)
+    run_all_cells(page, base, token, notebook, timeout_s=400)
     assert errors_shown(page) == []
-    before, after = drag_widget_slider(page, "jupyterlab_forward_process", ["ArrowRight"] * 3 + ["PageUp"] * 40)
-    assert before == "0" and int(after) == 203  # 3 steps of 1 and 40 pages of 5, up from the clean digits
-    page.close()
-
-
-def test_the_reverse_process_slider_in_jupyterlab(browser, lab):
-    base, token = lab
-    page = offline_page(browser, base)
-    run_all_cells(page, base, token, "06_sampling.ipynb", timeout_s=400)
-    assert errors_shown(page) == []
-    before, after = drag_widget_slider(page, "jupyterlab_reverse_process", ["ArrowLeft"] * 2 + ["PageDown"] * 2)
-    assert before == "999" and int(after) < 997  # from pure noise toward the digits
+    assert drag_widget_slider(page, name, keys) == (before, after)
     page.close()
 
 

@@ -222,6 +222,7 @@ def ranks(*args: str, world: int = 2) -> list[tuple[int, str]]:
     [
         ("one rank cannot write --out", ["--steps", "2"], 2, "does not exist"),
         ("a batch that does not split", ["--steps", "2", "--batch-size", "5"], 2, "batch_size 5 is the global batch"),
+        ("a missing dataset", ["--steps", "2", "--data-root", "/nonexistent/images"], 2, "/nonexistent/images"),
         ("a diverging loss", ["--steps", "50", "--lr", "1e30"], 3, "training diverged at step"),
     ],
 )
