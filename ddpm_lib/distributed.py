@@ -12,6 +12,7 @@ N ranks train on exactly the data and noise one process would, and a checkpoint 
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -109,8 +110,7 @@ def together(rank: Rank) -> Iterator[None]:
         yield
     except Exception as e:  # every kind: the others must hear of it
         error = e
-    errors: list = [None] * rank.world_size
-    dist.all_gather_object(errors, None if error is None else _portable(error))
+    errors = gather(None if error is None else _portable(error), rank)
     failed = next((i for i, e in enumerate(errors) if e is not None), None)
     if failed is not None:
         raise errors[failed]
@@ -118,8 +118,6 @@ def together(rank: Rank) -> Iterator[None]:
 
 def _portable(error: BaseException) -> BaseException:
     """``error`` as something all_gather_object can pickle: itself, or a RuntimeError with its message."""
-    import pickle
-
     try:
         pickle.loads(pickle.dumps(error))
         return error

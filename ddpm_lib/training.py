@@ -320,8 +320,8 @@ class Trainer:
         prediction, gen = self.diffusion_config.prediction, self.generator
         # On N ranks x0 is this rank's b = B / N images of the global batch; t, the label dropout and eps
         # are drawn for all B, in a single process's order, and each rank keeps its share.
-        share = self.rank.share(len(x0) * self.rank.world_size)
         B = len(x0) * self.rank.world_size
+        share = self.rank.share(B)
         t = torch.randint(0, self.schedule.T, (B,), generator=gen, device=gen.device)[share].to(self.device)  # (b,)
         num_classes = self.model_config.num_classes
         if num_classes:

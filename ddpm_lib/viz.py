@@ -420,11 +420,11 @@ class GuidanceViewer:
         scale: int = 2,
         static_digits: Sequence[int] = (3,),
     ):
+        import ipywidgets as widgets
+
         self.digits = sorted({d for d, _ in grids})
         self.strengths = sorted({s for _, s in grids})
         self.description, self.static_digits = description, list(static_digits)
-        import ipywidgets as widgets
-
         self.frames = {key: image_grid(x, nrow, scale=scale) for key, x in grids.items()}
         self.pngs = {key: png_bytes(frame) for key, frame in self.frames.items()}
         self.picker = widgets.ToggleButtons(options=self.digits, value=self.digits[0], description="digit", style={"button_width": "32px"})

@@ -253,7 +253,7 @@ def main() -> int:
     print(json.dumps(report["environment"], indent=1))
     errors = {}
     stages = [
-        ("tests", "2. the GPU tests", lambda: gpu_tests()),
+        ("tests", "2. the GPU tests", gpu_tests),
         ("training", "3. training and sampling speed", lambda: [training_speed(device, b, args.tiny, args.data_root) for b in (128, 512)]),
         ("sampling", "3. DDIM-50 of 1,000 digits", lambda: sampling_speed(device, args.tiny)),
         (
