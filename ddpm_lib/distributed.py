@@ -11,6 +11,7 @@ N ranks train on exactly the data and noise one process would, and a checkpoint 
 
 from __future__ import annotations
 
+import gc
 import os
 import pickle
 from collections.abc import Iterator
@@ -90,8 +91,15 @@ def barrier(rank: Rank) -> None:
 
 
 def stop() -> None:
-    """Leave the process group, if this process is in one."""
+    """Leave the process group, if this process is in one.
+
+    The trainer's reference cycles (its EMA holds a bound method) keep the DistributedDataParallel
+    wrapper alive until the garbage collector runs; collected at interpreter exit, after the group is
+    gone, its reducer can abort the process ("terminate called without an active exception"), so it
+    is collected here, first.
+    """
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
