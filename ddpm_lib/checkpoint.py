@@ -21,6 +21,8 @@ import dataclasses
 import io
 import os
 import pickle
+import stat
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ import torch
 
 from .diffusion import DiffusionConfig
 from .files import OutputPathError, check_writable, write_atomic
+from .resources import require_model
 from .unet import UNet, UNetConfig
 
 FORMAT, VERSION = "ddpm_lib", 1
@@ -80,10 +83,28 @@ MAGIC = {  # first bytes of the files most often passed by mistake
 }
 
 
+NOT_FILES = (  # what else a path can name; each is refused without opening it (opening a FIFO waits for a writer)
+    (stat.S_ISDIR, "a folder, not a file"),
+    (stat.S_ISFIFO, "a named pipe (FIFO), not a file"),
+    (stat.S_ISCHR, "a character device, not a file"),
+    (stat.S_ISBLK, "a block device, not a file"),
+    (stat.S_ISSOCK, "a socket, not a file"),
+)
+TEXT_CONTROLS = set(range(32)) - {9, 10, 12, 13}  # bytes that never occur in text; tab, newlines and form feed do
+
+
+def not_a_file(path: Path) -> str | None:
+    """What ``path`` names if it is not a regular file ("a named pipe (FIFO), not a file", ...), from its
+    status alone; None for a regular file."""
+    mode = path.stat().st_mode
+    return next((kind for test, kind in NOT_FILES if test(mode)), None if stat.S_ISREG(mode) else "not a regular file")
+
+
 def describe_file(path: Path) -> str:
     """What a file that is not a readable checkpoint actually is, in a few words."""
-    if path.is_dir():
-        return "a folder, not a file"
+    kind = not_a_file(path)
+    if kind is not None:
+        return kind
     with open(path, "rb") as f:
         head = f.read(512)
     if not head:
@@ -91,37 +112,65 @@ def describe_file(path: Path) -> str:
     for magic, kind in MAGIC.items():
         if head.startswith(magic):
             return kind
-    if head.startswith(b"PK\x03\x04"):
+    if head.startswith(ZIP_MAGIC):
         return "a zip archive, but not a complete PyTorch file (truncated or corrupt?)"
     try:
-        head.decode("utf-8")
-        return f"a text file starting {head[:40].decode('utf-8', 'replace').splitlines()[0]!r}"
+        text = head.decode("utf-8")
     except UnicodeDecodeError:
-        return f"{path.stat().st_size} bytes that are not a PyTorch file (first bytes: {head[:8].hex(' ')})"
+        text = None
+    if text is None or TEXT_CONTROLS & set(head):
+        return f"{path.stat().st_size:,} bytes of binary data, not a PyTorch file (first bytes: {head[:8].hex(' ')})"
+    return f"a text file starting {text[:40].splitlines()[0]!r}"
+
+
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6: a zip archive of uncompressed records
+LEGACY_MAGIC = b"\x80\x02\x8a\x0a"  # the pickle stream of PyTorch before 1.6, which ddpm_lib never writes
+ARCHIVE_SLACK = 2**20  # bytes an archive may declare beyond its own size (zip headers and alignment, a little metadata)
+
+
+def declared_size(path: Path) -> int:
+    """The bytes a zip archive's records say they hold once read: its central directory alone is read."""
+    with zipfile.ZipFile(path) as archive:
+        return sum(info.file_size for info in archive.infolist())
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint safely; every failure is a :class:`CheckpointError` saying what is wrong."""
+    """Read a checkpoint safely; every failure is a :class:`CheckpointError` saying what is wrong.
+
+    Nothing in it can run code (``weights_only=True``), and refusing a hostile file costs little
+    memory: only files in torch.save's zip format are read, an archive that declares more data
+    than the file holds (a compressed "bomb": torch.save never compresses) is refused from its
+    directory alone, and the tensors are memory-mapped (``mmap=True``) rather than read in.
+    """
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
-    if not path.is_file() or path.stat().st_size == 0:
+    if not_a_file(path) is not None or path.stat().st_size == 0:
         raise CheckpointError(f"{path} is not a checkpoint: it is {describe_file(path)}")
     with open(path, "rb") as f:
         head = f.read(4)
-    pytorch = head in (b"PK\x03\x04", b"\x80\x02\x8a\x0a")  # torch.save's zip format, or its legacy pickle (magic number first)
+    if head == LEGACY_MAGIC:
+        raise CheckpointError(f"{path} is a PyTorch file in the format of PyTorch before 1.6, which a ddpm_lib checkpoint never is")
+    if head != ZIP_MAGIC:
+        raise CheckpointError(f"{path} is not a checkpoint: it is {describe_file(path)}")
+    size = path.stat().st_size
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        declared = declared_size(path)
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): {' '.join(str(e).split())}") from e
+    if declared > size + ARCHIVE_SLACK:
+        raise CheckpointError(
+            f"refused to load {path}: it declares {declared / 2**20:,.0f} MiB of data in a file of {size / 2**20:,.1f} MiB "
+            "(a compressed archive; torch.save writes checkpoints uncompressed)"
+        )
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
-        if not pytorch:
-            raise CheckpointError(f"{path} is not a checkpoint: it is {describe_file(path)}") from e
         raise CheckpointError(
             f"refused to load {path}: it holds pickled Python objects other than tensors (possibly code), "
             "which a ddpm_lib checkpoint never does"
         ) from e
     except Exception as e:  # garbage bytes make the unpickler fail in many ways (KeyError, EOFError, RuntimeError, ...)
-        if not pytorch:
-            raise CheckpointError(f"{path} is not a checkpoint: it is {describe_file(path)}") from e
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): {' '.join(str(e).split())}") from e
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is a PyTorch file but not a ddpm_lib checkpoint")
@@ -134,9 +183,11 @@ def model_from_state(state: dict[str, Any], path: str | os.PathLike) -> tuple[UN
     """The EMA model (on the CPU, in eval mode) and diffusion config of a loaded checkpoint, or a
     :class:`CheckpointError` if its configs or weights are unusable."""
     try:
-        model = UNet(config_from_dict(UNetConfig, state["model_config"]))
+        config = config_from_dict(UNetConfig, state["model_config"])
+        diffusion = config_from_dict(DiffusionConfig, state["diffusion_config"])  # validates T before the schedule is built
+        require_model(UNet, config, 1, f"{path}'s U-Net")  # before anything is allocated
+        model = UNet(config)
         model.load_state_dict(state["ema"])
-        diffusion = config_from_dict(DiffusionConfig, state["diffusion_config"])
     except KeyError as e:
         raise CheckpointError(f"{path} does not hold a usable model: it lacks {e}") from e
     except (TypeError, RuntimeError, ValueError, AttributeError) as e:

@@ -22,19 +22,20 @@ import torch
 
 from . import distributed
 from .checkpoint import CheckpointError, export_ema, load_checkpoint, load_model, model_from_state
-from .data import DATASETS, DatasetNotFoundError, dataset_info, get_dataset, num_classes
+from .data import DATASETS, DatasetNotFoundError, ImageFiles, dataset_info, get_dataset, num_classes, skipped_summary
 from .diffusion import PREDICTIONS, DiffusionConfig
+from .divergence import DivergenceError
 from .files import OutputPathError, check_writable, exclusive_lock, write_atomic
 from .guidance import DEFAULT_CLASSIFIER_SCALE, DEFAULT_GUIDANCE, class_blocks
 from .likelihood import Bound, bound_table, variational_bound
 from .noisy_classifier import check_matches, load_noisy_classifier
-from .sampling import SAMPLERS, VARIANCES, ddim_timesteps, sample, sample_loop
+from .resources import format_bytes, require
+from .sampling import SAMPLERS, VARIANCES, check_network, check_samples, check_trajectory, ddim_timesteps, sample, sample_loop
 from .schedules import SCHEDULES
 from .training import (
     LOSS_WEIGHTINGS,
     LR_SCHEDULES,
     PRECISIONS,
-    DivergenceError,
     TrainConfig,
     Trainer,
     device_name,
@@ -44,7 +45,7 @@ from .training import (
     use_bf16,
 )
 from .unet import UNetConfig
-from .viz import check_levels, save_grid, save_trajectory_gif, to_uint8
+from .viz import GIF_MAX_MS, auto_scale, check_levels, save_grid, save_trajectory_gif, to_uint8
 
 
 class UsageError(Exception):
@@ -64,13 +65,19 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def whole_number(text: str, low: int) -> int:
+INT64 = 2**63 - 1  # the largest whole number PyTorch takes: every count on the command line stays below it
+SEEDS = 2**32  # seeds are 0 ... 2^32 - 1: seeded streams of ranks and epochs are derived from them without overflow
+
+
+def whole_number(text: str, low: int, high: int = INT64) -> int:
     try:
         value = int(text)
     except ValueError:
         value = None
     if value is None or value < low:
         raise argparse.ArgumentTypeError(f"must be a whole number >= {low}, got {text!r}")
+    if value > high:
+        raise argparse.ArgumentTypeError(f"must be at most {high:,}, got {text}")
     return value
 
 
@@ -80,6 +87,14 @@ def positive_int(text: str) -> int:
 
 def nonnegative_int(text: str) -> int:
     return whole_number(text, 0)
+
+
+def seed(text: str) -> int:
+    return whole_number(text, 0, SEEDS - 1)
+
+
+def gif_duration(text: str) -> int:
+    return whole_number(text, 1, GIF_MAX_MS)
 
 
 def finite_float(text: str) -> float:
@@ -173,7 +188,7 @@ def build_parser() -> Parser:
     t.add_argument("--ema-decay", type=finite_float, help=f"in [0, 1) (default: {c.ema_decay})")
     t.add_argument("--loss-weighting", choices=LOSS_WEIGHTINGS, help=f"min_snr (Hang et al.) or uniform (default: {c.loss_weighting})")
     t.add_argument("--precision", choices=PRECISIONS, help="auto (the default): bf16 where the hardware runs it fast, else fp32")
-    t.add_argument("--seed", type=int, help=f"(default: {c.seed})")
+    t.add_argument("--seed", type=seed, help=f"0 ... 2^32 - 1 (default: {c.seed})")
     t.add_argument("--patch-size", type=positive_int, help=f"fold p x p pixel patches into channels first (default: {m.patch_size})")
     t.add_argument("--base-channels", type=positive_int, help=f"(default: {m.base_channels})")
     t.add_argument("--channel-mults", type=int_tuple, help="e.g. 1,2,2 (default: 1,2,4)")
@@ -220,7 +235,7 @@ def build_parser() -> Parser:
         s.add_argument("--steps", type=positive_int, help="DDIM steps (default: T)")
         s.add_argument("--eta", type=finite_float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like")
         s.add_argument("--variance", choices=VARIANCES, default="beta_tilde", help="DDPM step variance")
-        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--seed", type=seed, default=0, help="0 ... 2^32 - 1 (default: 0)")
         s.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
         s.add_argument("--precision", choices=PRECISIONS, default="auto", help="auto: bf16 where the hardware runs it fast, else fp32")
         s.add_argument(
@@ -243,14 +258,14 @@ def build_parser() -> Parser:
         )
         s.add_argument("--out", required=True, help=".png or .npy" if name == "sample" else ".gif")
     s.add_argument("--frames", type=positive_int, default=60, help="frames in the GIF")
-    s.add_argument("--duration-ms", type=positive_int, default=80, help="milliseconds per frame")
+    s.add_argument("--duration-ms", type=gif_duration, default=80, help=f"milliseconds per frame, at most {GIF_MAX_MS:,} (GIF's limit)")
     s.add_argument("--no-x0", action="store_true", help="show x_t only, not the predicted x0 beside it")
     s.add_argument("--levels", type=grey_levels, default=32, help="grey levels per pixel (256: all; fewer: smaller file)")
 
     n = sub.add_parser("nll", help="the variational bound (Ho et al. Eq. 5) in bits/dim on the first N test images")
     n.add_argument("--checkpoint", required=True, help="a checkpoint written by train or export")
     n.add_argument("--num", type=positive_int, default=100, help="the first N images of the test set")
-    n.add_argument("--seed", type=int, default=0, help="seeds the noise of every x_t")
+    n.add_argument("--seed", type=seed, default=0, help="seeds the noise of every x_t, 0 ... 2^32 - 1 (default: 0)")
     n.add_argument("--dataset", choices=[d for d in DATASETS if d != "folder"], help="(default: the checkpoint's own, else mnist)")
     n.add_argument("--data-root", help="data folder (default: $DDPM_DATA, else ./data)")
     n.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
@@ -367,6 +382,8 @@ def train(args: argparse.Namespace, out: Path, rank: distributed.Rank, device: t
         where = f"{rank.world_size} ranks of {trainer.device.type} (rank 0: {where}), {per_rank} images per rank and step"
     if rank.is_main:
         print(f"training on {where}, {len(trainer.dataset)} images, steps {trainer.step} -> {steps}", file=sys.stderr)
+        if isinstance(trainer.dataset, ImageFiles) and trainer.dataset.skipped:
+            print(f"skipped {skipped_summary(trainer.dataset.skipped)} (they do not decode as images)", file=sys.stderr)
 
     def save_samples(step: int, grid: torch.Tensor) -> None:
         save_grid(grid, out.with_name(f"{out.stem}_samples_{step:07d}.png"))
@@ -406,6 +423,7 @@ def load_for_sampling(args: argparse.Namespace, suffixes: tuple[str, ...]):
         ddim_timesteps(diffusion.T, args.steps)  # raises for steps outside 1 ... T
     c = model.config
     chw = (c.in_channels, c.image_size, c.image_size)
+    require_output(args, chw, (args.steps or diffusion.T) + 1)
     bf16 = use_bf16(args.precision, device)
     loop_args = dict(
         sampler=args.sampler,
@@ -417,6 +435,7 @@ def load_for_sampling(args: argparse.Namespace, suffixes: tuple[str, ...]):
         bf16=bf16,
     )
     labels, guide = guidance_args(args, model, diffusion, chw, device)
+    check_network(model, diffusion.make_schedule(), chw, device)  # a blown-up or untrained model is refused before the long run
     return model, diffusion, chw, {**loop_args, **guide}, labels
 
 
@@ -459,6 +478,28 @@ def guidance_args(args: argparse.Namespace, model, diffusion: DiffusionConfig, c
 BATCH = 256  # images the network sees at once when sampling: memory stays flat however large --num is
 
 
+def require_output(args: argparse.Namespace, chw: tuple[int, int, int], num_steps: int) -> None:
+    """Refuse a --num whose samples or output file cannot fit in this machine's memory or disk, before sampling.
+
+    Estimates, generous on purpose: sample keeps every image as float32 and tiles a float grid for a
+    PNG; gif keeps every frame, each a grid of --num images upscaled (x_t beside the predicted x0).
+    """
+    c, h, w = chw
+    n = args.num
+    if args.command == "sample":
+        grid = n * (h + 2) * (w + 2) * 3  # make_grid's padded RGB tiling
+        memory = 4 * n * c * h * w + (8 * grid if args.out.lower().endswith(".png") else 0)
+        disk = n * c * h * w if args.out.lower().endswith(".npy") else grid
+    else:
+        rows = math.ceil(math.sqrt(n))
+        scale = auto_scale(w, rows)
+        frame = n * (h * scale + 2) * (w * scale + 2) * c * (1 if args.no_x0 else 2)
+        frames = min(args.frames, num_steps)
+        memory = 16 * n * c * h * w + frames * frame  # x_t, x0 and eps of every image, and every frame
+        disk = frames * frame
+    require(f"--num {n:,} ({format_bytes(4 * n * c * h * w)} of samples)", memory=memory, disk=disk, out=args.out)
+
+
 def cmd_sample(args: argparse.Namespace) -> None:
     model, diffusion, chw, loop_args, labels = load_for_sampling(args, (".png", ".npy"))
     generator = torch.Generator().manual_seed(args.seed)
@@ -468,7 +509,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
         n = min(BATCH, args.num - start)
         y = labels[start : start + n] if labels is not None else None
         batches.append(sample(model, schedule, (n, *chw), generator=generator, labels=y, **loop_args).cpu())
-    x = torch.cat(batches)  # (N, C, H, W)
+    x = check_samples(torch.cat(batches))  # (N, C, H, W); blank or broken samples are an error, not a black picture
     if args.out.lower().endswith(".npy"):
         buffer = io.BytesIO()
         np.save(buffer, to_uint8(x).numpy())
@@ -483,6 +524,7 @@ def cmd_gif(args: argparse.Namespace) -> None:
     generator = torch.Generator().manual_seed(args.seed)
     schedule = diffusion.make_schedule()
     steps = sample_loop(model, schedule, (args.num, *chw), generator=generator, batch_size=BATCH, labels=labels, **loop_args)
+    steps = check_trajectory(steps)  # raises at the finished samples if they are blank or broken: no GIF is written
     num_steps = (args.steps or diffusion.T) + 1
     show_x0 = not args.no_x0
     save_trajectory_gif(steps, args.out, num_steps, frames=args.frames, duration_ms=args.duration_ms, show_x0=show_x0, levels=args.levels)
@@ -534,15 +576,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         command(args)
     except (UsageError, CheckpointError, DatasetNotFoundError, OutputPathError, ValueError) as e:
-        print(f"{prefix}: error: {e}", file=sys.stderr)
-        return 2
+        return fail(f"{prefix}: error: {e}", 2)
     except Diverged as e:
-        print(f"{prefix}: error: {e}", file=sys.stderr)
-        return 3
+        return fail(f"{prefix}: error: {e}", 3)
     except Interrupted as e:
-        print(f"{prefix}: {e}", file=sys.stderr)
-        return 130
+        return fail(f"{prefix}: {e}", 130)
     except KeyboardInterrupt:
-        print(f"{prefix}: interrupted", file=sys.stderr)
-        return 130
+        return fail(f"{prefix}: interrupted", 130)
     return 0
+
+
+def fail(message: str, status: int) -> int:
+    """Print the one-line ``message`` (and, under torchrun, leave it for torchrun's report); return ``status``."""
+    print(message, file=sys.stderr)
+    distributed.record_error(f"{message} (exit status {status})")
+    return status

@@ -7,9 +7,11 @@ The data root is, in order: the ``root`` argument, the environment variable ``DD
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchvision import datasets, transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader
@@ -52,10 +54,29 @@ def dataset_info(name: str) -> tuple[int, int | None]:
 
 
 class ImageFiles(Dataset):
-    """Every image file under ``folder`` (recursively, sorted), labelled 0."""
+    """Every image file under ``folder`` (recursively, sorted) that decodes, labelled 0.
+
+    Each file is decoded once here, before any training step, so that a corrupt or truncated
+    image cannot stop a run halfway: files that do not decode are **skipped**, and listed in
+    ``skipped`` as (path, reason) for the caller to report. Only regular files are opened (a
+    named pipe called x.png would block the read). A folder where no image decodes is a
+    :class:`DatasetNotFoundError`.
+    """
 
     def __init__(self, folder: Path, transform: transforms.Compose):
-        self.files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS)
+        candidates = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS)
+        self.files: list[Path] = []
+        self.skipped: list[tuple[Path, str]] = []
+        for path in candidates:
+            reason = undecodable(path)
+            if reason is None:
+                self.files.append(path)
+            else:
+                self.skipped.append((path, reason))
+        if candidates and not self.files:
+            raise DatasetNotFoundError(
+                f"dataset 'folder': none of the {len(candidates)} image files in {folder} decodes ({skipped_summary(self.skipped)})"
+            )
         self.transform = transform
 
     def __len__(self) -> int:
@@ -63,6 +84,25 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return self.transform(default_loader(str(self.files[i]))), 0
+
+
+def undecodable(path: Path) -> str | None:
+    """Why the image file ``path`` cannot be used ("not a regular file", PIL's error, ...), or None if it decodes."""
+    if not path.is_file():  # follows links; False for folders, pipes, devices and sockets
+        return "not a regular file"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # a huge image is a bomb here too
+            default_loader(str(path))  # decodes every pixel, as training will
+    except Exception as e:  # PIL raises many kinds for broken files (OSError, SyntaxError, ValueError, ...)
+        return " ".join(str(e).split()) or type(e).__name__
+    return None
+
+
+def skipped_summary(skipped: list[tuple[Path, str]]) -> str:
+    """'2 files, e.g. a/bad.png: cannot identify image file' for a log line."""
+    path, reason = skipped[0]
+    return f"{len(skipped)} file{'s' if len(skipped) > 1 else ''}, e.g. {path.name}: {reason}"
 
 
 def get_dataset(

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from .schedules import SCHEDULES, NoiseSchedule, extract, get_schedule
 
 PREDICTIONS = ("eps", "x0", "v")
+MAX_T = 100_000  # diffusion steps; papers use up to 4,000. A checkpoint asking for 10^12 is refused before its schedule is built.
 
 
 @dataclass(frozen=True)
@@ -32,8 +33,8 @@ class DiffusionConfig:
             raise ValueError(f"unknown noise schedule {self.schedule!r}; valid names: {', '.join(SCHEDULES)}")
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction {self.prediction!r}; valid choices: {', '.join(PREDICTIONS)}")
-        if not isinstance(self.T, int) or self.T < 1:
-            raise ValueError(f"T must be a positive integer, got {self.T!r}")
+        if not isinstance(self.T, int) or not 1 <= self.T <= MAX_T:
+            raise ValueError(f"T must be a whole number from 1 to {MAX_T:,}, got {self.T!r}")
 
     def make_schedule(self) -> NoiseSchedule:
         return get_schedule(self.schedule, self.T)

@@ -12,8 +12,10 @@ N ranks train on exactly the data and noise one process would, and a checkpoint 
 from __future__ import annotations
 
 import gc
+import json
 import os
 import pickle
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -82,6 +84,22 @@ def start(device: torch.device) -> tuple[Rank, torch.device]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
     return rank, device
+
+
+def record_error(message: str) -> None:
+    """Under torchrun, leave this rank's one-line error where torchrun's failure report reads it.
+
+    torchrun's agent gives every rank an error file (TORCHELASTIC_ERROR_FILE) and shows the first
+    one written as the "traceback" of its report; without it the report only links to the docs.
+    torchrun itself still exits with status 1, whatever the ranks' statuses (see docs/cli.md).
+    """
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        try:
+            with open(path, "w") as f:
+                json.dump({"message": message, "timestamp": int(time.time())}, f)
+        except OSError:
+            pass  # the message is on stderr already; the report falls back to its link
 
 
 def barrier(rank: Rank) -> None:

@@ -22,8 +22,9 @@ from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointError, check_finite, config_from_dict, load_checkpoint, save_checkpoint
 from .diffusion import DiffusionConfig, q_sample
+from .resources import require_model
 from .schedules import NoiseSchedule
-from .unet import ResBlock, timestep_embedding
+from .unet import LIMITS, MAX_LEVELS, ResBlock, timestep_embedding
 
 
 @dataclass(frozen=True)
@@ -36,13 +37,14 @@ class NoisyClassifierConfig:
     num_groups: int = 8  # GroupNorm groups; must divide every channel count
 
     def __post_init__(self) -> None:
-        for name in ("in_channels", "image_size", "num_classes", "base_channels", "num_groups"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive whole number, got {getattr(self, name)!r}")
+        for name in ("in_channels", "image_size", "num_classes", "base_channels", "num_groups"):  # the U-Net's limits
+            if not isinstance(getattr(self, name), int) or not 1 <= getattr(self, name) <= LIMITS[name]:
+                raise ValueError(f"{name} must be a whole number from 1 to {LIMITS[name]:,}, got {getattr(self, name)!r}")
         if self.num_classes < 2:
             raise ValueError(f"a classifier needs at least 2 classes, got num_classes={self.num_classes}")
-        if not self.channel_mults or not all(isinstance(m, int) and m >= 1 for m in self.channel_mults):
-            raise ValueError(f"channel_mults must be positive whole numbers, got {self.channel_mults}")
+        most = LIMITS["channel_mults"]
+        if not 1 <= len(self.channel_mults) <= MAX_LEVELS or not all(isinstance(m, int) and 1 <= m <= most for m in self.channel_mults):
+            raise ValueError(f"channel_mults must be 1 to {MAX_LEVELS} whole numbers from 1 to {most}, got {self.channel_mults}")
         bad = [self.base_channels * m for m in self.channel_mults if self.base_channels * m % self.num_groups]
         if bad:
             raise ValueError(f"{bad[0]} channels are not divisible by num_groups={self.num_groups}")
@@ -160,7 +162,9 @@ def load_noisy_classifier(path: str | os.PathLike) -> tuple[NoisyClassifier, Dif
     if "noisy_classifier" not in state:
         raise CheckpointError(f"{path} is not a noisy classifier (the shipped one is checkpoints/mnist_noisy_classifier.pt)")
     try:
-        model = NoisyClassifier(config_from_dict(NoisyClassifierConfig, state["classifier_config"]))
+        config = config_from_dict(NoisyClassifierConfig, state["classifier_config"])
+        require_model(NoisyClassifier, config, 1, f"{path}'s classifier")  # before anything is allocated
+        model = NoisyClassifier(config)
         model.load_state_dict(state["noisy_classifier"])
         diffusion = config_from_dict(DiffusionConfig, state["diffusion_config"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import NamedTuple
 
@@ -228,6 +228,59 @@ def sample_loop(
             yield SamplerStep(t, x, step.x0)
             x = step.x_prev
         yield SamplerStep(-1, x, x)
+
+
+class DegenerateModelError(ValueError):
+    """A model that can only draw blank or broken images: its predictions or its finished samples are
+    non-finite, absurdly large or constant (a run that blew up, or a network that learned nothing)."""
+
+
+OUTPUT_LIMIT = 100.0  # the largest RMS a sound prediction has: eps, x0 and v all have an RMS of about 1.4 at most
+
+
+@torch.inference_mode()
+def check_network(model: nn.Module, schedule: NoiseSchedule, chw: tuple[int, int, int], device: torch.device | str | None = None) -> None:
+    """Raise :class:`DegenerateModelError` unless ``model`` makes usable predictions, before a long sampling run.
+
+    The network sees four draws of pure noise (seed 0, its own generator) at t = T-1, T // 2 and 0
+    (0-based), without labels. Its predictions must be finite, have an RMS of at most
+    :data:`OUTPUT_LIMIT` and differ between inputs: a blown-up run predicts 1e29, an all-zero head
+    the same 0 for every input, and either would draw black or noise images.
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    x = torch.randn((4, *chw), generator=torch.Generator().manual_seed(0)).to(device)  # (4, C, H, W)
+    with eval_mode(model):
+        for t in (schedule.T - 1, schedule.T // 2, 0):
+            out = model(x, torch.full((len(x),), t, device=device, dtype=torch.long)).float()  # (4, C, H, W)
+            rms = out.double().square().mean().sqrt().item()  # float64: float32 squares overflow from 1e19
+            if not math.isfinite(rms):
+                raise DegenerateModelError(f"the network's predictions at t={t} are NaN or infinite; the training run blew up")
+            if rms > OUTPUT_LIMIT:
+                raise DegenerateModelError(
+                    f"the network's predictions at t={t} have an RMS of {rms:.3g}, where a sound model's are about 1; "
+                    "the training run blew up (use an earlier checkpoint or snapshot)"
+                )
+            if out.amax() == out.amin():
+                raise DegenerateModelError(f"the network predicts the same value for every input at t={t}; it has not learned anything")
+
+
+def check_samples(x: torch.Tensor) -> torch.Tensor:
+    """``x``, the finished samples (B, C, H, W) in [-1, 1], if they are images; a :class:`DegenerateModelError`
+    if any is non-finite, or every one is flat (a single grey level, such as all black)."""
+    if not torch.isfinite(x).all():
+        raise DegenerateModelError(f"{(~torch.isfinite(x)).flatten(1).any(1).sum().item()} of the {len(x)} samples hold NaN or inf")
+    flat = (x.flatten(1).amax(1) - x.flatten(1).amin(1)) < 1 / 127.5  # less than one grey level apart
+    if flat.all():
+        raise DegenerateModelError(f"all {len(x)} samples are flat images of one grey level; the model draws nothing")
+    return x
+
+
+def check_trajectory(steps: Iterable[SamplerStep]) -> Iterator[SamplerStep]:
+    """``steps`` as they come, with :func:`check_samples` applied to the finished samples (t = -1) before they are yielded."""
+    for step in steps:
+        if step.t == -1:
+            check_samples(step.x_t)
+        yield step
 
 
 def sample(model: nn.Module, schedule: NoiseSchedule, shape: tuple[int, ...], **kwargs) -> torch.Tensor:

@@ -23,6 +23,8 @@ from . import distributed
 from .checkpoint import CheckpointError, check_finite, config_from_dict, load_checkpoint, nonfinite_tensors, save_checkpoint
 from .data import dataset_info, get_dataset
 from .diffusion import DiffusionConfig, loss_simple, min_snr_weight
+from .divergence import DivergenceError, DivergenceGuard, weight_norm
+from .resources import require_model
 from .sampling import eval_mode, sample
 from .schedules import NoiseSchedule
 from .unet import UNet, UNetConfig
@@ -67,6 +69,8 @@ class TrainConfig:
         for name in ("batch_size", "steps"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive whole number, got {getattr(self, name)!r}")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be a whole number from 0 to 2^32 - 1, got {self.seed!r}")
         for name in ("warmup_steps", "sample_every", "checkpoint_every", "snapshot_every", "num_workers"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be a whole number >= 0, got {getattr(self, name)!r}")
@@ -79,14 +83,6 @@ class TrainConfig:
             raise ValueError(f"label_dropout must be in [0, 1], got {self.label_dropout}")
         if not 0 <= self.ema_decay < 1:  # also refuses NaN
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-
-
-class DivergenceError(RuntimeError):
-    """Training produced a NaN or infinite loss, gradient or weight; nothing was saved from that step on."""
-
-    def __init__(self, step: int, what: str):
-        super().__init__(f"training diverged at step {step}: {what}")
-        self.step = step  # 1-based: the step that failed
 
 
 def default_device() -> torch.device:
@@ -238,6 +234,7 @@ class Trainer:
         self.rank = distributed.current()  # rank 0 of 1 unless torchrun started this process
         if cfg.batch_size % self.rank.world_size:
             raise ValueError(f"batch_size {cfg.batch_size} is the global batch; it must split evenly over the {self.rank.world_size} ranks")
+        require_model(UNet, model_config, 5, "this run's U-Net")  # weights, EMA, gradients, 2 AdamW moments: before any is built
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             self.model = UNet(model_config).to(self.device)
@@ -254,6 +251,8 @@ class Trainer:
         self.schedule = diffusion_config.make_schedule().to(self.device)
         self.generator = torch.Generator(self.device).manual_seed(cfg.seed)  # t and eps of every step
         self.bf16 = use_bf16(cfg.precision, self.device)
+        self.guard = DivergenceGuard()  # stops a blow-up at its step, before anything of it is saved
+        self.diverged: DivergenceError | None = None  # set when a step left blown-up weights behind: they are never saved
         self.step = 0
         self.saved_step: int | None = None  # the step of the last full checkpoint written or loaded (None: none yet)
         self.train_seconds = 0.0  # wall time spent in fit, over every resumed part of the run
@@ -307,8 +306,10 @@ class Trainer:
         class with probability ``label_dropout``, so that one network learns both eps(x_t, y) and
         eps(x_t) for classifier-free guidance (Ho & Salimans 2021, Alg. 1).
 
-        A NaN or infinite loss or gradient norm raises :class:`DivergenceError` before the
-        optimizer step, so the weights stay those of the last good step.
+        A NaN or infinite loss or gradient norm, or a loss spike, raises :class:`DivergenceError`
+        before the optimizer step, so the weights stay those of the last good step. Weights that
+        the step made non-finite or blew up raise it after the step; the trainer then refuses to
+        save them (see :mod:`ddpm_lib.divergence`).
 
         With min_snr weighting, the step minimises the per-image losses weighted by min_snr_weight;
         the returned (and logged) value is always the unweighted L_simple, so runs compare.
@@ -343,10 +344,16 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         losses = distributed.all_mean(torch.stack([loss.detach().float(), per_image.detach().mean().float()]), self.rank)
         loss_value, logged, norm_value = torch.cat([losses, grad_norm.float().reshape(1)]).tolist()  # one sync for all three
-        if not math.isfinite(loss_value) or not math.isfinite(norm_value):  # stop before the weights take it in
-            what = f"the loss is {loss_value}" if not math.isfinite(loss_value) else f"the gradient norm is {norm_value}"
-            raise DivergenceError(self.step + 1, what)
+        if not math.isfinite(loss_value):  # the weighted loss: what the gradient came from
+            raise DivergenceError(self.step + 1, f"the loss is {loss_value}")
+        self.guard.check_step(self.step + 1, logged, norm_value, self.losses)  # before the weights take it in
+        norm_before = weight_norm(self.model.parameters())
         self.optimizer.step()
+        try:  # identical weights on every rank: all ranks stop here together
+            self.guard.check_weights(self.step + 1, norm_before, weight_norm(self.model.parameters()))
+        except DivergenceError as e:
+            self.diverged = e
+            raise
         self.ema.update_parameters(self.model)
         self.step += 1
         self.losses.append(logged)
@@ -374,10 +381,11 @@ class Trainer:
         Every ``sample_every`` steps a grid of EMA samples is appended to ``self.samples`` and
         passed to ``on_sample(step, grid)``.
 
-        Nothing a run wrote is ever replaced by a worse file: a NaN or infinite loss, gradient or
-        weight raises :class:`DivergenceError` and leaves the checkpoint (and snapshots) as they
-        were. A first Ctrl-C stops the run between two steps, saves the checkpoint and raises
-        KeyboardInterrupt; a second one leaves at once (the checkpoint then stays as it was).
+        Nothing a run wrote is ever replaced by a worse file: a blow-up (a NaN or infinite loss,
+        gradient or weight, a loss spike or a jump of the weights) raises :class:`DivergenceError`
+        at its step and leaves the checkpoint (and snapshots) as they were. A first Ctrl-C stops
+        the run between two steps, saves the checkpoint and raises KeyboardInterrupt; a second one
+        leaves at once (the checkpoint then stays as it was).
 
         On several ranks every rank calls ``fit``: they stop at the same step (after a Ctrl-C on
         any of them, or a divergence), and only rank 0 draws samples, shows progress and writes files.
@@ -481,7 +489,10 @@ class Trainer:
         return state
 
     def save(self, path: str | os.PathLike, full: bool = True) -> None:
-        """Write the checkpoint (``full=False``: a snapshot) atomically; weights with NaN or inf raise DivergenceError."""
+        """Write the checkpoint (``full=False``: a snapshot) atomically. After a step that blew up the weights,
+        or with weights that hold NaN or inf, it raises DivergenceError and writes nothing."""
+        if self.diverged is not None:
+            raise DivergenceError(self.diverged.step, "the weights that step left are never saved; resume from the last checkpoint")
         bad = nonfinite_tensors(self.model.state_dict()) + nonfinite_tensors(self.ema.module.state_dict())
         if bad:
             raise DivergenceError(self.step, f"{len(bad)} weight tensors hold NaN or inf (e.g. {bad[0]})")

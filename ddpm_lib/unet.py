@@ -14,6 +14,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# Far beyond any pixel-space diffusion model, yet refused before anything is built: a checkpoint's config is untrusted input.
+MAX_LEVELS = 10
+LIMITS = {
+    "in_channels": 64,
+    "image_size": 4096,
+    "base_channels": 4096,
+    "channel_mults": 64,
+    "num_res_blocks": 64,
+    "num_groups": 1024,
+    "num_heads": 1024,
+    "num_classes": 1_000_000,
+}
+
 
 @dataclass(frozen=True)
 class UNetConfig:
@@ -31,15 +44,17 @@ class UNetConfig:
 
     def __post_init__(self) -> None:
         levels = len(self.channel_mults)
-        if levels < 1:
-            raise ValueError("channel_mults must name at least one resolution")
+        if not 1 <= levels <= MAX_LEVELS:
+            raise ValueError(f"channel_mults must name 1 to {MAX_LEVELS} resolutions, got {levels}")
         for name in ("in_channels", "image_size", "base_channels", "num_res_blocks", "num_groups", "num_heads"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive whole number, got {getattr(self, name)!r}")
-        if not isinstance(self.num_classes, int) or self.num_classes < 0:
-            raise ValueError(f"num_classes must be a whole number >= 0 (0: unconditional), got {self.num_classes!r}")
-        if not all(isinstance(m, int) and m >= 1 for m in self.channel_mults):
-            raise ValueError(f"channel_mults must be positive whole numbers, got {self.channel_mults}")
+            if not isinstance(getattr(self, name), int) or not 1 <= getattr(self, name) <= LIMITS[name]:
+                raise ValueError(f"{name} must be a whole number from 1 to {LIMITS[name]:,}, got {getattr(self, name)!r}")
+        if not isinstance(self.num_classes, int) or not 0 <= self.num_classes <= LIMITS["num_classes"]:
+            raise ValueError(
+                f"num_classes must be a whole number from 0 (unconditional) to {LIMITS['num_classes']:,}, got {self.num_classes!r}"
+            )
+        if not all(isinstance(m, int) and 1 <= m <= LIMITS["channel_mults"] for m in self.channel_mults):
+            raise ValueError(f"channel_mults must be whole numbers from 1 to {LIMITS['channel_mults']}, got {self.channel_mults}")
         if not 0 <= self.dropout < 1:  # also refuses NaN
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.patch_size < 1 or self.image_size % self.patch_size:

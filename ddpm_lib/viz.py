@@ -210,7 +210,27 @@ def save_trajectory_gif(
     if not images:
         raise ValueError("the trajectory is empty")
     durations = [duration_ms] * (len(images) - 1) + [max(duration_ms, hold_ms)]
+    images, durations = merge_repeats(images, durations)
     return write_atomic(path, iio.imwrite("<bytes>", np.stack(images), extension=".gif", duration=durations, loop=loop))
+
+
+GIF_MAX_MS = 655_350  # the longest a GIF frame can show: its delay is a 16-bit count of hundredths of a second
+
+
+def merge_repeats(images: list[np.ndarray], durations: list[int]) -> tuple[list[np.ndarray], list[int]]:
+    """Runs of identical frames as one frame shown for their summed duration, at most :data:`GIF_MAX_MS`.
+
+    The GIF writer merges such runs itself, and its 16-bit delay then overflows (OverflowError)
+    where long frames repeat; the last frames of a trajectory often do once posterized.
+    """
+    kept, shown = [images[0]], [durations[0]]
+    for image, ms in zip(images[1:], durations[1:], strict=True):
+        if np.array_equal(image, kept[-1]):
+            shown[-1] += ms
+        else:
+            kept.append(image)
+            shown.append(ms)
+    return kept, [min(ms, GIF_MAX_MS) for ms in shown]
 
 
 def png_bytes(image: np.ndarray) -> bytes:

@@ -1,4 +1,7 @@
 import os
+import subprocess
+import sys
+import zipfile
 
 import pytest
 import torch
@@ -86,7 +89,9 @@ def test_load_model_rebuilds_the_ema_model(tmp_path, tiny_config):
     "content, says",
     [
         (b"", r"it is empty \(0 bytes\)"),
-        (bytes(range(7, 250)) * 20, r"4860 bytes that are not a PyTorch file \(first bytes: 07 08 09"),  # not "pickled code"
+        (bytes(range(7, 250)) * 20, r"4,860 bytes of binary data, not a PyTorch file \(first bytes: 07 08 09"),  # not "pickled code"
+        (bytes(600), r"600 bytes of binary data"),  # NUL bytes decode as UTF-8, yet are not text
+        (b"step,loss\n1,0.9\n", "a text file starting 'step,loss'"),
         (b"\x89PNG\r\n\x1a\n" + bytes(100), "it is a PNG image"),
         (b"\x93NUMPY\x01\x00" + bytes(100), r"it is a NumPy array \(.npy\)"),
     ],
@@ -101,6 +106,50 @@ def test_a_file_that_is_not_a_checkpoint_is_named_for_what_it_is(tmp_path, conte
 def test_a_folder_is_not_reported_as_missing(tmp_path):
     with pytest.raises(CheckpointError, match="is not a checkpoint: it is a folder"):
         load_checkpoint(tmp_path)
+
+
+def test_a_fifo_or_a_device_is_refused_without_opening_it(tmp_path):
+    fifo = tmp_path / "pipe.pt"
+    os.mkfifo(fifo)  # opening it to read would wait forever for a writer
+    with pytest.raises(CheckpointError, match=r"is not a checkpoint: it is a named pipe \(FIFO\), not a file"):
+        load_checkpoint(fifo)
+    with pytest.raises(CheckpointError, match="is not a checkpoint: it is a character device, not a file"):
+        load_checkpoint("/dev/zero")
+
+
+def test_the_legacy_format_is_refused_without_unpickling_it(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"format": "ddpm_lib", "version": 1, "ema": Payload(str(marker))}, tmp_path / "old.pt", _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointError, match="format of PyTorch before 1.6"):
+        load_checkpoint(tmp_path / "old.pt")
+    assert not marker.exists()
+
+
+def deflated_bomb(path, declared: int) -> None:
+    """A real checkpoint rewritten as a deflated zip whose tensor record inflates to ``declared`` zero bytes."""
+    save_checkpoint(path.with_suffix(".src"), {"ema": {"w": torch.zeros(4)}})
+    with zipfile.ZipFile(path.with_suffix(".src")) as src, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as out:
+        for info in src.infolist():
+            if info.filename.endswith("/data/0"):
+                with out.open(info.filename, "w", force_zip64=True) as record:
+                    chunk = bytes(2**24)
+                    for _ in range(declared // len(chunk)):
+                        record.write(chunk)
+            else:
+                out.writestr(info.filename, src.read(info))
+
+
+def test_a_compressed_bomb_is_refused_from_its_directory_at_little_memory(tmp_path):
+    bomb = tmp_path / "bomb.pt"
+    deflated_bomb(bomb, 2**28)
+    assert bomb.stat().st_size < 2**21  # 256 MiB of zeros in about 1 MiB
+    with pytest.raises(CheckpointError, match=r"declares 256 MiB of data in a file of 1.\d MiB \(a compressed archive"):
+        load_checkpoint(bomb)
+    code = "import resource, sys; from ddpm_lib.checkpoint import load_checkpoint\n"
+    code += "peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+    code += "before = peak()\ntry:\n    load_checkpoint(sys.argv[1])\nexcept Exception:\n    pass\nprint(peak() - before)"
+    grew_kib = int(subprocess.run([sys.executable, "-c", code, str(bomb)], capture_output=True, text=True, check=True).stdout)
+    assert grew_kib < 64 * 1024  # inflating the record would take 256 MiB
 
 
 def model_state(config, **changes):

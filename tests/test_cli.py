@@ -258,14 +258,50 @@ def no_work(monkeypatch):
     monkeypatch.setattr(sampling, "to_eps_x0", forbidden)  # called once per sampling step
 
 
-def test_a_diverging_run_exits_3_and_leaves_the_checkpoint_byte_identical(checkpoint, images, capsys, tmp_path):
+def test_a_blow_up_before_nan_saves_nothing_and_names_a_good_checkpoint(checkpoint, images, capsys, tmp_path):
     run_file = tmp_path / "run.pt"
     run_file.write_bytes(checkpoint.read_bytes())
-    code, err = run(capsys, *tiny_train(images, run_file, "--resume", "--lr", "1e30", "--steps", "50"))
+    # One step at this rate takes the weights to about 1e29, still finite: saved at once, it used to replace the good file.
+    args = ("--resume", "--lr", "1e30", "--steps", "50", "--checkpoint-every", "1", "--snapshot-every", "1")
+    code, err = run(capsys, *tiny_train(images, run_file, *args))
     last = err.strip().splitlines()[-1]  # after the progress bar
-    assert code == 3 and last.startswith("python -m ddpm_lib train: error: training diverged at step") and "Traceback" not in err, err
-    assert "the loss is nan" in err and "is unchanged (step 3)" in err and "try a lower --lr (this run: 1e+30)" in err
+    assert code == 3 and last.startswith("python -m ddpm_lib train: error: training diverged at step 4") and "Traceback" not in err, err
+    assert "the weights' norm jumped from" in last and "is unchanged (step 3)" in last and "try a lower --lr (this run: 1e+30)" in last
     assert run_file.read_bytes() == checkpoint.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".run.pt.lock", "run.pt"]  # no snapshot of the blown-up step
+    code, err = run(capsys, "sample", "--checkpoint", run_file, "--num", 4, "--sampler", "ddim", "--steps", 5, "--out", tmp_path / "ok.png")
+    assert code == 0, err  # the state the message names samples
+
+
+def scaled_ema(checkpoint, path, factor):
+    """``checkpoint`` with its EMA weights times ``factor``: 1e29 is a blown-up run (issue 29), 0 a network that learned nothing."""
+    state = load_checkpoint(checkpoint)
+    state["ema"] = {k: v * factor if v.is_floating_point() else v for k, v in state["ema"].items()}
+    save_checkpoint(path, state)
+    return path
+
+
+@pytest.mark.parametrize("factor, says", [(1e29, "the training run blew up"), (0.0, "predicts the same value for every input")])
+def test_sample_and_gif_refuse_a_blown_up_or_empty_model_instead_of_drawing_black(checkpoint, capsys, tmp_path, factor, says):
+    bad = scaled_ema(checkpoint, tmp_path / "bad.pt", factor)
+    for command, out in (("sample", "x.png"), ("gif", "x.gif")):
+        code, err = run(capsys, command, "--checkpoint", bad, "--num", 4, "--out", tmp_path / out)
+        assert_one_line_error(code, err, says)
+        assert not (tmp_path / out).exists()
+
+
+def test_flat_or_broken_finished_samples_are_an_error_and_write_nothing(checkpoint, capsys, tmp_path, monkeypatch):
+    def flat(steps):
+        for step in steps:
+            yield step if step.t != -1 else step._replace(x_t=torch.full_like(step.x_t, -1.0))
+
+    real_loop = sampling.sample_loop
+    monkeypatch.setattr(sampling, "sample_loop", lambda *a, **k: flat(real_loop(*a, **k)))
+    monkeypatch.setattr(cli, "sample_loop", sampling.sample_loop)
+    for command, out in (("sample", "x.png"), ("gif", "x.gif")):
+        code, err = run(capsys, command, "--checkpoint", checkpoint, "--num", 3, "--sampler", "ddim", "--steps", 3, "--out", tmp_path / out)
+        assert_one_line_error(code, err, "all 3 samples are flat images of one grey level")
+        assert not (tmp_path / out).exists()
 
 
 def test_sample_and_gif_refuse_a_checkpoint_with_nan_weights(checkpoint, capsys, tmp_path):
@@ -467,7 +503,7 @@ def test_gif_runs_the_network_in_batches_and_draws_the_same_digits(checkpoint, c
     gif_args = ["gif", "--checkpoint", checkpoint, "--num", 5, "--sampler", "ddim", "--steps", 3, "--frames", 4, "--levels", 256]
     code, err = run(capsys, *gif_args, "--no-x0", "--out", tmp_path / "r.gif")
     assert code == 0, err
-    assert seen == [2, 2, 1] * 3  # three DDIM steps, five images in batches of at most 2
+    assert seen == [4] * 3 + [2, 2, 1] * 3  # the network checked on 4 images at 3 t, then 3 DDIM steps of 5 images in batches of 2
     monkeypatch.setattr(cli, "BATCH", 256)
     code, err = run(capsys, *gif_args, "--no-x0", "--out", tmp_path / "whole.gif")
     assert code == 0, err
@@ -506,7 +542,12 @@ def save_model(path: Path, num_classes: int) -> Path:
     torch.manual_seed(0)
     config = UNetConfig(image_size=8, base_channels=8, channel_mults=(1, 2), attention_resolutions=(), num_groups=4, num_heads=2)
     config = dataclasses.replace(config, num_classes=num_classes)
-    state = {"model_config": dataclasses.asdict(config), "diffusion_config": GUIDED_DIFFUSION, "ema": UNet(config).state_dict()}
+    model = UNet(config)
+    with torch.no_grad():  # a U-Net starts with zero output layers, and sample refuses a network whose output is constant
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0, 0.02)
+    state = {"model_config": dataclasses.asdict(config), "diffusion_config": GUIDED_DIFFUSION, "ema": model.state_dict()}
     save_checkpoint(path, state)
     return path
 

@@ -42,6 +42,26 @@ def test_folder_without_images_is_a_clear_error(tmp_path):
         get_dataset("folder", tmp_path)
 
 
+def test_images_that_do_not_decode_are_skipped_before_training_and_listed(tmp_path):
+    make_images(tmp_path)
+    good = (tmp_path / "img0.png").read_bytes()
+    (tmp_path / "truncated.png").write_bytes(good[: len(good) // 2])  # the header decodes, the pixels do not
+    (tmp_path / "garbage.jpg").write_bytes(b"\xff\xd8\xff" + bytes(range(256)) * 4)
+    os.mkfifo(tmp_path / "pipe.png")  # opening it would wait forever for a writer
+    ds = get_dataset("folder", tmp_path, image_size=16)
+    assert len(ds) == 5 and all(ds[i][0].shape == (3, 16, 16) for i in range(5))  # every kept file loads
+    assert sorted(p.name for p, _ in ds.skipped) == ["garbage.jpg", "pipe.png", "truncated.png"]
+    reasons = dict((p.name, r) for p, r in ds.skipped)
+    assert reasons["pipe.png"] == "not a regular file" and "truncated" in reasons["truncated.png"]
+
+
+def test_a_folder_where_nothing_decodes_is_one_clear_error(tmp_path):
+    for name in ("a.png", "b.png"):
+        (tmp_path / name).write_bytes(b"not an image at all")
+    with pytest.raises(DatasetNotFoundError, match=r"none of the 2 image files in .* decodes \(2 files, e.g. a.png: cannot identify"):
+        get_dataset("folder", tmp_path, image_size=16)
+
+
 def test_missing_dataset_offline_names_dataset_folder_and_env_var(tmp_path, monkeypatch):
     with pytest.raises(DatasetNotFoundError, match=r"'mnist' not found.*looked in .*DDPM_DATA"):
         get_dataset("mnist", tmp_path, download=False)

@@ -145,6 +145,9 @@ def test_diffusion_config_validates_choices():
     with pytest.raises(ValueError, match="valid names: linear"):
         DiffusionConfig(schedule="nope")
     assert DiffusionConfig(schedule="cosine", T=50).make_schedule().T == 50
+    for T in (0, 10**8, 10**12):  # a checkpoint's T: refused before its schedule is built
+        with pytest.raises(ValueError, match=f"T must be a whole number from 1 to 100,000, got {T}"):
+            DiffusionConfig(T=T)
 
 
 def test_correlation_with_x0_follows_eq_4():

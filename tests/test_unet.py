@@ -106,9 +106,9 @@ def test_config_errors_say_what_to_change():
         UNetConfig(attention_resolutions=(16,))
     with pytest.raises(ValueError, match="num_groups"):
         UNetConfig(base_channels=12)
-    with pytest.raises(ValueError, match=r"channel_mults must be positive whole numbers, got \(1, 0\)"):
+    with pytest.raises(ValueError, match=r"channel_mults must be whole numbers from 1 to 64, got \(1, 0\)"):
         UNetConfig(channel_mults=(1, 0))  # 0 channels once passed the divisibility checks and failed inside a conv
-    with pytest.raises(ValueError, match="base_channels must be a positive whole number"):
+    with pytest.raises(ValueError, match="base_channels must be a whole number from 1 to 4,096, got 0"):
         UNetConfig(base_channels=0)
     for dropout in (1.0, -0.1, float("nan")):
         with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):

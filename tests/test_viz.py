@@ -13,6 +13,7 @@ from ddpm_lib.schedules import get_schedule
 from ddpm_lib.scrubber import OUTPUT_BUDGET, read_scrubber
 from ddpm_lib.unet import UNet
 from ddpm_lib.viz import (
+    GIF_MAX_MS,
     CurvePanel,
     GuidanceViewer,
     beside,
@@ -95,6 +96,18 @@ def test_gif_has_the_requested_frames_size_duration_and_loop(tmp_path):
     save_trajectory_gif(steps, tmp_path / "once.gif", frames=3, loop=1, show_x0=False)
     with Image.open(tmp_path / "once.gif") as im:
         assert im.info["loop"] == 1 and im.n_frames == 3
+
+
+def test_repeated_frames_merge_and_no_frame_outlasts_the_gif_limit(tmp_path):
+    steps = fake_trajectory()
+    steps = steps[:3] + [steps[3]] * 4  # the end of a trajectory often repeats once posterized
+    path = save_trajectory_gif(steps, tmp_path / "r.gif", frames=7, duration_ms=GIF_MAX_MS, hold_ms=0, levels=256)
+    with Image.open(path) as im:
+        durations = []
+        for i in range(im.n_frames):
+            im.seek(i)
+            durations.append(im.info["duration"])
+    assert durations == [GIF_MAX_MS] * 4  # the four repeats as one frame, capped: GIF's delay has 16 bits
 
 
 def test_posterize_keeps_levels_evenly_spaced_grey_values_and_256_keeps_all():
