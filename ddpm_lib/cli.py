@@ -69,14 +69,14 @@ INT64 = 2**63 - 1  # the largest whole number PyTorch takes: every count on the 
 SEEDS = 2**32  # seeds are 0 ... 2^32 - 1: seeded streams of ranks and epochs are derived from them without overflow
 
 
-def whole_number(text: str, low: int, high: int = INT64) -> int:
+def whole_number(text: str, low: int, high: int | None = INT64) -> int:
     try:
         value = int(text)
     except ValueError:
         value = None
     if value is None or value < low:
         raise argparse.ArgumentTypeError(f"must be a whole number >= {low}, got {text!r}")
-    if value > high:
+    if high is not None and value > high:
         raise argparse.ArgumentTypeError(f"must be at most {high:,}, got {text}")
     return value
 
@@ -87,6 +87,10 @@ def positive_int(text: str) -> int:
 
 def nonnegative_int(text: str) -> int:
     return whole_number(text, 0)
+
+
+def image_count(text: str) -> int:
+    return whole_number(text, 1, None)  # no bound here: the memory and disk it needs are checked, and said, before sampling
 
 
 def seed(text: str) -> int:
@@ -153,6 +157,14 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+TRAIN_EPILOG = (
+    "Exit status: 0 done; 2 a bad input, with a one-line message before any work; 3 training blew up (the last "
+    "checkpoint, written before it, is kept); 130 Ctrl-C (saved). Under torchrun every rank ends so, but torchrun itself "
+    "exits 1 and prints its own report, whose 'exitcode' and 'traceback' lines give each rank's status and message "
+    "(docs/cli.md, 'Under torchrun')."
+)
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="python -m ddpm_lib", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -163,6 +175,7 @@ def build_parser() -> Parser:
         help="train a U-Net on a dataset and write a checkpoint",
         description=f"Train a U-Net and write a checkpoint. With --resume, only {resumable} may change; "
         "other flags must match the saved run or are refused.",
+        epilog=TRAIN_EPILOG,
     )
     d, m, c = DiffusionConfig, UNetConfig, TrainConfig
     # Flags default to None, meaning "the config's default" for a new run and "as saved" with --resume.
@@ -230,7 +243,7 @@ def build_parser() -> Parser:
     ):
         s = sub.add_parser(name, help=helptext)
         s.add_argument("--checkpoint", required=True, help="a checkpoint written by train")
-        s.add_argument("--num", type=positive_int, default=64 if name == "sample" else 16, help="number of images")
+        s.add_argument("--num", type=image_count, default=64 if name == "sample" else 16, help="number of images")
         s.add_argument("--sampler", choices=SAMPLERS, default="ddpm")
         s.add_argument("--steps", type=positive_int, help="DDIM steps (default: T)")
         s.add_argument("--eta", type=finite_float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like")
@@ -495,7 +508,7 @@ def require_output(args: argparse.Namespace, chw: tuple[int, int, int], num_step
         scale = auto_scale(w, rows)
         frame = n * (h * scale + 2) * (w * scale + 2) * c * (1 if args.no_x0 else 2)
         frames = min(args.frames, num_steps)
-        memory = 16 * n * c * h * w + frames * frame  # x_t, x0 and eps of every image, and every frame
+        memory = 16 * n * c * h * w + 3 * frames * frame  # x_t, x0 and eps of every image; every frame, stacked, and encoded
         disk = frames * frame
     require(f"--num {n:,} ({format_bytes(4 * n * c * h * w)} of samples)", memory=memory, disk=disk, out=args.out)
 

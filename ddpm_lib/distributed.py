@@ -97,7 +97,8 @@ def record_error(message: str) -> None:
     if path:
         try:
             with open(path, "w") as f:
-                json.dump({"message": message, "timestamp": int(time.time())}, f)
+                # the layout of torch.distributed.elastic's ErrorHandler.record_exception, with the one line as the "traceback"
+                json.dump({"message": {"message": message, "extraInfo": {"py_callstack": message, "timestamp": str(int(time.time()))}}}, f)
         except OSError:
             pass  # the message is on stderr already; the report falls back to its link
 

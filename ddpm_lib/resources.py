@@ -57,7 +57,7 @@ def format_bytes(n: float) -> str:
         if n < 1024:
             return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
         n /= 1024
-    return f"{n / 1024:,.1f} TiB" if n < 2**30 else f"{n / 1024:.2g} TiB"
+    return f"{n:,.1f} TiB" if n < 1e6 else f"{n:.2g} TiB"
 
 
 def require(job: str, memory: float = 0, disk: float = 0, out: str | os.PathLike | None = None) -> None:

@@ -1,5 +1,6 @@
 import dataclasses
 import errno
+import json
 import os
 import re
 import signal
@@ -14,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm_lib import cli, sampling
+from ddpm_lib import cli, resources, sampling
 from ddpm_lib.checkpoint import load_checkpoint, save_checkpoint
 from ddpm_lib.cli import main
 from ddpm_lib.data import data_root
@@ -208,9 +209,15 @@ def test_every_subcommand_has_help(command, option, capsys):
         (["--num", "0"], ["--num: must be a whole number >= 1, got '0'"]),
         (["--num", "-3"], ["--num: must be a whole number >= 1, got '-3'"]),
         (["--eta", "-1"], ["--eta must be >= 0"]),
+        (["--seed", str(2**70)], ["argument --seed: must be at most 4,294,967,295, got 1180591620717411303424"]),
+        (["--seed", "-1"], ["argument --seed: must be a whole number >= 0"]),
+        (["--num", str(10**30)], [f"--num {10**30:,} (", "of samples) would need", "of memory; this machine has"]),
+        (["--num", "100000"], ["--num 100,000 (73.2 MiB of samples) would write 28.6 MiB; ", "has 1.0 MiB free"]),
+        (["--steps", str(2**63)], ["argument --steps: must be at most 9,223,372,036,854,775,807"]),
     ],
 )
-def test_bad_sampling_arguments_exit_with_one_line(checkpoint, capsys, tmp_path, args, fragments):
+def test_bad_sampling_arguments_exit_with_one_line(checkpoint, capsys, tmp_path, monkeypatch, args, fragments):
+    monkeypatch.setattr(resources, "free_disk", lambda folder: 2**20)  # 1 MiB free beside --out
     code, err = run(capsys, "sample", "--checkpoint", checkpoint, *args, "--out", tmp_path / "x.png")
     assert_one_line_error(code, err, *fragments)
     assert not (tmp_path / "x.png").exists()
@@ -462,6 +469,7 @@ def test_train_help_says_which_flags_resume_may_change(capsys):
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "only --steps, --epochs, --lr, --lr-schedule, --warmup-steps, --ema-decay" in text
+    assert "Under torchrun every rank ends so, but torchrun itself exits 1 and prints its own report" in text
 
 
 @pytest.mark.parametrize(
@@ -531,6 +539,92 @@ def test_nll_prints_the_terms_and_ends_with_the_bound(capsys, tmp_path):
 def test_nll_refuses_a_model_of_a_folder_of_images(checkpoint, capsys):
     code, err = run(capsys, "nll", "--checkpoint", checkpoint, "--num", 2)
     assert_one_line_error(code, err, "trained on a folder of images, which has no test split; pass --dataset")
+
+
+# --- Hostile files and absurd requests (issue 29) ---
+
+
+def test_a_fifo_or_a_device_anywhere_a_checkpoint_goes_is_refused_at_once(checkpoint, images, tmp_path):
+    """In a real process with a time limit: opening a FIFO to describe it used to wait forever."""
+    fifo = tmp_path / "pipe.pt"
+    os.mkfifo(fifo)
+    commands = [
+        ["sample", "--checkpoint", fifo, "--out", tmp_path / "x.png"],
+        ["sample", "--checkpoint", "/dev/zero", "--out", tmp_path / "x.png"],
+        ["export", "--checkpoint", fifo, "--out", tmp_path / "small.pt"],
+        ["nll", "--checkpoint", fifo],
+        ["sample", "--checkpoint", checkpoint, "--label", "1", "--classifier", fifo, "--out", tmp_path / "x.png"],
+        tiny_train(images, tmp_path / "new.pt", "--init", fifo),
+        tiny_train(images, fifo, "--resume"),
+    ]
+    for args in commands:
+        result = subprocess.run([sys.executable, "-m", "ddpm_lib", *map(str, args)], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, (args, result.stderr)
+        assert "not a file" in result.stderr, result.stderr
+    assert (
+        "/dev/zero is not a checkpoint: it is a character device, not a file"
+        in subprocess.run(
+            [sys.executable, "-m", "ddpm_lib", "sample", "--checkpoint", "/dev/zero", "--out", str(tmp_path / "x.png")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stderr
+    )
+
+
+@pytest.mark.parametrize(
+    "where, value, says",
+    [
+        ("diffusion_config", {"T": 10**8}, "T must be a whole number from 1 to 100,000, got 100000000"),
+        ("diffusion_config", {"T": 10**12}, "T must be a whole number from 1 to 100,000, got 1000000000000"),
+        ("model_config", {"base_channels": 10**9}, "base_channels must be a whole number from 1 to 4,096"),
+        ("model_config", {"base_channels": 4096, "channel_mults": [1, 2, 64], "num_groups": 8}, "parameters, more than the 1,073,741,824"),
+    ],
+)
+def test_a_checkpoint_asking_for_absurd_sizes_is_refused_before_any_allocation(checkpoint, images, capsys, tmp_path, where, value, says):
+    state = load_checkpoint(checkpoint)
+    state[where] = {**state[where], **value}
+    torch.save(state, tmp_path / "absurd.pt")
+    for args in (
+        ["sample", "--checkpoint", tmp_path / "absurd.pt", "--out", tmp_path / "x.png"],
+        ["export", "--checkpoint", tmp_path / "absurd.pt", "--out", tmp_path / "small.pt"],
+        ["train", "--dataset", "folder", "--data-root", images, "--resume", "--steps", "9", "--out", tmp_path / "absurd.pt"],
+    ):
+        code, err = run(capsys, *args)
+        assert_one_line_error(code, err, says)
+
+
+def test_a_folder_with_corrupt_images_trains_on_the_rest_and_says_how_many_it_skipped(images, capsys, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for image in images.iterdir():
+        (folder / image.name).write_bytes(image.read_bytes())
+    (folder / "broken.png").write_bytes((images / "0.png").read_bytes()[:60])
+    (folder / "empty.png").write_bytes(b"")
+    args = tiny_train(folder, tmp_path / "run.pt", "--steps", "2")
+    code, err = run(capsys, *args)
+    assert code == 0, err
+    assert "training on cpu" in err and ", 12 images, steps 0 -> 2" in err
+    assert "skipped 2 files, e.g. broken.png: " in err and "(they do not decode as images)" in err
+    for image in folder.glob("[0-9]*.png"):
+        image.write_bytes(b"not a png")
+    code, err = run(capsys, *tiny_train(folder, tmp_path / "none.pt", "--steps", "2"))
+    assert_one_line_error(code, err, "none of the 14 image files in", "decodes (14 files, e.g. ")
+    assert not (tmp_path / "none.pt").exists()
+
+
+def test_gif_durations_beyond_what_a_gif_can_store_are_refused(checkpoint, capsys, tmp_path):
+    code, err = run(capsys, "gif", "--checkpoint", checkpoint, "--duration-ms", 10**7, "--out", tmp_path / "x.gif")
+    assert_one_line_error(code, err, "argument --duration-ms: must be at most 655,350, got 10000000")
+
+
+def test_under_torchrun_the_one_line_error_is_left_for_torchruns_report(checkpoint, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "error.json"))
+    code, err = run(capsys, "sample", "--checkpoint", tmp_path / "nope.pt", "--out", tmp_path / "x.png")
+    assert code == 2
+    report = json.loads((tmp_path / "error.json").read_text())["message"]
+    assert report["message"] == report["extraInfo"]["py_callstack"] == err.strip() + " (exit status 2)"
+    assert int(report["extraInfo"]["timestamp"]) > 0
 
 
 # --- class labels and guidance ---------------------------------------------------------------

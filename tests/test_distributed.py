@@ -237,6 +237,16 @@ def test_when_one_rank_fails_every_rank_stops_with_the_same_line_and_status(imag
     assert all("Traceback" not in err for _, err in results), results
 
 
+def test_torchrun_exits_1_and_its_report_carries_each_rank_s_status_and_one_line(images, tmp_path):
+    code, err = finish(torchrun(*train_args(images, tmp_path / "run.pt", "--steps", "2", "--data-root", "/nonexistent/images")))
+    assert code == 1  # torchrun's own status, whatever the ranks' (docs/cli.md)
+    line = "python -m ddpm_lib train: error: dataset 'folder': no image files"
+    assert err.count(line) == 4, err  # each rank's stderr, then each rank's block of torchrun's report
+    assert err.count("exitcode  : 2 (pid") == 2 and err.count("(exit status 2)") == 2, err
+    root_cause = err.split("Root Cause (first observed failure):")[1]
+    assert f"traceback : {line}" in root_cause and "To enable traceback" not in err, err
+
+
 def test_ctrl_c_on_torchrun_saves_once_at_the_step_every_rank_reached(images, tmp_path):
     out = tmp_path / "run.pt"
     run = torchrun(*train_args(images, out, "--steps", "5000", "--checkpoint-every", "1000"))

@@ -4,7 +4,18 @@ import pytest
 import torch
 
 from ddpm_lib.diffusion import q_posterior, q_sample
-from ddpm_lib.sampling import SamplerStep, ddim_step, ddim_timesteps, ddpm_step, sample, sample_loop
+from ddpm_lib.sampling import (
+    DegenerateModelError,
+    SamplerStep,
+    check_network,
+    check_samples,
+    check_trajectory,
+    ddim_step,
+    ddim_timesteps,
+    ddpm_step,
+    sample,
+    sample_loop,
+)
 from ddpm_lib.schedules import get_schedule
 from ddpm_lib.unet import UNet
 
@@ -162,3 +173,51 @@ def test_bad_sampler_arguments_say_what_is_valid(model):
     for eta in (float("nan"), float("inf"), -1.0):
         with pytest.raises(ValueError, match="eta must be a finite number >= 0"):
             next(sample_loop(model, SMALL, (1, 1, 8, 8), sampler="ddim", eta=eta))
+
+
+class Scaled(torch.nn.Module):
+    """A network whose output is ``net``'s times ``factor``, or a constant."""
+
+    def __init__(self, net, factor=1.0, constant=None):
+        super().__init__()
+        self.net, self.factor, self.constant = net, factor, constant
+
+    def forward(self, x, t):
+        return torch.full_like(x, self.constant) if self.constant is not None else self.net(x, t) * self.factor
+
+
+def test_check_network_passes_a_sound_network_and_refuses_blown_up_or_constant_ones(tiny_config):
+    schedule = get_schedule("linear", 20)
+    net = UNet(tiny_config)
+    torch.nn.init.normal_(net.head[2].weight, std=0.1)  # a fresh U-Net's head is zero
+    check_network(Scaled(net), schedule, (1, 8, 8))
+    with pytest.raises(DegenerateModelError, match=r"predictions at t=19 have an RMS of \d\.\d\de\+0\d, where a sound model's are about 1"):
+        check_network(Scaled(net, 1e6), schedule, (1, 8, 8))
+    with pytest.raises(DegenerateModelError, match="at t=19 are NaN or infinite"):
+        check_network(Scaled(net, float("inf")), schedule, (1, 8, 8))
+    with pytest.raises(DegenerateModelError, match="the same value for every input at t=19"):
+        check_network(Scaled(net, constant=0.3), schedule, (1, 8, 8))
+
+
+def test_check_samples_refuses_broken_or_all_flat_samples_and_keeps_real_ones():
+    x = torch.rand(3, 1, 8, 8) * 2 - 1
+    assert check_samples(x) is x
+    x[1] = -1.0  # one blank image among real ones is drawn as it is
+    check_samples(x)
+    with pytest.raises(DegenerateModelError, match="all 2 samples are flat images of one grey level"):
+        check_samples(torch.full((2, 1, 8, 8), -1.0))
+    x[2, 0, 3, 3] = float("nan")
+    with pytest.raises(DegenerateModelError, match="1 of the 3 samples hold NaN or inf"):
+        check_samples(x)
+
+
+def test_check_trajectory_stops_at_flat_finished_samples_after_yielding_the_steps_before():
+    zeros = torch.zeros(2, 1, 4, 4)
+    real = [SamplerStep(1, torch.rand(2, 1, 4, 4), zeros), SamplerStep(-1, torch.rand(2, 1, 4, 4), zeros)]
+    assert list(check_trajectory(real)) == real
+    flat = [real[0], SamplerStep(-1, zeros, zeros)]
+    seen = []
+    with pytest.raises(DegenerateModelError, match="flat"):
+        for step in check_trajectory(flat):
+            seen.append(step.t)
+    assert seen == [1]
