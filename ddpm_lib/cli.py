@@ -23,6 +23,7 @@ import torch
 from . import distributed
 from .checkpoint import CheckpointError, export_ema, load_checkpoint, load_model, model_from_state
 from .data import DATASETS, DatasetNotFoundError, ImageFiles, dataset_info, get_dataset, num_classes, skipped_summary
+from .devices import device_name, resolve_device, use_bf16
 from .diffusion import PREDICTIONS, DiffusionConfig
 from .divergence import DivergenceError
 from .files import OutputPathError, check_writable, exclusive_lock, write_atomic
@@ -38,11 +39,8 @@ from .training import (
     PRECISIONS,
     TrainConfig,
     Trainer,
-    device_name,
     epochs_to_steps,
-    resolve_device,
     saved_configs,
-    use_bf16,
 )
 from .unet import UNetConfig
 from .viz import GIF_MAX_MS, auto_scale, check_levels, save_grid, save_trajectory_gif, to_uint8

@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from ddpm_lib.checkpoint import load_model
+from ddpm_lib.devices import device_name, fast_bf16
 from ddpm_lib.diffusion import DiffusionConfig
 from ddpm_lib.files import atomic_write
 from ddpm_lib.guidance import class_blocks
@@ -28,7 +29,7 @@ from ddpm_lib.likelihood import variational_bound
 from ddpm_lib.noisy_classifier import load_noisy_classifier
 from ddpm_lib.sampling import sample, sample_loop
 from ddpm_lib.schedules import SCHEDULES, get_schedule
-from ddpm_lib.training import TrainConfig, Trainer, device_name, fast_bf16
+from ddpm_lib.training import TrainConfig, Trainer
 from ddpm_lib.unet import UNetConfig
 from ddpm_lib.viz import GuidanceViewer, forward_explorer, save_trajectory_gif, schedule_explorer, trajectory_viewer
 

@@ -18,10 +18,11 @@ import torch
 
 from ddpm_lib.checkpoint import load_model
 from ddpm_lib.classifier import load_classifier, mnist_tensors
+from ddpm_lib.devices import device_name, use_bf16
 from ddpm_lib.evaluation import SETTINGS, class_count_table, evaluate, markdown_table, plot_quality, weights_sha256
 from ddpm_lib.files import atomic_write
 from ddpm_lib.metrics import real_data_floor, reference_stats, target_misses
-from ddpm_lib.training import PRECISIONS, device_name, use_bf16
+from ddpm_lib.training import PRECISIONS
 
 
 def main() -> int:

@@ -36,10 +36,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the library from this tree, with any python3
 
 from ddpm_lib.checkpoint import load_checkpoint, load_model  # noqa: E402
+from ddpm_lib.devices import device_name  # noqa: E402
 from ddpm_lib.diffusion import DiffusionConfig  # noqa: E402
 from ddpm_lib.files import write_atomic  # noqa: E402
 from ddpm_lib.sampling import sample  # noqa: E402
-from ddpm_lib.training import TrainConfig, Trainer, device_name  # noqa: E402
+from ddpm_lib.training import TrainConfig, Trainer  # noqa: E402
 from ddpm_lib.unet import UNetConfig  # noqa: E402
 
 TINY_FLAGS = ["--base-channels", "8", "--channel-mults", "1,2", "--num-res-blocks", "1", "--attention-resolutions", "14"]

@@ -18,12 +18,13 @@ import torch
 
 from ddpm_lib.checkpoint import load_model
 from ddpm_lib.classifier import load_classifier, mnist_tensors, predict
+from ddpm_lib.devices import device_name, use_bf16
 from ddpm_lib.evaluation import weights_sha256
 from ddpm_lib.files import atomic_write
 from ddpm_lib.guided_evaluation import class_references, guided_floor, guided_sweep, markdown_table, plot_sweep
 from ddpm_lib.metrics import gaussian_stats
 from ddpm_lib.noisy_classifier import load_noisy_classifier
-from ddpm_lib.training import PRECISIONS, device_name, use_bf16
+from ddpm_lib.training import PRECISIONS
 
 WEIGHTS = (0, 0.5, 1, 2, 4, 8)  # classifier-free guidance weights w (Ho & Salimans' convention; 0: the conditional model)
 SCALES = (0, 0.5, 1, 2, 4, 8)  # classifier-guidance scales s (0: the unconditional model, unguided)

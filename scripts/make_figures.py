@@ -19,10 +19,10 @@ import torch  # noqa: E402
 
 from ddpm_lib.checkpoint import load_model  # noqa: E402
 from ddpm_lib.data import get_dataset  # noqa: E402
+from ddpm_lib.devices import default_device, fast_bf16  # noqa: E402
 from ddpm_lib.diffusion import q_sample  # noqa: E402
 from ddpm_lib.sampling import sample, sample_loop  # noqa: E402
 from ddpm_lib.schedules import SCHEDULES, get_schedule  # noqa: E402
-from ddpm_lib.training import default_device, fast_bf16  # noqa: E402
 from ddpm_lib.viz import image_grid, save_grid, save_trajectory_gif  # noqa: E402
 
 

@@ -16,9 +16,10 @@ from pathlib import Path
 
 from ddpm_lib.checkpoint import load_checkpoint, load_model
 from ddpm_lib.classifier import load_classifier, mnist_tensors
+from ddpm_lib.devices import resolve_device, use_bf16
 from ddpm_lib.evaluation import SETTINGS, evaluate, weights_sha256
 from ddpm_lib.metrics import real_data_floor, reference_stats, target_misses
-from ddpm_lib.training import PRECISIONS, resolve_device, use_bf16
+from ddpm_lib.training import PRECISIONS
 
 DDIM50, DDPM1000 = (next(s for s in SETTINGS if s.label == label) for label in ("DDIM 50", "DDPM 1000, var beta_tilde"))
 

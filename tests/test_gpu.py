@@ -7,9 +7,10 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
+from ddpm_lib.devices import fast_bf16
 from ddpm_lib.diffusion import DiffusionConfig
 from ddpm_lib.sampling import sample
-from ddpm_lib.training import TrainConfig, Trainer, fast_bf16
+from ddpm_lib.training import TrainConfig, Trainer
 from ddpm_lib.unet import UNet
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (make gpu-check runs these on one)")
