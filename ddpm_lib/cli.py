@@ -23,6 +23,7 @@ import torch
 from . import distributed
 from .checkpoint import CheckpointError, export_ema, load_checkpoint, load_model, model_from_state
 from .data import DATASETS, DatasetNotFoundError, ImageFiles, dataset_info, get_dataset, num_classes, skipped_summary
+from .denoiser import Denoiser, guided
 from .devices import device_name, resolve_device, use_bf16
 from .diffusion import PREDICTIONS, DiffusionConfig
 from .divergence import DivergenceError
@@ -31,8 +32,9 @@ from .guidance import DEFAULT_CLASSIFIER_SCALE, DEFAULT_GUIDANCE, class_blocks
 from .likelihood import Bound, bound_table, variational_bound
 from .noisy_classifier import check_matches, load_noisy_classifier
 from .resources import format_bytes, require
-from .sampling import SAMPLERS, VARIANCES, check_network, check_samples, check_trajectory, ddim_timesteps, sample, sample_loop
+from .sampling import VARIANCES, check_network, check_samples, check_trajectory, sample, sample_loop
 from .schedules import SCHEDULES
+from .solvers import SOLVERS, make_solver
 from .training import (
     LOSS_WEIGHTINGS,
     LR_SCHEDULES,
@@ -242,10 +244,15 @@ def build_parser() -> Parser:
         s = sub.add_parser(name, help=helptext)
         s.add_argument("--checkpoint", required=True, help="a checkpoint written by train")
         s.add_argument("--num", type=image_count, default=64 if name == "sample" else 16, help="number of images")
-        s.add_argument("--sampler", choices=SAMPLERS, default="ddpm")
-        s.add_argument("--steps", type=positive_int, help="DDIM steps (default: T)")
-        s.add_argument("--eta", type=finite_float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like")
-        s.add_argument("--variance", choices=VARIANCES, default="beta_tilde", help="DDPM step variance")
+        s.add_argument(
+            "--sampler",
+            choices=list(SOLVERS),
+            default="ddpm",
+            help="ddpm (all T steps), ddim, heun (2 network evaluations a step) or dpmpp2m (DPM-Solver++(2M)) (default: ddpm)",
+        )
+        s.add_argument("--steps", type=positive_int, help="steps of ddim, heun or dpmpp2m (default: T)")
+        s.add_argument("--eta", type=finite_float, help="ddim's noise: 0 deterministic (the default), 1 DDPM-like")
+        s.add_argument("--variance", choices=VARIANCES, help="ddpm's step variance (default: beta_tilde)")
         s.add_argument("--seed", type=seed, default=0, help="0 ... 2^32 - 1 (default: 0)")
         s.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
         s.add_argument("--precision", choices=PRECISIONS, default="auto", help="auto: bf16 where the hardware runs it fast, else fp32")
@@ -420,34 +427,21 @@ def train(args: argparse.Namespace, out: Path, rank: distributed.Rank, device: t
 
 
 def load_for_sampling(args: argparse.Namespace, suffixes: tuple[str, ...]):
-    """Validate the sampling arguments before any work, then load the model."""
+    """Validate the sampling arguments before any work, then load the model: (denoiser, solver, chw, labels, guide)."""
     if Path(args.out).suffix.lower() not in suffixes:
         raise UsageError(f"--out must end in {' or '.join(suffixes)}, got {args.out}")
-    if args.eta < 0:
-        raise UsageError(f"--eta must be >= 0, got {args.eta}")
+    solver = make_solver(args.sampler, steps=args.steps, eta=args.eta, variance=args.variance)  # checks its own options
     check_writable(args.out)
     device = resolve_device(args.device)
     model, diffusion = load_model(args.checkpoint, device)
-    if args.sampler == "ddpm" and args.steps not in (None, diffusion.T):
-        raise UsageError(f"--steps {args.steps}: DDPM always takes T={diffusion.T} steps; use --sampler ddim for fewer")
-    if args.steps is not None:
-        ddim_timesteps(diffusion.T, args.steps)  # raises for steps outside 1 ... T
+    timesteps = solver.timesteps(diffusion.T)  # raises for steps outside 1 ... T, and DDPM with fewer than T
     c = model.config
     chw = (c.in_channels, c.image_size, c.image_size)
-    require_output(args, chw, (args.steps or diffusion.T) + 1)
-    bf16 = use_bf16(args.precision, device)
-    loop_args = dict(
-        sampler=args.sampler,
-        steps=args.steps,
-        eta=args.eta,
-        variance=args.variance,
-        prediction=diffusion.prediction,
-        device=device,
-        bf16=bf16,
-    )
+    require_output(args, chw, len(timesteps) + 1)
+    denoiser = Denoiser(model, diffusion, bf16=use_bf16(args.precision, device), batch_size=BATCH)
     labels, guide = guidance_args(args, model, diffusion, chw, device)
-    check_network(model, diffusion.make_schedule(), chw, device)  # a blown-up or untrained model is refused before the long run
-    return model, diffusion, chw, {**loop_args, **guide}, labels
+    check_network(denoiser, chw)  # a blown-up or untrained model is refused before the long run
+    return denoiser, solver, chw, labels, guide
 
 
 def guidance_args(args: argparse.Namespace, model, diffusion: DiffusionConfig, chw: tuple, device: torch.device):
@@ -512,14 +506,13 @@ def require_output(args: argparse.Namespace, chw: tuple[int, int, int], num_step
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    model, diffusion, chw, loop_args, labels = load_for_sampling(args, (".png", ".npy"))
+    denoiser, solver, chw, labels, guide = load_for_sampling(args, (".png", ".npy"))
     generator = torch.Generator().manual_seed(args.seed)
-    schedule = diffusion.make_schedule()
     batches = []
-    for start in range(0, args.num, BATCH):
+    for start in range(0, args.num, BATCH):  # each batch its own x_T: memory stays flat however large --num is
         n = min(BATCH, args.num - start)
         y = labels[start : start + n] if labels is not None else None
-        batches.append(sample(model, schedule, (n, *chw), generator=generator, labels=y, **loop_args).cpu())
+        batches.append(sample(guided(denoiser, y, **guide), (n, *chw), solver, generator=generator).cpu())
     x = check_samples(torch.cat(batches))  # (N, C, H, W); blank or broken samples are an error, not a black picture
     if args.out.lower().endswith(".npy"):
         buffer = io.BytesIO()
@@ -531,12 +524,11 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_gif(args: argparse.Namespace) -> None:
-    model, diffusion, chw, loop_args, labels = load_for_sampling(args, (".gif",))
+    denoiser, solver, chw, labels, guide = load_for_sampling(args, (".gif",))
     generator = torch.Generator().manual_seed(args.seed)
-    schedule = diffusion.make_schedule()
-    steps = sample_loop(model, schedule, (args.num, *chw), generator=generator, batch_size=BATCH, labels=labels, **loop_args)
+    steps = sample_loop(guided(denoiser, labels, **guide), (args.num, *chw), solver, generator=generator)
     steps = check_trajectory(steps)  # raises at the finished samples if they are blank or broken: no GIF is written
-    num_steps = (args.steps or diffusion.T) + 1
+    num_steps = len(solver.timesteps(denoiser.schedule.T)) + 1
     show_x0 = not args.no_x0
     save_trajectory_gif(steps, args.out, num_steps, frames=args.frames, duration_ms=args.duration_ms, show_x0=show_x0, levels=args.levels)
     print(f"wrote {args.out}", file=sys.stderr)

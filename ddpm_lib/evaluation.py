@@ -24,10 +24,12 @@ import matplotlib.pyplot as plt
 import torch
 
 from .classifier import MnistClassifier
+from .denoiser import Denoiser, guided
 from .diffusion import DiffusionConfig
 from .files import atomic_write
 from .metrics import GaussianStats, Quality, score
 from .sampling import sample
+from .solvers import make_solver
 
 
 @dataclass(frozen=True)
@@ -35,10 +37,16 @@ class SamplerSetting:
     """One way to sample: the arguments of sampling.sample that matter, and a label for tables."""
 
     label: str
-    sampler: str = "ddim"  # "ddpm" or "ddim"
-    steps: int | None = None  # DDIM steps (None: T)
+    sampler: str = "ddim"  # one of solvers.SOLVERS: "ddpm", "ddim", "heun", "dpmpp2m"
+    steps: int | None = None  # the solver's steps (None: T; DDPM always takes T)
     eta: float = 0.0  # DDIM noise scale: 0 deterministic, 1 DDPM-like
     variance: str = "beta_tilde"  # DDPM step variance: beta_tilde (posterior) or beta
+
+    def solver(self):
+        """The solver of this setting: its steps, with eta for DDIM and the variance for DDPM."""
+        if self.sampler == "ddpm":
+            return make_solver("ddpm", variance=self.variance)
+        return make_solver(self.sampler, steps=self.steps, eta=self.eta if self.sampler == "ddim" else None)
 
 
 SETTINGS = (
@@ -87,11 +95,11 @@ def draw(
 ) -> tuple[torch.Tensor, float]:
     """n samples (n, C, H, W) in [-1, 1] drawn with ``setting`` in batches, and the seconds it took.
 
-    ``bf16`` runs the U-Net under bf16 autocast (see sampling.sample_loop). Batches of 250 are the
+    ``bf16`` runs the U-Net under bf16 autocast (see denoiser.Denoiser). Batches of 250 are the
     fastest on a 2-core CPU: larger ones fall out of its caches. ``labels`` (n,) and ``guide``
-    (guidance, classifier, classifier_scale) steer the samples as in sampling.sample_loop.
+    (guidance, classifier, classifier_scale) steer the samples as in denoiser.guided.
     """
-    schedule = diffusion.make_schedule()
+    denoiser = Denoiser(model, diffusion, bf16=bf16)
     config = model.config
     generator = torch.Generator().manual_seed(seed)
     batches = []
@@ -101,18 +109,10 @@ def draw(
         shape = (size, config.in_channels, config.image_size, config.image_size)
         batches.append(
             sample(
-                model,
-                schedule,
+                guided(denoiser, labels[first : first + size] if labels is not None else None, **guide),
                 shape,
-                sampler=setting.sampler,
-                steps=setting.steps if setting.sampler == "ddim" else None,
-                eta=setting.eta,
-                variance=setting.variance,
-                prediction=diffusion.prediction,
+                setting.solver(),
                 generator=generator,
-                bf16=bf16,
-                labels=labels[first : first + size] if labels is not None else None,
-                **guide,
             ).cpu()
         )
     return torch.cat(batches), time.perf_counter() - start

@@ -1,8 +1,9 @@
 """The reverse process: DDPM ancestral sampling (Ho et al. 2020, Alg. 2) and DDIM (Song et al. 2021).
 
-``ddpm_step`` and ``ddim_step`` take one step from x_t toward the data; ``sample_loop`` runs
-the whole chain and yields every step, and everything else (``sample``, the widgets, the GIF
-export, the CLI) consumes it. t is 0-based (0 ... T-1); images are (B, C, H, W) in [-1, 1].
+``ddpm_step`` and ``ddim_step`` take one step from x_t toward the data; ``sample_loop`` runs a
+solver (:mod:`ddpm_lib.solvers`) over a denoiser (:mod:`ddpm_lib.denoiser`) and yields every
+step, and everything else (``sample``, the widgets, the GIF export, the CLI) consumes it. t is
+0-based (0 ... T-1); images are (B, C, H, W) in [-1, 1].
 """
 
 from __future__ import annotations
@@ -16,11 +17,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .diffusion import PREDICTIONS, eps_from_x0, q_posterior, to_eps_x0, x0_from_eps
-from .guidance import classifier_grad, guided_output, num_classes
+from .diffusion import eps_from_x0, q_posterior, x0_from_eps
 from .schedules import NoiseSchedule, extract
 
-SAMPLERS = ("ddpm", "ddim")
 VARIANCES = ("beta_tilde", "beta")
 
 
@@ -49,22 +48,29 @@ def ddpm_step(
     ``eps`` is the predicted noise for x_t; ``noise`` is the z of Alg. 2 (drawn with
     ``torch.randn_like`` when not given) and is ignored at t = 0, where no noise is added.
     """
-    if variance not in VARIANCES:
-        raise ValueError(f"unknown variance {variance!r}; valid choices: {', '.join(VARIANCES)}")
     # 1. predict x0 from eps (Eq. 15); clipping to the data range [-1, 1] keeps samples stable
     x0 = x0_from_eps(x_t, t, eps, schedule)
     if clip_x0:
         x0 = x0.clamp(-1, 1)
+    return StepOutput(ddpm_update(x_t, t, x0, schedule, noise, variance), x0)
+
+
+def ddpm_update(
+    x_t: torch.Tensor, t: int, x0: torch.Tensor, schedule: NoiseSchedule, noise: torch.Tensor | None = None, variance: str = "beta_tilde"
+) -> torch.Tensor:
+    """x_{t-1} drawn from q(x_{t-1} | x_t, x0) with the step variance ``variance``: :func:`ddpm_step` once x0 is predicted."""
+    if variance not in VARIANCES:
+        raise ValueError(f"unknown variance {variance!r}; valid choices: {', '.join(VARIANCES)}")
     # 2. mean of the posterior q(x_{t-1} | x_t, x0) (Eq. 7); without clipping it equals Eq. 11
     mean, posterior_variance = q_posterior(x0, x_t, t, schedule)
     # 3. no noise on the last step (Alg. 2: z = 0 if t = 1, our t = 0)
     if t == 0:
-        return StepOutput(mean, x0)
+        return mean
     # 4. sigma_t^2 = beta_t or beta tilde_t (Sec. 3.2), then x_{t-1} = mean + sigma_t z
     sigma2 = extract(schedule.betas, t, x_t.shape) if variance == "beta" else posterior_variance
     if noise is None:
         noise = torch.randn_like(x_t)
-    return StepOutput(mean + sigma2.sqrt() * noise, x0)
+    return mean + sigma2.sqrt() * noise
 
 
 def ddim_step(
@@ -81,15 +87,29 @@ def ddim_step(
 
     eta = 0 is deterministic; eta = 1 with t_prev = t - 1 is the DDPM step with variance beta tilde.
     """
-    if not -1 <= t_prev < t:
-        raise ValueError(f"DDIM needs -1 <= t_prev < t, got t={t}, t_prev={t_prev}")
-    a_bar = schedule.alpha_bar[t].item()
-    a_bar_prev = schedule.alpha_bar[t_prev].item() if t_prev >= 0 else 1.0
     # 1. predict x0 (Eq. 12, "predicted x0"); after clipping, re-derive the eps it implies
     x0 = x0_from_eps(x_t, t, eps, schedule)
     if clip_x0:
         x0 = x0.clamp(-1, 1)
         eps = eps_from_x0(x_t, t, x0, schedule)
+    return StepOutput(ddim_update(x_t, t, t_prev, x0, eps, schedule, eta, noise), x0)
+
+
+def ddim_update(
+    x_t: torch.Tensor,
+    t: int,
+    t_prev: int,
+    x0: torch.Tensor,
+    eps: torch.Tensor,
+    schedule: NoiseSchedule,
+    eta: float = 0.0,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x_{t_prev} from the predicted x0 and eps at x_t (Eq. 12): :func:`ddim_step` once both are predicted."""
+    if not -1 <= t_prev < t:
+        raise ValueError(f"DDIM needs -1 <= t_prev < t, got t={t}, t_prev={t_prev}")
+    a_bar = schedule.alpha_bar[t].item()
+    a_bar_prev = schedule.alpha_bar[t_prev].item() if t_prev >= 0 else 1.0
     # 2. sigma_t(eta) (Eq. 16)
     sigma = eta * ((1 - a_bar_prev) / (1 - a_bar) * (1 - a_bar / a_bar_prev)) ** 0.5
     # 3. the "direction pointing to x_t" (Eq. 12)
@@ -98,7 +118,7 @@ def ddim_step(
     # 4. random noise, when eta > 0
     if sigma > 0:
         x_prev = x_prev + sigma * (torch.randn_like(x_t) if noise is None else noise)
-    return StepOutput(x_prev, x0)
+    return x_prev
 
 
 def ddim_timesteps(T: int, steps: int) -> list[int]:
@@ -125,109 +145,29 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 
 @torch.inference_mode()
 def sample_loop(
-    model: nn.Module,
-    schedule: NoiseSchedule,
+    denoiser,
     shape: tuple[int, ...],
-    sampler: str = "ddpm",
-    steps: int | None = None,
-    eta: float = 0.0,
-    variance: str = "beta_tilde",
-    prediction: str = "eps",
+    solver,
     generator: torch.Generator | None = None,
     x_T: torch.Tensor | None = None,
-    clip_x0: bool = True,
-    device: torch.device | str | None = None,
-    bf16: bool = False,
-    batch_size: int | None = None,
-    labels: torch.Tensor | None = None,
-    guidance: float = 0.0,
-    classifier: nn.Module | None = None,
-    classifier_scale: float = 1.0,
 ) -> Iterator[SamplerStep]:
-    """Run the reverse process from x_T ~ N(0, I), yielding a :class:`SamplerStep` at every step.
+    """Run the reverse process from x_T ~ N(0, I) with ``solver``, yielding a :class:`SamplerStep` at every step.
 
-    Yields (t, x_t, predicted x0) for each visited t from T-1 down to 0 (all T for DDPM,
-    ``steps`` of them for DDIM), then a last item with t = -1 holding the finished sample.
-    All randomness (x_T and the noise of every step) comes from ``generator`` and is drawn on
-    the generator's device, so the same seed gives the same images; pass ``x_T`` to fix the
-    start instead. ``shape`` is (B, C, H, W). ``bf16=True`` runs the network (only) under bf16
-    autocast: about 1.6x faster on a CPU with AVX-512 BF16, and the steps themselves stay float32.
-    ``batch_size`` caps how many images the network sees at once (its memory grows with it); the
-    random draws, and so the images, stay those of one batch of B.
-
-    Guidance toward the (B,) class ``labels`` (see :mod:`ddpm_lib.guidance`):
-
-    - a class-conditional model uses them, with classifier-free guidance of weight ``guidance``
-      (w = 0: the plain conditional model); without labels it samples unconditionally ("no label");
-    - a ``classifier`` p(y | x_t, t) guides any model with scale ``classifier_scale`` (s): DDPM
-      shifts each step's mean by s sigma_t^2 grad log p(y | x_t) (Dhariwal & Nichol 2021, Alg. 1),
-      DDIM uses eps - sqrt(1 - alpha_bar_t) s grad log p(y | x_t) (their Alg. 2).
+    ``denoiser`` predicts x0 and eps at (x_t, t) (a :class:`ddpm_lib.denoiser.Denoiser`, possibly
+    guided or clipped); ``solver`` is one of :mod:`ddpm_lib.solvers` (DDPM, DDIM, Heun,
+    DPM-Solver++(2M)). Yields (t, x_t, predicted x0) for each t the solver visits, from T-1 down,
+    then a last item with t = -1 holding the finished sample. ``shape`` is (B, C, H, W). All
+    randomness (x_T and any noise the solver adds) comes from ``generator`` and is drawn on the
+    generator's device, so the same seed gives the same images; pass ``x_T`` to fix the start instead.
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; valid choices: {', '.join(SAMPLERS)}")
-    if prediction not in PREDICTIONS:
-        raise ValueError(f"unknown prediction {prediction!r}; valid choices: {', '.join(PREDICTIONS)}")
-    if sampler == "ddpm" and steps not in (None, schedule.T):
-        raise ValueError(f"DDPM visits all T={schedule.T} steps; use sampler='ddim' for {steps} steps")
-    if not math.isfinite(eta) or eta < 0:
-        raise ValueError(f"eta must be a finite number >= 0, got {eta}")
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    conditional = num_classes(model) > 0
-    if labels is not None and not conditional and classifier is None:
-        raise ValueError("this model is unconditional: labels need a class-conditional model or a classifier to guide it")
-    if (guidance != 0 or classifier is not None) and labels is None:
-        raise ValueError("guidance needs the class labels to guide toward")
-    if guidance != 0 and not conditional:
-        raise ValueError("classifier-free guidance needs a class-conditional model; an unconditional one takes a classifier")
-    if not math.isfinite(guidance) or not math.isfinite(classifier_scale):
-        raise ValueError(f"the guidance weight and scale must be finite numbers, got {guidance} and {classifier_scale}")
-    if labels is not None and labels.shape != (shape[0],):
-        raise ValueError(f"labels must have shape ({shape[0]},), one per image, got {tuple(labels.shape)}")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    schedule = schedule.to(device)
-    if labels is not None:
-        labels = labels.to(device)
+    device = denoiser.device
 
-    def randn() -> torch.Tensor:
+    def noise() -> torch.Tensor:
         gen_device = generator.device if generator is not None else device
         return torch.randn(shape, generator=generator, device=gen_device).to(device)
 
-    x = x_T.to(device) if x_T is not None else randn()
-    chunk_size = batch_size or shape[0]
-    label_chunks = labels.split(chunk_size) if labels is not None else [None] * len(x.split(chunk_size))
-
-    def network(chunk: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        if not conditional or y is None:
-            return model(chunk, t)
-        return guided_output(model, chunk, t, y, guidance)
-
-    timesteps = list(range(schedule.T - 1, -1, -1)) if sampler == "ddpm" else ddim_timesteps(schedule.T, steps or schedule.T)
-    with eval_mode(model):  # dropout off: the same seed must give the same images
-        for i, t in enumerate(timesteps):
-            t_batch = [torch.full((len(chunk),), t, device=device, dtype=torch.long) for chunk in x.split(chunk_size)]
-            with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
-                output = torch.cat(
-                    [network(chunk, tb, y).float() for chunk, tb, y in zip(x.split(chunk_size), t_batch, label_chunks, strict=True)]
-                )  # (B, C, H, W)
-            eps, _ = to_eps_x0(output, x, t, schedule, prediction)
-            grad = None
-            if classifier is not None:  # grad log p(y | x_t, t), (B, C, H, W)
-                parts = zip(x.split(chunk_size), t_batch, label_chunks, strict=True)
-                grad = torch.cat([classifier_grad(classifier, chunk, tb, y) for chunk, tb, y in parts])
-            if sampler == "ddpm":
-                step = ddpm_step(x, t, eps, schedule, randn() if t > 0 else None, variance, clip_x0)
-                if grad is not None:  # Alg. 1 of Dhariwal & Nichol: mean + s Sigma grad, Sigma = sigma_t^2
-                    sigma2 = (schedule.betas if variance == "beta" else schedule.posterior_variance)[t].item()
-                    step = StepOutput(step.x_prev + classifier_scale * sigma2 * grad, step.x0)
-            else:
-                if grad is not None:  # their Alg. 2: eps - sqrt(1 - alpha_bar_t) s grad
-                    eps = eps - (1 - schedule.alpha_bar[t].item()) ** 0.5 * classifier_scale * grad
-                t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
-                step = ddim_step(x, t, t_prev, eps, schedule, eta, randn() if eta > 0 else None, clip_x0)
-            yield SamplerStep(t, x, step.x0)
-            x = step.x_prev
-        yield SamplerStep(-1, x, x)
+    x = x_T.to(device) if x_T is not None else noise()
+    yield from solver(denoiser, x, solver.timesteps(denoiser.schedule.T), noise)
 
 
 class DegenerateModelError(ValueError):
@@ -239,29 +179,27 @@ OUTPUT_LIMIT = 100.0  # the largest RMS a sound prediction has: eps, x0 and v al
 
 
 @torch.inference_mode()
-def check_network(model: nn.Module, schedule: NoiseSchedule, chw: tuple[int, int, int], device: torch.device | str | None = None) -> None:
-    """Raise :class:`DegenerateModelError` unless ``model`` makes usable predictions, before a long sampling run.
+def check_network(denoiser, chw: tuple[int, int, int]) -> None:
+    """Raise :class:`DegenerateModelError` unless ``denoiser``'s network makes usable predictions, before a long run.
 
     The network sees four draws of pure noise (seed 0, its own generator) at t = T-1, T // 2 and 0
     (0-based), without labels. Its predictions must be finite, have an RMS of at most
     :data:`OUTPUT_LIMIT` and differ between inputs: a blown-up run predicts 1e29, an all-zero head
     the same 0 for every input, and either would draw black or noise images.
     """
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    x = torch.randn((4, *chw), generator=torch.Generator().manual_seed(0)).to(device)  # (4, C, H, W)
-    with eval_mode(model):
-        for t in (schedule.T - 1, schedule.T // 2, 0):
-            out = model(x, torch.full((len(x),), t, device=device, dtype=torch.long)).float()  # (4, C, H, W)
-            rms = out.double().square().mean().sqrt().item()  # float64: float32 squares overflow from 1e19
-            if not math.isfinite(rms):
-                raise DegenerateModelError(f"the network's predictions at t={t} are NaN or infinite; the training run blew up")
-            if rms > OUTPUT_LIMIT:
-                raise DegenerateModelError(
-                    f"the network's predictions at t={t} have an RMS of {rms:.3g}, where a sound model's are about 1; "
-                    "the training run blew up (use an earlier checkpoint or snapshot)"
-                )
-            if out.amax() == out.amin():
-                raise DegenerateModelError(f"the network predicts the same value for every input at t={t}; it has not learned anything")
+    x = torch.randn((4, *chw), generator=torch.Generator().manual_seed(0)).to(denoiser.device)  # (4, C, H, W)
+    for t in (denoiser.schedule.T - 1, denoiser.schedule.T // 2, 0):
+        out = denoiser.output(x, t)  # (4, C, H, W)
+        rms = out.double().square().mean().sqrt().item()  # float64: float32 squares overflow from 1e19
+        if not math.isfinite(rms):
+            raise DegenerateModelError(f"the network's predictions at t={t} are NaN or infinite; the training run blew up")
+        if rms > OUTPUT_LIMIT:
+            raise DegenerateModelError(
+                f"the network's predictions at t={t} have an RMS of {rms:.3g}, where a sound model's are about 1; "
+                "the training run blew up (use an earlier checkpoint or snapshot)"
+            )
+        if out.amax() == out.amin():
+            raise DegenerateModelError(f"the network predicts the same value for every input at t={t}; it has not learned anything")
 
 
 def check_samples(x: torch.Tensor) -> torch.Tensor:
@@ -283,7 +221,7 @@ def check_trajectory(steps: Iterable[SamplerStep]) -> Iterator[SamplerStep]:
         yield step
 
 
-def sample(model: nn.Module, schedule: NoiseSchedule, shape: tuple[int, ...], **kwargs) -> torch.Tensor:
-    """The finished samples of :func:`sample_loop` (same arguments), shape (B, C, H, W), in [-1, 1]."""
-    (last,) = deque(sample_loop(model, schedule, shape, **kwargs), maxlen=1)  # keeps only the last step
+def sample(denoiser, shape: tuple[int, ...], solver, **kwargs) -> torch.Tensor:
+    """The finished samples of :func:`sample_loop` (same arguments), shape (B, C, H, W), in [-1, 1] when clipped."""
+    (last,) = deque(sample_loop(denoiser, shape, solver, **kwargs), maxlen=1)  # keeps only the last step
     return last.x_t

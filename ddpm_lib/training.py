@@ -21,12 +21,14 @@ from tqdm.auto import tqdm
 from . import distributed
 from .checkpoint import CheckpointError, check_finite, config_from_dict, load_checkpoint, nonfinite_tensors, save_checkpoint
 from .data import dataset_info, get_dataset
+from .denoiser import Denoiser, guided
 from .devices import device_name, resolve_device, use_bf16
 from .diffusion import DiffusionConfig, loss_simple, min_snr_weight
 from .divergence import DivergenceError, DivergenceGuard, weight_norm
 from .resources import require_model
 from .sampling import eval_mode, sample
 from .schedules import NoiseSchedule
+from .solvers import DDIM
 from .unet import UNet, UNetConfig
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -388,17 +390,8 @@ class Trainer:
         generator = torch.Generator().manual_seed(seed)
         k = self.model_config.num_classes
         labels = torch.arange(n) % k if k else None
-        x = sample(
-            self.ema.module,
-            self.schedule,
-            shape,
-            sampler="ddim",
-            steps=min(steps, self.schedule.T),
-            prediction=self.diffusion_config.prediction,
-            generator=generator,
-            labels=labels,
-        )
-        return x.cpu()
+        denoiser = guided(Denoiser(self.ema.module, self.diffusion_config), labels)
+        return sample(denoiser, shape, DDIM(min(steps, self.schedule.T)), generator=generator).cpu()
 
     def state_dict(self, full: bool = True) -> dict:
         """The checkpoint dict; ``full=False`` keeps only the configs and EMA weights (for sharing a model)."""

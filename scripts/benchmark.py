@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from ddpm_lib.checkpoint import load_model
+from ddpm_lib.denoiser import Denoiser, guided
 from ddpm_lib.devices import device_name, fast_bf16
 from ddpm_lib.diffusion import DiffusionConfig
 from ddpm_lib.files import atomic_write
@@ -29,6 +30,7 @@ from ddpm_lib.likelihood import variational_bound
 from ddpm_lib.noisy_classifier import load_noisy_classifier
 from ddpm_lib.sampling import sample, sample_loop
 from ddpm_lib.schedules import SCHEDULES, get_schedule
+from ddpm_lib.solvers import DDIM
 from ddpm_lib.training import TrainConfig, Trainer
 from ddpm_lib.unet import UNetConfig
 from ddpm_lib.viz import GuidanceViewer, forward_explorer, save_trajectory_gif, schedule_explorer, trajectory_viewer
@@ -52,10 +54,10 @@ def train_speed(device: str, precision: str, model_config: UNetConfig | None = N
 
 def ddim_seconds(model, diffusion, n: int, steps: int, device: str, bf16: bool = False, **guide) -> float:
     """Wall time of n DDIM samples; ``guide``: labels (moved to the device), guidance, classifier, classifier_scale."""
-    model, schedule = model.to(device), diffusion.make_schedule()
-    sample(model, schedule, (n, 1, 28, 28), sampler="ddim", steps=2, device=device, bf16=bf16, **guide)  # warm-up
+    denoiser = guided(Denoiser(model.to(device), diffusion, bf16=bf16), **guide)
+    sample(denoiser, (n, 1, 28, 28), DDIM(2))  # warm-up
     start = time.perf_counter()
-    sample(model, schedule, (n, 1, 28, 28), sampler="ddim", steps=steps, generator=torch.Generator(device), bf16=bf16, **guide)
+    sample(denoiser, (n, 1, 28, 28), DDIM(steps), generator=torch.Generator(device))
     if device == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start
@@ -149,7 +151,7 @@ def main() -> int:
 
     x0 = torch.rand(8, 1, 28, 28) * 2 - 1
     linear = get_schedule("linear", 1000)
-    trajectory = list(sample_loop(model, diffusion.make_schedule(), (16, 1, 28, 28), sampler="ddim", steps=100))
+    trajectory = list(sample_loop(guided(Denoiser(model, diffusion)), (16, 1, 28, 28), DDIM(100)))
     viewers = {
         "slider: forward_explorer (notebook 1)": forward_explorer(x0, linear),
         "slider: schedule_explorer (notebook 2)": schedule_explorer(x0[:1], {n: get_schedule(n, 1000) for n in SCHEDULES}),

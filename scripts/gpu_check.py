@@ -36,10 +36,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the library from this tree, with any python3
 
 from ddpm_lib.checkpoint import load_checkpoint, load_model  # noqa: E402
+from ddpm_lib.denoiser import Denoiser, guided  # noqa: E402
 from ddpm_lib.devices import device_name  # noqa: E402
 from ddpm_lib.diffusion import DiffusionConfig  # noqa: E402
 from ddpm_lib.files import write_atomic  # noqa: E402
 from ddpm_lib.sampling import sample  # noqa: E402
+from ddpm_lib.solvers import DDIM  # noqa: E402
 from ddpm_lib.training import TrainConfig, Trainer  # noqa: E402
 from ddpm_lib.unet import UNetConfig  # noqa: E402
 
@@ -107,13 +109,13 @@ def sampling_speed(device: torch.device, tiny: bool) -> dict:
     """DDIM-50 of 1,000 digits from the shipped model, bf16, in batches of 500."""
     model, diffusion = load_model(ROOT / "checkpoints" / "mnist_ddpm.pt", device)
     n, batch = (8, 8) if tiny else (1000, 500)
-    schedule = diffusion.make_schedule()
+    denoiser = guided(Denoiser(model, diffusion, bf16=True))
     generator = torch.Generator().manual_seed(0)
-    sample(model, schedule, (batch, 1, 28, 28), sampler="ddim", steps=50, generator=generator, bf16=True)  # warm-up
+    sample(denoiser, (batch, 1, 28, 28), DDIM(50), generator=generator)  # warm-up
     _sync(device)
     start = time.perf_counter()
     for _ in range(n // batch):
-        sample(model, schedule, (batch, 1, 28, 28), sampler="ddim", steps=50, generator=generator, bf16=True)
+        sample(denoiser, (batch, 1, 28, 28), DDIM(50), generator=generator)
     _sync(device)
     seconds = time.perf_counter() - start
     return {"images": n, "seconds": round(seconds, 2), "ms_per_image": round(1000 * seconds / n, 3)}

@@ -19,10 +19,12 @@ import torch  # noqa: E402
 
 from ddpm_lib.checkpoint import load_model  # noqa: E402
 from ddpm_lib.data import get_dataset  # noqa: E402
+from ddpm_lib.denoiser import Denoiser, guided  # noqa: E402
 from ddpm_lib.devices import default_device, fast_bf16  # noqa: E402
 from ddpm_lib.diffusion import q_sample  # noqa: E402
 from ddpm_lib.sampling import sample, sample_loop  # noqa: E402
 from ddpm_lib.schedules import SCHEDULES, get_schedule  # noqa: E402
+from ddpm_lib.solvers import DDPM  # noqa: E402
 from ddpm_lib.viz import image_grid, save_grid, save_trajectory_gif  # noqa: E402
 
 
@@ -66,11 +68,11 @@ def main() -> None:
     schedule_plot(out)
     device = default_device()
     model, diffusion = load_model(args.checkpoint, device)
-    schedule, bf16 = diffusion.make_schedule(), fast_bf16(device)
-    x = sample(model, schedule, (100, 1, 28, 28), generator=torch.Generator().manual_seed(0), bf16=bf16)
+    denoiser = guided(Denoiser(model, diffusion, bf16=fast_bf16(device)))
+    x = sample(denoiser, (100, 1, 28, 28), DDPM(), generator=torch.Generator().manual_seed(0))
     save_grid(x, out / "samples.png", nrow=10)
-    steps = sample_loop(model, schedule, (16, 1, 28, 28), generator=torch.Generator().manual_seed(1), bf16=bf16)
-    save_trajectory_gif(steps, out / "reverse_diffusion.gif", num_steps=schedule.T + 1, frames=50, duration_ms=70, hold_ms=2000)
+    steps = sample_loop(denoiser, (16, 1, 28, 28), DDPM(), generator=torch.Generator().manual_seed(1))
+    save_trajectory_gif(steps, out / "reverse_diffusion.gif", num_steps=diffusion.T + 1, frames=50, duration_ms=70, hold_ms=2000)
     print(f"wrote {', '.join(sorted(p.name for p in out.iterdir()))} in {out}/")
 
 

@@ -19,6 +19,7 @@ from ddpm_lib import cli, resources, sampling
 from ddpm_lib.checkpoint import load_checkpoint, save_checkpoint
 from ddpm_lib.cli import main
 from ddpm_lib.data import data_root
+from ddpm_lib.denoiser import Denoiser
 from ddpm_lib.diffusion import DiffusionConfig
 from ddpm_lib.noisy_classifier import NoisyClassifier, NoisyClassifierConfig, save_noisy_classifier
 from ddpm_lib.training import Trainer
@@ -205,10 +206,11 @@ def test_every_subcommand_has_help(command, option, capsys):
     [
         (["--sampler", "euler"], ["invalid choice: 'euler'"]),
         (["--sampler", "ddim", "--steps", "21"], ["between 1 and T=20"]),
-        (["--sampler", "ddpm", "--steps", "5"], ["--sampler ddim"]),
+        (["--sampler", "ddpm", "--steps", "5"], ["DDPM visits all T=20 steps; use the ddim, heun or dpmpp2m solver for 5 steps"]),
+        (["--sampler", "heun", "--eta", "0.5"], ["the heun solver takes steps, not eta"]),
         (["--num", "0"], ["--num: must be a whole number >= 1, got '0'"]),
         (["--num", "-3"], ["--num: must be a whole number >= 1, got '-3'"]),
-        (["--eta", "-1"], ["--eta must be >= 0"]),
+        (["--sampler", "ddim", "--eta", "-1"], ["eta must be a finite number >= 0, got -1.0"]),
         (["--seed", str(2**70)], ["argument --seed: must be at most 4,294,967,295, got 1180591620717411303424"]),
         (["--seed", "-1"], ["argument --seed: must be a whole number >= 0"]),
         (["--num", str(10**30)], [f"--num {10**30:,} (", "of samples) would need", "of memory; this machine has"]),
@@ -262,7 +264,7 @@ def no_work(monkeypatch):
         raise AssertionError("a training or sampling step ran before the error")
 
     monkeypatch.setattr(Trainer, "train_step", forbidden)
-    monkeypatch.setattr(sampling, "to_eps_x0", forbidden)  # called once per sampling step
+    monkeypatch.setattr(Denoiser, "__call__", forbidden)  # called once per sampling step
 
 
 def test_a_blow_up_before_nan_saves_nothing_and_names_a_good_checkpoint(checkpoint, images, capsys, tmp_path):
@@ -511,7 +513,7 @@ def test_gif_runs_the_network_in_batches_and_draws_the_same_digits(checkpoint, c
     gif_args = ["gif", "--checkpoint", checkpoint, "--num", 5, "--sampler", "ddim", "--steps", 3, "--frames", 4, "--levels", 256]
     code, err = run(capsys, *gif_args, "--no-x0", "--out", tmp_path / "r.gif")
     assert code == 0, err
-    assert seen == [4] * 3 + [2, 2, 1] * 3  # the network checked on 4 images at 3 t, then 3 DDIM steps of 5 images in batches of 2
+    assert seen == [2, 2] * 3 + [2, 2, 1] * 3  # the network checked on 4 images at 3 t, then 3 DDIM steps of 5, all in batches of 2
     monkeypatch.setattr(cli, "BATCH", 256)
     code, err = run(capsys, *gif_args, "--no-x0", "--out", tmp_path / "whole.gif")
     assert code == 0, err
@@ -657,15 +659,15 @@ def guided(tmp_path_factory):
 
 @pytest.fixture
 def sampled_labels(monkeypatch):
-    """The labels (and guidance arguments) sample() is called with, batch by batch."""
+    """The labels (and guidance arguments) each batch's denoiser is guided with."""
     calls = []
-    real = cli.sample
+    real = cli.guided
 
-    def spy(*args, **kwargs):
-        calls.append(kwargs)
-        return real(*args, **kwargs)
+    def spy(denoiser, labels=None, **guide):
+        calls.append({"labels": labels, **guide})
+        return real(denoiser, labels, **guide)
 
-    monkeypatch.setattr(cli, "sample", spy)
+    monkeypatch.setattr(cli, "guided", spy)
     return calls
 
 

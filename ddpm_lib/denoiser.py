@@ -1,0 +1,173 @@
+"""The denoiser: all a solver sees of a network, a prediction of x0 and eps at (x_t, t).
+
+A network predicts eps, x0 or v, as its checkpoint's ``DiffusionConfig.prediction`` records;
+:class:`Denoiser` turns that output into both eps and x0 (Eq. 15 and its inverse), runs the
+network in batches of at most ``batch_size`` images and under bf16 autocast when asked. Guidance
+and clipping are denoisers that wrap a denoiser (:class:`ClassifierFree`, :class:`ClassifierGuided`,
+:class:`Clipped`), each checking its own arguments once, where it is built; so the solvers
+(:mod:`ddpm_lib.solvers`) never branch on them, and every solver is guided the same way.
+
+Conventions: t is a 0-based int (0 ... T-1); x_t is (B, C, H, W); labels are (B,) integers.
+Every denoiser is called as ``denoiser(x_t, t, y=None)``, where ``y`` are labels for the network.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from .diffusion import PREDICTIONS, DiffusionConfig, eps_from_x0, to_eps_x0, x0_from_eps
+from .guidance import cfg_combine, classifier_grad, num_classes
+from .sampling import eval_mode
+from .schedules import NoiseSchedule
+
+
+class Prediction(NamedTuple):
+    eps: torch.Tensor  # the predicted noise, (B, C, H, W)
+    x0: torch.Tensor  # the predicted clean image, (B, C, H, W)
+
+
+def in_batches(fn: Callable[..., torch.Tensor], batch_size: int | None, *tensors: torch.Tensor | None) -> torch.Tensor:
+    """``fn`` applied to slices of at most ``batch_size`` rows of every tensor (None stays None), joined
+    along dim 0: the one place a batch is split to bound memory (None: the whole batch at once)."""
+    n = len(tensors[0])
+    size = batch_size or n
+    parts = [fn(*(None if x is None else x[i : i + size] for x in tensors)) for i in range(0, n, size)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+class Denoiser:
+    """A network as a denoiser: ``model(x_t, t, y)`` read as its parametrization ``diffusion.prediction``.
+
+    ``bf16`` runs the network (only) under bf16 autocast; its outputs and everything after stay
+    float32. ``batch_size`` caps how many images the network sees at once (its memory grows with
+    it); the results do not depend on it.
+    """
+
+    def __init__(self, model: nn.Module, diffusion: DiffusionConfig, bf16: bool = False, batch_size: int | None = None):
+        if diffusion.prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {diffusion.prediction!r}; valid choices: {', '.join(PREDICTIONS)}")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.model, self.prediction, self.bf16, self.batch_size = model, diffusion.prediction, bf16, batch_size
+        self.device = next(model.parameters()).device
+        self.schedule: NoiseSchedule = diffusion.make_schedule().to(self.device)
+        self.num_classes = num_classes(model)  # 0: unconditional; label num_classes means "no label"
+
+    def output(self, x_t: torch.Tensor, t: int, y: torch.Tensor | None = None) -> torch.Tensor:
+        """The network's raw output at 0-based ``t``, float32, (B, C, H, W)."""
+
+        def run(x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+            t_batch = torch.full((len(x),), t, device=x.device, dtype=torch.long)
+            with torch.autocast(x.device.type, torch.bfloat16, enabled=self.bf16):
+                return (self.model(x, t_batch) if labels is None else self.model(x, t_batch, labels)).float()
+
+        with eval_mode(self.model):  # dropout off: the same seed must give the same images
+            return in_batches(run, self.batch_size, x_t, y)
+
+    def __call__(self, x_t: torch.Tensor, t: int, y: torch.Tensor | None = None) -> Prediction:
+        return Prediction(*to_eps_x0(self.output(x_t, t, y), x_t, t, self.schedule, self.prediction))
+
+
+def check_labels(labels: torch.Tensor, classes: int, what: str) -> None:
+    if labels.dim() != 1:
+        raise ValueError(f"labels must be a (B,) tensor, one per image, got shape {tuple(labels.shape)}")
+    if len(labels) and (labels.min() < 0 or labels.max() >= classes):
+        raise ValueError(f"labels must be classes 0 ... {classes - 1} of {what}, got {labels.min().item()} ... {labels.max().item()}")
+
+
+class ClassifierFree:
+    """Classifier-free guidance (Ho & Salimans 2021, Eq. 6) toward ``labels``: (1 + w) eps(x_t, y) - w eps(x_t).
+
+    The conditional and the "no label" predictions come from one batched pass of 2B images. x0 is
+    combined with the same weights, which is consistent: both are affine in the network's output
+    with weights that sum to one. w = 0 is the plain conditional model, one pass of B.
+    """
+
+    def __init__(self, inner: Denoiser, labels: torch.Tensor, w: float):
+        if not inner.num_classes:
+            raise ValueError("classifier-free guidance needs a class-conditional model; guide an unconditional one with a classifier")
+        if not math.isfinite(w):
+            raise ValueError(f"the guidance weight w must be a finite number, got {w}")
+        check_labels(labels, inner.num_classes, "the model")
+        self.inner, self.w, self.schedule, self.device = inner, w, inner.schedule, inner.device
+        self.labels = labels.to(inner.device)
+
+    def __call__(self, x_t: torch.Tensor, t: int, y: torch.Tensor | None = None) -> Prediction:
+        if self.w == 0:
+            return self.inner(x_t, t, self.labels)
+        null = torch.full_like(self.labels, self.inner.num_classes)
+        both = self.inner(torch.cat([x_t, x_t]), t, torch.cat([self.labels, null]))
+        (eps_c, eps_u), (x0_c, x0_u) = both.eps.chunk(2), both.x0.chunk(2)  # each (B, C, H, W)
+        return Prediction(cfg_combine(eps_c, eps_u, self.w), cfg_combine(x0_c, x0_u, self.w))
+
+
+class ClassifierGuided:
+    """Classifier guidance (Dhariwal & Nichol 2021, Alg. 2) toward ``labels`` with scale s:
+    eps - sqrt(1 - alpha_bar_t) s grad log p(y | x_t, t), and the x0 it implies.
+
+    ``classifier(x_t, t)`` gives (B, K) logits of p(y | x_t, t); its gradient is taken in batches of
+    at most ``batch_size`` images. Any solver takes the guided eps as it takes an unguided one.
+    """
+
+    def __init__(self, inner, classifier: nn.Module, labels: torch.Tensor, scale: float, batch_size: int | None = None):
+        if not math.isfinite(scale):
+            raise ValueError(f"the classifier scale s must be a finite number, got {scale}")
+        check_labels(labels, num_classes(classifier), "the classifier")
+        self.inner, self.classifier, self.scale, self.batch_size = inner, classifier, scale, batch_size
+        self.schedule, self.device = inner.schedule, inner.device
+        self.labels = labels.to(next(classifier.parameters()).device)
+
+    def __call__(self, x_t: torch.Tensor, t: int, y: torch.Tensor | None = None) -> Prediction:
+        pred = self.inner(x_t, t, y)
+
+        def grad(x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            return classifier_grad(self.classifier, x, torch.full((len(x),), t, device=x.device, dtype=torch.long), labels)
+
+        g = in_batches(grad, self.batch_size, x_t, self.labels)  # grad log p(y | x_t, t), (B, C, H, W)
+        eps = pred.eps - (1 - self.schedule.alpha_bar[t].item()) ** 0.5 * self.scale * g
+        return Prediction(eps, x0_from_eps(x_t, t, eps, self.schedule))
+
+
+class Clipped:
+    """x0 clipped to the data range [-1, 1], and the eps that this x0 implies at x_t (as in Ho et al.'s code)."""
+
+    def __init__(self, inner):
+        self.inner, self.schedule, self.device = inner, inner.schedule, inner.device
+
+    def __call__(self, x_t: torch.Tensor, t: int, y: torch.Tensor | None = None) -> Prediction:
+        x0 = self.inner(x_t, t, y).x0.clamp(-1, 1)
+        return Prediction(eps_from_x0(x_t, t, x0, self.schedule), x0)
+
+
+def guided(
+    denoiser: Denoiser,
+    labels: torch.Tensor | None = None,
+    guidance: float = 0.0,
+    classifier: nn.Module | None = None,
+    classifier_scale: float = 1.0,
+    clip: bool = True,
+):
+    """The usual assembly of a sampler's denoiser: guidance toward the (B,) class ``labels``, then x0 clipped.
+
+    A class-conditional model uses the labels with classifier-free guidance of weight ``guidance``
+    (w = 0: the plain conditional model; without labels it predicts for "no label"); a
+    ``classifier`` p(y | x_t, t) guides any model with scale ``classifier_scale``. ``clip`` clips
+    x0 to [-1, 1], as Ho et al.'s code does.
+    """
+    if labels is None and (guidance != 0 or classifier is not None):
+        raise ValueError("guidance needs the class labels to guide toward")
+    if labels is not None and not denoiser.num_classes and classifier is None:
+        raise ValueError("this model is unconditional: labels need a class-conditional model or a classifier to guide it")
+    if guidance != 0 and not denoiser.num_classes:
+        raise ValueError("classifier-free guidance needs a class-conditional model; an unconditional one takes a classifier")
+    result = denoiser
+    if labels is not None and denoiser.num_classes:
+        result = ClassifierFree(result, labels, guidance)
+    if classifier is not None:
+        result = ClassifierGuided(result, classifier, labels, classifier_scale, denoiser.batch_size)
+    return Clipped(result) if clip else result

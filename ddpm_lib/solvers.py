@@ -1,0 +1,187 @@
+"""Solvers: the ways from x_T to a sample, each over a grid of timesteps and seeing only a denoiser.
+
+A solver is a small frozen object: ``timesteps(T)`` gives its grid (0-based t, high to low), and
+calling it with a denoiser (:mod:`ddpm_lib.denoiser`), x_T and a noise source yields a
+:class:`~ddpm_lib.sampling.SamplerStep` at every visited t, then the finished sample at t = -1.
+A multistep solver keeps its history in the generator itself. ``sampling.sample_loop`` runs any
+of them; guidance and clipping arrive already folded into the denoiser.
+
+With alpha_t = sqrt(alpha_bar_t) and sigma_t = sqrt(1 - alpha_bar_t), the probability-flow ODE of
+the forward process is, in x~ = x_t / alpha_t and sigma~ = sigma_t / alpha_t, simply
+dx~ / dsigma~ = eps(x_t, t) (Song et al. 2021, DDIM Eq. 14): deterministic DDIM is Euler's
+method on it, :class:`Heun` the trapezoidal correction of Euler (Karras et al. 2022, Alg. 1), and
+:class:`DPMSolverPP2M` integrates its linear part exactly in lambda = log(alpha / sigma) with the
+data prediction x0 extrapolated from two steps (Lu et al. 2022, DPM-Solver++, Alg. 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from .diffusion import x0_from_eps
+from .sampling import VARIANCES, SamplerStep, ddim_timesteps, ddim_update, ddpm_update
+from .schedules import NoiseSchedule
+
+Noise = Callable[[], torch.Tensor]  # draws fresh N(0, I) noise shaped like x_t
+
+
+def trailing_grid(T: int, steps: int | None) -> list[int]:
+    return ddim_timesteps(T, steps or T)
+
+
+@dataclass(frozen=True)
+class DDPM:
+    """Ancestral sampling (Ho et al. 2020, Alg. 2): all T steps, each adding noise of variance beta tilde or beta."""
+
+    variance: str = "beta_tilde"  # sigma_t^2 of each step: the posterior's beta tilde_t, or beta_t (Sec. 3.2)
+    steps: int | None = None  # DDPM always visits all T; a number other than T is refused by timesteps()
+
+    def __post_init__(self) -> None:
+        if self.variance not in VARIANCES:
+            raise ValueError(f"unknown variance {self.variance!r}; valid choices: {', '.join(VARIANCES)}")
+
+    def timesteps(self, T: int) -> list[int]:
+        if self.steps not in (None, T):
+            raise ValueError(f"DDPM visits all T={T} steps; use the ddim, heun or dpmpp2m solver for {self.steps} steps")
+        return list(range(T - 1, -1, -1))
+
+    def evaluations(self, T: int) -> int:
+        return T
+
+    def __call__(self, denoiser, x: torch.Tensor, timesteps: list[int], noise: Noise) -> Iterator[SamplerStep]:
+        for t in timesteps:
+            pred = denoiser(x, t)
+            x_prev = ddpm_update(x, t, pred.x0, denoiser.schedule, noise() if t > 0 else None, self.variance)
+            yield SamplerStep(t, x, pred.x0)
+            x = x_prev
+        yield SamplerStep(-1, x, x)
+
+
+@dataclass(frozen=True)
+class DDIM:
+    """DDIM (Song et al. 2021, Eq. 12) over ``steps`` trailing timesteps; eta = 0 is deterministic, 1 DDPM-like."""
+
+    steps: int | None = None  # None: all T
+    eta: float = 0.0  # the noise scale of Eq. 16
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.eta) or self.eta < 0:
+            raise ValueError(f"eta must be a finite number >= 0, got {self.eta}")
+
+    def timesteps(self, T: int) -> list[int]:
+        return trailing_grid(T, self.steps)
+
+    def evaluations(self, T: int) -> int:
+        return len(self.timesteps(T))
+
+    def __call__(self, denoiser, x: torch.Tensor, timesteps: list[int], noise: Noise) -> Iterator[SamplerStep]:
+        for t, t_prev in zip(timesteps, [*timesteps[1:], -1], strict=True):
+            pred = denoiser(x, t)
+            x_prev = ddim_update(x, t, t_prev, pred.x0, pred.eps, denoiser.schedule, self.eta, noise() if self.eta > 0 else None)
+            yield SamplerStep(t, x, pred.x0)
+            x = x_prev
+        yield SamplerStep(-1, x, x)
+
+
+@dataclass(frozen=True)
+class Heun:
+    """Heun's method on the probability-flow ODE (Karras et al. 2022, Alg. 1 without churn): second order.
+
+    Each step takes DDIM's Euler step to t_prev, evaluates eps there, and repeats the step from x_t
+    with the mean of the two eps (the trapezoidal rule). The last step, to the data, is Euler's
+    alone, so ``steps`` steps cost 2 steps - 1 network evaluations.
+    """
+
+    steps: int | None = None  # None: all T
+
+    def timesteps(self, T: int) -> list[int]:
+        return trailing_grid(T, self.steps)
+
+    def evaluations(self, T: int) -> int:
+        return 2 * len(self.timesteps(T)) - 1
+
+    def __call__(self, denoiser, x: torch.Tensor, timesteps: list[int], noise: Noise) -> Iterator[SamplerStep]:
+        schedule = denoiser.schedule
+        for t, t_prev in zip(timesteps, [*timesteps[1:], -1], strict=True):
+            pred = denoiser(x, t)
+            euler = ddim_update(x, t, t_prev, pred.x0, pred.eps, schedule)  # 1. predictor: Euler, dx~ = eps dsigma~
+            yield SamplerStep(t, x, pred.x0)
+            if t_prev < 0:
+                x = euler
+                continue
+            eps = (pred.eps + denoiser(euler, t_prev).eps) / 2  # 2. the mean of the slopes at both ends
+            x = ddim_update(x, t, t_prev, x0_from_eps(x, t, eps, schedule), eps, schedule)  # 3. trapezoidal corrector
+        yield SamplerStep(-1, x, x)
+
+
+def lambda_alpha_sigma(schedule: NoiseSchedule, t: int) -> tuple[float, float, float]:
+    """(lambda_t, alpha_t, sigma_t) at 0-based t, in float64; t = -1 is the data: (inf, 1, 0)."""
+    if t < 0:
+        return math.inf, 1.0, 0.0
+    a_bar = schedule.alpha_bar[t].item()
+    alpha, sigma = math.sqrt(a_bar), math.sqrt(1 - a_bar)
+    return math.log(alpha / sigma), alpha, sigma
+
+
+@dataclass(frozen=True)
+class DPMSolverPP2M:
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2): second order from one network evaluation a step.
+
+    In lambda = log(alpha / sigma) the ODE's linear part is solved exactly:
+    x_{t_i} = (sigma_{t_i} / sigma_{t_{i-1}}) x - alpha_{t_i} (e^{-h_i} - 1) D_i, h_i = lambda_{t_i} - lambda_{t_{i-1}}.
+    D_i is the last x0 prediction on the first step, and afterwards the extrapolation
+    (1 + 1 / (2 r_i)) x0_{i-1} - 1 / (2 r_i) x0_{i-2} with r_i = h_{i-1} / h_i. The last step, to the
+    data (lambda = inf), is first order: it returns the last x0 prediction (diffusers' default).
+    """
+
+    steps: int | None = None  # None: all T
+
+    def timesteps(self, T: int) -> list[int]:
+        return trailing_grid(T, self.steps)
+
+    def evaluations(self, T: int) -> int:
+        return len(self.timesteps(T))
+
+    def __call__(self, denoiser, x: torch.Tensor, timesteps: list[int], noise: Noise) -> Iterator[SamplerStep]:
+        schedule = denoiser.schedule
+        x0_before, h_before = None, None  # the previous step's x0 prediction and lambda increment
+        for t, t_next in zip(timesteps, [*timesteps[1:], -1], strict=True):
+            pred = denoiser(x, t)
+            yield SamplerStep(t, x, pred.x0)
+            lam, _, sigma = lambda_alpha_sigma(schedule, t)
+            lam_next, alpha_next, sigma_next = lambda_alpha_sigma(schedule, t_next)
+            if t_next < 0:  # to the data: e^{-h} = 0 and sigma_next = 0 leave x0 (first order)
+                x = pred.x0
+                break
+            h = lam_next - lam
+            d = pred.x0
+            if x0_before is not None:  # 2M: the second-order extrapolation of x0 (Lu et al., Alg. 2, line 6)
+                r = h_before / h
+                d = (1 + 1 / (2 * r)) * pred.x0 - 1 / (2 * r) * x0_before
+            x = (sigma_next / sigma) * x - alpha_next * math.expm1(-h) * d
+            x0_before, h_before = pred.x0, h
+        yield SamplerStep(-1, x, x)
+
+
+SOLVERS = {"ddpm": DDPM, "ddim": DDIM, "heun": Heun, "dpmpp2m": DPMSolverPP2M}
+
+
+def make_solver(name: str, **options) -> DDPM | DDIM | Heun | DPMSolverPP2M:
+    """The solver called ``name`` (one of :data:`SOLVERS`) with its ``options`` (steps, eta, variance).
+
+    An option the solver does not have is refused unless it is None, so that e.g. an eta meant for
+    DDIM is never silently dropped.
+    """
+    if name not in SOLVERS:
+        raise ValueError(f"unknown solver {name!r}; valid choices: {', '.join(SOLVERS)}")
+    cls = SOLVERS[name]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    foreign = sorted(k for k, v in options.items() if k not in fields and v is not None)
+    if foreign:
+        raise ValueError(f"the {name} solver takes {', '.join(sorted(fields))}, not {', '.join(foreign)}")
+    return cls(**{k: v for k, v in options.items() if k in fields and v is not None})
