@@ -48,6 +48,10 @@ class SamplerSetting:
             return make_solver("ddpm", variance=self.variance)
         return make_solver(self.sampler, steps=self.steps, eta=self.eta if self.sampler == "ddim" else None)
 
+    def evaluations(self, T: int) -> int:
+        """U-Net evaluations per image: the cost axis (Heun's steps cost two, but for the last)."""
+        return self.solver().evaluations(T)
+
 
 SETTINGS = (
     SamplerSetting("DDPM 1000, var beta_tilde", sampler="ddpm", variance="beta_tilde"),
@@ -57,6 +61,8 @@ SETTINGS = (
     SamplerSetting("DDIM 20", steps=20),
     SamplerSetting("DDIM 10", steps=10),
     SamplerSetting("DDIM 50, eta 1", steps=50, eta=1.0),
+    *(SamplerSetting(f"Heun {k}", sampler="heun", steps=k) for k in (3, 5, 10, 25)),  # 5, 9, 19 and 49 evaluations
+    *(SamplerSetting(f"DPM-Solver++(2M) {k}", sampler="dpmpp2m", steps=k) for k in (5, 10, 20, 50)),
 )
 
 
@@ -197,7 +203,7 @@ def markdown_table(rows: list[Row], floor: Quality, T: int) -> str:
     for row in rows:
         q = row.quality
         lines.append(
-            f"| {row.setting.label} | {row.setting.steps or T} | {q.frechet:.2f} | {ratio_up(q.frechet / floor.frechet)} "
+            f"| {row.setting.label} | {row.setting.evaluations(T)} | {q.frechet:.2f} | {ratio_up(q.frechet / floor.frechet)} "
             f"| {q.confident:.1%} | {q.entropy:.3f} | {row.seconds_per_image:.3f} |"
         )
     return "\n".join(lines)
@@ -244,18 +250,25 @@ def plot_class_counts(rows: list[Row], floor: Quality) -> plt.Figure:
 def plot_quality(rows: list[Row], floor: Quality, T: int) -> plt.Figure:
     """Frechet distance and confident share against U-Net evaluations per image, one marker per row.
 
-    DDIM with eta = 0 is drawn as a line through its step counts; every other row is a point.
+    Each deterministic solver (DDIM with eta = 0, Heun, DPM-Solver++(2M)) is a line through its step
+    counts; every other row is a point.
     """
     fig, (ax_fd, ax_conf) = plt.subplots(1, 2, figsize=(10, 4.6))
-    ddim = sorted((r for r in rows if r.setting.sampler == "ddim" and r.setting.eta == 0), key=lambda r: r.setting.steps or T)
-    others = [r for r in rows if r not in ddim]
+    families = {"DDIM, eta = 0": ("ddim",), "Heun": ("heun",), "DPM-Solver++(2M)": ("dpmpp2m",)}
+    lines = {
+        name: sorted((r for r in rows if r.setting.sampler in kinds and r.setting.eta == 0), key=lambda r: r.setting.evaluations(T))
+        for name, kinds in families.items()
+    }
+    others = [r for r in rows if not any(r in members for members in lines.values())]
     for ax, value, floor_value, name in (
         (ax_fd, lambda q: q.frechet, floor.frechet, "Frechet distance (classifier features)"),
         (ax_conf, lambda q: 100 * q.confident, 100 * floor.confident, "confidently classified (%)"),
     ):
-        ax.plot([r.setting.steps or T for r in ddim], [value(r.quality) for r in ddim], "o-", label="DDIM, eta = 0")
-        for r, marker in zip(others, "s^Dv", strict=False):
-            ax.plot([r.setting.steps or T], [value(r.quality)], marker, ls="none", label=r.setting.label)
+        for (family, members), style in zip(lines.items(), ("o-", "s-", "^-"), strict=True):
+            if members:
+                ax.plot([r.setting.evaluations(T) for r in members], [value(r.quality) for r in members], style, label=family)
+        for r, marker in zip(others, "Dvxp", strict=False):
+            ax.plot([r.setting.evaluations(T)], [value(r.quality)], marker, ls="none", label=r.setting.label)
         ax.axhline(floor_value, color="gray", ls="--", label="real training images")
         ax.set(xscale="log", xlabel="U-Net evaluations per image", ylabel=name)
     ax_fd.axhline(3 * floor.frechet, color="gray", ls=":", label="target: 3 x floor")

@@ -1,14 +1,16 @@
 import dataclasses
+import math
 from pathlib import Path
 
 import pytest
 import torch
 
-from ddpm_lib.denoiser import ClassifierFree, ClassifierGuided, Clipped, Denoiser
-from ddpm_lib.diffusion import DiffusionConfig
+from ddpm_lib.denoiser import ClassifierFree, ClassifierGuided, Clipped, Denoiser, Prediction, guided
+from ddpm_lib.diffusion import DiffusionConfig, v_from, x0_from_eps
 from ddpm_lib.noisy_classifier import NoisyClassifier, NoisyClassifierConfig
 from ddpm_lib.sampling import sample, sample_loop
-from ddpm_lib.solvers import DDIM, DDPM
+from ddpm_lib.schedules import get_schedule
+from ddpm_lib.solvers import DDIM, DDPM, SOLVERS, DPMSolverPP2M, Heun, make_solver
 from ddpm_lib.unet import UNet, UNetConfig
 
 # The sampler before the core was rebuilt (issue 30) drew tests/data/sampling_reference.pt from these
@@ -85,3 +87,159 @@ def test_the_trajectory_is_the_same_step_by_step():
     for name in ("x_t", "x0"):
         got = torch.stack([getattr(s, name) for s in steps])
         assert torch.allclose(got, ref[name], rtol=1e-5, atol=1e-5 * ref[name].abs().max().item())
+
+
+# --- The solvers against closed forms and against diffusers ---------------------------------------
+
+T = 1000
+LINEAR = get_schedule("linear", T)
+MU, S = 0.3, 0.5  # the data: every pixel N(MU, S^2)
+
+
+class GaussianData:
+    """The exact denoiser of data N(MU, S^2): eps* = sigma_t (x_t - alpha_t MU) / (alpha_t^2 S^2 + sigma_t^2)."""
+
+    schedule, device, num_classes, batch_size = LINEAR, torch.device("cpu"), 0, None
+
+    def __call__(self, x_t, t, y=None):
+        a_bar = LINEAR.alpha_bar[t].item()
+        eps = (1 - a_bar) ** 0.5 * (x_t - a_bar**0.5 * MU) / (a_bar * S**2 + 1 - a_bar)
+        return Prediction(eps, x0_from_eps(x_t, t, eps, LINEAR))
+
+
+class Wiggly(GaussianData):
+    """A smooth eps that is not the answer to anything: the same field for our solvers and diffusers'."""
+
+    def __call__(self, x_t, t, y=None):
+        eps = super().__call__(x_t, t).eps + 0.05 * torch.sin(3 * x_t)
+        return Prediction(eps, x0_from_eps(x_t, t, eps, LINEAR))
+
+
+def exact_flow(x_T: torch.Tensor, t: int) -> torch.Tensor:
+    """The probability-flow ODE's solution from x_T at T-1 to t for Gaussian data: in x~ = x / alpha and
+    sigma~ = sigma / alpha, x~ - MU scales with sqrt(S^2 + sigma~^2)."""
+
+    def alpha_sigma(t):
+        a_bar = LINEAR.alpha_bar[t].item()
+        return a_bar**0.5, ((1 - a_bar) / a_bar) ** 0.5
+
+    (a_T, s_T), (a_t, s_t) = alpha_sigma(T - 1), alpha_sigma(t)
+    return a_t * (MU + (x_T / a_T - MU) * math.sqrt(S**2 + s_t**2) / math.sqrt(S**2 + s_T**2))
+
+
+def flow_error(solver) -> float:
+    """The largest error, against the exact flow, at the last timestep the solver visits before the data."""
+    x_T = torch.randn(1000, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    *_, last, _ = sample_loop(GaussianData(), x_T.shape, solver, x_T=x_T)
+    return (last.x_t - exact_flow(x_T, last.t)).abs().max().item()
+
+
+def test_heun_is_second_order_and_ddim_first_order_on_the_exact_flow():
+    heun = [flow_error(Heun(n)) for n in (20, 40, 80)]
+    assert all(3.3 < a / b < 4.6 for a, b in zip(heun, heun[1:], strict=False)), heun  # halving the step: 4x smaller
+    ddim = [flow_error(DDIM(n)) for n in (40, 80, 160)]
+    assert all(1.6 < a / b < 2.4 for a, b in zip(ddim, ddim[1:], strict=False)), ddim  # 2x smaller
+    assert heun[-1] < ddim[0] / 20
+
+
+@pytest.mark.parametrize("steps", [5, 10, 20, 50])
+def test_dpm_solver_pp_2m_and_ddim_agree_with_diffusers(steps):
+    diffusers = pytest.importorskip("diffusers")
+    x_T = torch.randn(4, 1, 4, 4, generator=torch.Generator().manual_seed(steps))
+    field = Wiggly()
+    common = {"num_train_timesteps": T, "trained_betas": LINEAR.betas.numpy(), "timestep_spacing": "trailing"}
+    for ours, theirs in (
+        (DPMSolverPP2M(steps), diffusers.DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2, **common)),
+        (DDIM(steps), diffusers.DDIMScheduler(clip_sample=False, set_alpha_to_one=True, **common)),
+    ):
+        theirs.set_timesteps(steps)
+        assert theirs.timesteps.tolist() == ours.timesteps(T)  # the same trailing grid
+        x = x_T.clone()
+        for t in theirs.timesteps:
+            x = theirs.step(field(x, int(t)).eps, t, x).prev_sample
+        assert torch.allclose(sample(field, x_T.shape, ours, x_T=x_T), x, atol=5e-6), type(ours).__name__
+
+
+def test_the_network_evaluations_of_each_solver_are_counted_honestly():
+    calls = []
+
+    class Counting(GaussianData):
+        def __call__(self, x_t, t, y=None):
+            calls.append(t)
+            return super().__call__(x_t, t)
+
+    for solver, expected in ((DDIM(10), 10), (Heun(10), 19), (DPMSolverPP2M(10), 10), (DDPM(), T)):
+        calls.clear()
+        sample(Counting(), (2,), solver, x_T=torch.zeros(2))
+        assert len(calls) == solver.evaluations(T) == expected, type(solver).__name__
+
+
+def test_make_solver_builds_each_and_refuses_options_it_lacks():
+    assert make_solver("dpmpp2m", steps=20, eta=None) == DPMSolverPP2M(20)
+    assert make_solver("ddim", steps=7, eta=0.5) == DDIM(7, eta=0.5)
+    assert set(SOLVERS) == {"ddpm", "ddim", "heun", "dpmpp2m"}
+    with pytest.raises(ValueError, match="the heun solver takes steps, not eta"):
+        make_solver("heun", steps=5, eta=0.5)
+    with pytest.raises(ValueError, match="unknown solver 'euler'; valid choices: ddpm, ddim, heun, dpmpp2m"):
+        make_solver("euler")
+    with pytest.raises(ValueError, match="DDPM visits all T=20 steps"):
+        DDPM(steps=5).timesteps(20)
+    with pytest.raises(ValueError, match="between 1 and T=20"):
+        Heun(21).timesteps(20)
+
+
+# --- Every solver composes with guidance, clipping and any parametrization ---------------------------------
+
+
+@pytest.mark.parametrize("solver", [DDPM(), DDIM(7, eta=0.5), Heun(4), DPMSolverPP2M(7)], ids=lambda s: type(s).__name__)
+def test_every_solver_takes_both_guidances_and_weight_zero_is_the_plain_model(solver):
+    def draw(den):
+        return sample(den, SHAPE, solver, generator=torch.Generator().manual_seed(5))
+
+    cond = Denoiser(MODELS["cond"], DiffusionConfig(T=20))  # unclipped below: clipping saturates these random networks
+    plain = draw(cond)  # "no label" for every image
+    conditional = draw(ClassifierFree(cond, LABELS, 0.0))
+    assert not torch.allclose(plain, conditional)
+    assert torch.equal(draw(guided(cond, LABELS, guidance=0.0, clip=False)), conditional)
+    assert not torch.allclose(draw(guided(cond, LABELS, guidance=3.0, clip=False)), conditional)
+    uncond = Denoiser(MODELS["uncond"], DiffusionConfig(T=20))
+    steered = draw(guided(uncond, LABELS, classifier=MODELS["classifier"], classifier_scale=3.0, clip=False))
+    assert torch.equal(draw(ClassifierGuided(uncond, MODELS["classifier"], LABELS, 0.0)), draw(uncond))
+    assert not torch.allclose(steered, draw(uncond))
+    assert draw(guided(uncond)).abs().max() <= 1 < draw(uncond).abs().max()
+    assert draw(Clipped(ClassifierGuided(uncond, MODELS["classifier"], LABELS, 3.0))).abs().max() <= 1
+
+
+class AsPrediction(torch.nn.Module):
+    """An eps network's output, converted to what a network of another parametrization would output."""
+
+    def __init__(self, net, prediction, schedule):
+        super().__init__()
+        self.net, self.prediction, self.schedule = net, prediction, schedule
+
+    def forward(self, x_t, t):
+        eps = self.net(x_t, t)
+        x0 = x0_from_eps(x_t, t, eps, self.schedule)
+        return {"eps": eps, "x0": x0, "v": v_from(x0, eps, t, self.schedule)}[self.prediction]
+
+
+@pytest.mark.parametrize("prediction", ["x0", "v"])
+@pytest.mark.parametrize("solver", [DDPM(), DDIM(7), Heun(4), DPMSolverPP2M(7)], ids=lambda s: type(s).__name__)
+def test_a_network_of_any_parametrization_gives_the_same_samples(prediction, solver):
+    eps_net = Denoiser(MODELS["uncond"], DiffusionConfig(T=20))
+    other = Denoiser(AsPrediction(MODELS["uncond"], prediction, eps_net.schedule), DiffusionConfig(T=20, prediction=prediction))
+    for clip in (True, False):
+        a, b = (sample(guided(d, clip=clip), SHAPE, solver, generator=torch.Generator().manual_seed(6)) for d in (eps_net, other))
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * a.abs().max().item()), (a - b).abs().max()
+
+
+def test_the_denoiser_runs_the_network_in_batches_without_changing_a_thing():
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(8))
+    whole, parts = (Denoiser(MODELS["cond"], DiffusionConfig(T=20), batch_size=b)(x, 11, LABELS) for b in (None, 2))
+    assert torch.allclose(whole.eps, parts.eps, atol=1e-6) and torch.allclose(whole.x0, parts.x0, atol=1e-5)
+    with pytest.raises(ValueError, match="classifier-free guidance needs a class-conditional model"):
+        ClassifierFree(Denoiser(MODELS["uncond"], DiffusionConfig(T=20)), LABELS, 1.0)
+    with pytest.raises(ValueError, match=r"labels must be classes 0 ... 2 of the model, got 0 ... 3"):
+        ClassifierFree(Denoiser(MODELS["cond"], DiffusionConfig(T=20)), torch.tensor([0, 3]), 1.0)
+    with pytest.raises(ValueError, match="guidance needs the class labels"):
+        guided(Denoiser(MODELS["cond"], DiffusionConfig(T=20)), guidance=2.0)
