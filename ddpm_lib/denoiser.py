@@ -73,6 +73,11 @@ class Denoiser:
         return Prediction(*to_eps_x0(self.output(x_t, t, y), x_t, t, self.schedule, self.prediction))
 
 
+def check_count(labels: torch.Tensor, x_t: torch.Tensor) -> None:
+    if len(labels) != len(x_t):
+        raise ValueError(f"{len(labels)} labels for {len(x_t)} images: pass one label per image")
+
+
 def check_labels(labels: torch.Tensor, classes: int, what: str) -> None:
     if labels.dim() != 1:
         raise ValueError(f"labels must be a (B,) tensor, one per image, got shape {tuple(labels.shape)}")
@@ -98,6 +103,7 @@ class ClassifierFree:
         self.labels = labels.to(inner.device)
 
     def __call__(self, x_t: torch.Tensor, t: int, y: torch.Tensor | None = None) -> Prediction:
+        check_count(self.labels, x_t)
         if self.w == 0:
             return self.inner(x_t, t, self.labels)
         null = torch.full_like(self.labels, self.inner.num_classes)
@@ -123,6 +129,7 @@ class ClassifierGuided:
         self.labels = labels.to(next(classifier.parameters()).device)
 
     def __call__(self, x_t: torch.Tensor, t: int, y: torch.Tensor | None = None) -> Prediction:
+        check_count(self.labels, x_t)
         pred = self.inner(x_t, t, y)
 
         def grad(x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

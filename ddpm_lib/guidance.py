@@ -2,7 +2,7 @@
 
 Both follow from Bayes' rule on the score, grad log p(x_t | y) = grad log p(x_t) + grad log p(y | x_t),
 and eps_theta(x_t, t) = -sqrt(1 - alpha_bar_t) grad log p(x_t), so a guided eps is an ordinary eps
-that ``sampling.sample_loop`` uses for DDPM and DDIM alike. t is 0-based; images (B, C, H, W) in
+that every solver takes alike (applied by ``denoiser.ClassifierFree`` and ``ClassifierGuided``). t is 0-based; images (B, C, H, W) in
 [-1, 1]; labels (B,) integers 0 ... K-1.
 """
 
@@ -39,19 +39,6 @@ def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, w: float) -> torch.Ten
     of the network's outputs is right for x0- and v-prediction too (each is affine in eps given x_t).
     """
     return (1 + w) * cond - w * uncond
-
-
-def guided_output(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor, w: float) -> torch.Tensor:
-    """The network's output under classifier-free guidance, with one batched forward pass for both predictions.
-
-    x_t (B, C, H, W); t and y (B,). The conditional and the "no label" halves run as one batch of
-    2B, which costs less than two passes of B on every device.
-    """
-    if w == 0:
-        return model(x_t, t, y)
-    null = torch.full_like(y, num_classes(model))
-    cond, uncond = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)  # each (B, C, H, W)
-    return cfg_combine(cond, uncond, w)
 
 
 def classifier_grad(classifier: nn.Module, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
     DDPM_DATA=../shared/data python scripts/evaluate.py [--checkpoint checkpoints/mnist_ddpm.pt] [--num 1000]
 
-For each sampler setting (DDPM 1000 with both variances, DDIM 100/50/20/10, DDIM 50 with eta 1) it
+For each sampler setting (DDPM 1000 with both variances, DDIM 100/50/20/10, DDIM 50 with eta 1, Heun
+and DPM-Solver++(2M) at 5 to 50 network evaluations; ddpm_lib.evaluation.SETTINGS) it
 draws --num samples and prints the Frechet distance, confident share, class entropy and seconds
 per image, beside the real-data floor at the same number of images, then each row's class
 histogram (images per predicted digit). Rows are cached in docs/quality.json (keyed by the

@@ -543,6 +543,29 @@ def test_nll_refuses_a_model_of_a_folder_of_images(checkpoint, capsys):
     assert_one_line_error(code, err, "trained on a folder of images, which has no test split; pass --dataset")
 
 
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_a_checkpoint_of_each_parametrization_samples_with_every_solver_and_no_prediction_flag(images, capsys, tmp_path, prediction):
+    out = tmp_path / f"{prediction}.pt"
+    code, err = run(capsys, *tiny_train(images, out, "--prediction", prediction, "--steps", "3", "--warmup-steps", "0", "--lr", "0.05"))
+    assert code == 0, err
+    for solver, steps in (("ddpm", None), ("ddim", 4), ("heun", 3), ("dpmpp2m", 4)):
+        args = [
+            "sample",
+            "--checkpoint",
+            out,
+            "--num",
+            3,
+            "--sampler",
+            solver,
+            *(["--steps", steps] if steps else []),
+            "--out",
+            tmp_path / "x.npy",
+        ]
+        code, err = run(capsys, *args)
+        assert code == 0, err
+        assert np.load(tmp_path / "x.npy").shape == (3, 3, 8, 8)
+
+
 # --- Hostile files and absurd requests (issue 29) ---
 
 

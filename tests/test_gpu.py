@@ -7,9 +7,11 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
+from ddpm_lib.denoiser import Denoiser, guided
 from ddpm_lib.devices import fast_bf16
 from ddpm_lib.diffusion import DiffusionConfig
 from ddpm_lib.sampling import sample
+from ddpm_lib.solvers import DDIM
 from ddpm_lib.training import TrainConfig, Trainer
 from ddpm_lib.unet import UNet
 
@@ -30,9 +32,8 @@ def test_training_runs_on_the_gpu(tiny_config):
 
 
 def test_sampling_on_the_gpu_is_reproducible(tiny_config):
-    model = UNet(tiny_config).cuda().eval()
-    schedule = DiffusionConfig(T=50).make_schedule()
-    draws = [sample(model, schedule, (4, 1, 8, 8), sampler="ddim", steps=10, generator=torch.Generator().manual_seed(3)) for _ in range(2)]
+    denoiser = guided(Denoiser(UNet(tiny_config).cuda().eval(), DiffusionConfig(T=50)))
+    draws = [sample(denoiser, (4, 1, 8, 8), DDIM(10), generator=torch.Generator().manual_seed(3)) for _ in range(2)]
     assert draws[0].is_cuda and draws[0].shape == (4, 1, 8, 8) and torch.equal(draws[0], draws[1])
     assert draws[0].abs().max() <= 1
 

@@ -4,9 +4,11 @@ import pytest
 import torch
 from torch import nn
 
-from ddpm_lib.guidance import cfg_combine, class_blocks, classifier_grad, guided_output
+from ddpm_lib.denoiser import Denoiser, guided
+from ddpm_lib.diffusion import DiffusionConfig
+from ddpm_lib.guidance import cfg_combine, class_blocks, classifier_grad
 from ddpm_lib.sampling import ddim_step, ddpm_step, sample, sample_loop
-from ddpm_lib.schedules import get_schedule
+from ddpm_lib.solvers import DDIM, DDPM
 from ddpm_lib.unet import UNet
 
 
@@ -37,15 +39,6 @@ def test_cfg_combine_is_ho_and_salimans_eq_6():
     assert cfg_combine(cond, uncond, -1.0) == uncond  # w = -1 (s = 0 in diffusers' convention): unconditional
 
 
-def test_w0_is_the_conditional_prediction_and_one_batched_pass_equals_two(conditional):
-    x, t, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 10, 500, 999]), torch.tensor([0, 1, 2, 1])
-    with torch.no_grad():
-        cond, uncond = conditional(x, t, y), conditional(x, t, torch.full_like(y, 3))
-        assert torch.equal(guided_output(conditional, x, t, y, 0.0), cond)
-        torch.testing.assert_close(guided_output(conditional, x, t, y, 2.0), 3 * cond - 2 * uncond, atol=1e-5, rtol=1e-5)
-        assert not torch.allclose(cond, uncond, atol=1e-3)  # so the guidance moves something
-
-
 def test_classifier_gradient_is_the_closed_form_and_points_uphill():
     classifier = LinearClassifier()
     x, t, y = torch.randn(5, 1, 8, 8), torch.zeros(5, dtype=torch.long), torch.tensor([0, 1, 2, 0, 1])
@@ -60,63 +53,66 @@ def test_classifier_gradient_is_the_closed_form_and_points_uphill():
     assert (after > before).all()  # a small step along the gradient makes each asked class more likely
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
-def test_conditional_sampling_follows_the_labels(conditional, sampler):
-    schedule = get_schedule("linear", 20)
-    kwargs = dict(sampler=sampler, steps=5 if sampler == "ddim" else None, generator=None)
+@pytest.mark.parametrize("solver", [DDPM(), DDIM(5, eta=1.0)], ids=["ddpm", "ddim"])
+def test_conditional_sampling_follows_the_labels(conditional, solver):
+    den = Denoiser(conditional, DiffusionConfig(T=20))
     x_T = torch.randn(3, 1, 8, 8)
-    by_label = [sample(conditional, schedule, (3, 1, 8, 8), x_T=x_T, labels=torch.full((3,), k), eta=1.0, **kwargs) for k in range(3)]
+
+    def draw(labels=None):
+        return sample(guided(den, labels), (3, 1, 8, 8), solver, x_T=x_T, generator=torch.Generator().manual_seed(0))
+
+    by_label = [draw(torch.full((3,), k)) for k in range(3)]
     assert not torch.allclose(by_label[0], by_label[1])
-    unlabelled = sample(conditional, schedule, (3, 1, 8, 8), x_T=x_T, eta=1.0, **kwargs)
-    torch.manual_seed(0)  # (eta = 1 and DDPM draw noise from the global RNG when no generator is given)
-    a = sample(conditional, schedule, (3, 1, 8, 8), x_T=x_T, labels=torch.full((3,), 3), eta=1.0, **kwargs)
-    torch.manual_seed(0)
-    b = sample(conditional, schedule, (3, 1, 8, 8), x_T=x_T, eta=1.0, **kwargs)
-    assert torch.equal(a, b) and unlabelled.shape == a.shape  # no labels = the "no label" class
+    with torch.no_grad():  # no labels = the "no label" class, 3
+        assert torch.equal(den(x_T, 10).eps, den(x_T, 10, torch.full((3,), 3)).eps)
+    assert draw().shape == by_label[0].shape
 
 
 def test_guided_sampling_splits_labels_with_the_batch(conditional):
-    schedule, labels = get_schedule("linear", 10), torch.tensor([0, 1, 2, 0, 1])
-    kwargs = dict(sampler="ddim", steps=4, labels=labels, guidance=2.0)
-    whole = sample(conditional, schedule, (5, 1, 8, 8), generator=torch.Generator().manual_seed(1), **kwargs)
-    split = sample(conditional, schedule, (5, 1, 8, 8), generator=torch.Generator().manual_seed(1), batch_size=2, **kwargs)
+    labels = torch.tensor([0, 1, 2, 0, 1])
+    whole, split = (
+        sample(guided(Denoiser(conditional, DiffusionConfig(T=10), batch_size=b), labels, guidance=2.0), (5, 1, 8, 8), DDIM(4),
+               generator=torch.Generator().manual_seed(1))
+        for b in (None, 2)
+    )  # fmt: skip
     torch.testing.assert_close(whole, split, atol=1e-5, rtol=1e-5)
 
 
-def test_classifier_guidance_shifts_the_ddpm_mean_and_the_ddim_eps(tiny_config):
+@pytest.mark.parametrize("solver", [DDPM(), DDIM(5)], ids=["ddpm", "ddim"])
+def test_classifier_guidance_shifts_eps_as_dhariwal_and_nichol_alg_2(tiny_config, solver):
     model, classifier = UNet(tiny_config).eval(), LinearClassifier()
     for p in model.parameters():
         nn.init.normal_(p, std=0.2)
-    schedule, y, s = get_schedule("linear", 10), torch.tensor([2, 0]), 3.0
+    den, y, s = Denoiser(model, DiffusionConfig(T=10)), torch.tensor([2, 0]), 3.0
     x_T = torch.randn(2, 1, 8, 8)
     with torch.no_grad():
         eps = model(x_T, torch.full((2,), 9))
     grad = classifier_grad(classifier, x_T, torch.full((2,), 9), y)
-
-    g = torch.Generator().manual_seed(0)
-    guided = sample_loop(model, schedule, (2, 1, 8, 8), x_T=x_T, generator=g, labels=y, classifier=classifier, classifier_scale=s)
-    next(guided)
-    z = torch.randn((2, 1, 8, 8), generator=torch.Generator().manual_seed(0))
-    expected = ddpm_step(x_T, 9, eps, schedule, z).x_prev + s * schedule.posterior_variance[9].item() * grad  # Alg. 1
-    torch.testing.assert_close(next(guided).x_t, expected, atol=1e-5, rtol=1e-5)
-
-    guided = sample_loop(model, schedule, (2, 1, 8, 8), "ddim", 5, x_T=x_T, labels=y, classifier=classifier, classifier_scale=s)
-    next(guided)
-    eps_hat = eps - (1 - schedule.alpha_bar[9].item()) ** 0.5 * s * grad  # Alg. 2
-    torch.testing.assert_close(next(guided).x_t, ddim_step(x_T, 9, 7, eps_hat, schedule).x_prev, atol=1e-5, rtol=1e-5)
+    eps_hat = eps - (1 - den.schedule.alpha_bar[9].item()) ** 0.5 * s * grad  # Alg. 2, for every solver (DDPM too)
+    steps = sample_loop(guided(den, y, classifier=classifier, classifier_scale=s), x_T.shape, solver, x_T=x_T,
+                        generator=torch.Generator().manual_seed(0))  # fmt: skip
+    next(steps)
+    if isinstance(solver, DDPM):
+        z = torch.randn((2, 1, 8, 8), generator=torch.Generator().manual_seed(0))
+        expected = ddpm_step(x_T, 9, eps_hat, den.schedule, z).x_prev
+    else:
+        expected = ddim_step(x_T, 9, 7, eps_hat, den.schedule).x_prev
+    torch.testing.assert_close(next(steps).x_t, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_bad_guidance_requests_are_refused(tiny_config, conditional):
-    schedule, shape = get_schedule("linear", 10), (2, 1, 8, 8)
-    unconditional = UNet(tiny_config)
+    unconditional, shape = Denoiser(UNet(tiny_config), DiffusionConfig(T=10)), (2, 1, 8, 8)
     with pytest.raises(ValueError, match="unconditional: labels need"):
-        sample(unconditional, schedule, shape, labels=torch.tensor([0, 1]))
+        guided(unconditional, torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="needs a class-conditional model"):
-        sample(unconditional, schedule, shape, labels=torch.tensor([0, 1]), guidance=1.0, classifier=LinearClassifier())
+        guided(unconditional, torch.tensor([0, 1]), guidance=1.0, classifier=LinearClassifier())
+    cond = Denoiser(conditional, DiffusionConfig(T=10))
     with pytest.raises(ValueError, match="labels to guide toward"):
-        sample(conditional, schedule, shape, guidance=1.0)
-    with pytest.raises(ValueError, match=r"shape \(2,\)"):
-        sample(conditional, schedule, shape, labels=torch.tensor([0, 1, 2]))
+        guided(cond, guidance=1.0)
+    with pytest.raises(ValueError, match=r"3 labels for 2 images"):
+        sample(guided(cond, torch.tensor([0, 1, 2])), shape, DDIM(2))
+    with pytest.raises(ValueError, match="classes 0 ... 2 of the model"):
+        guided(cond, torch.tensor([0, 5]))
 
 
 def test_class_blocks_are_equal_shares_in_order():

@@ -3,7 +3,8 @@ import itertools
 import pytest
 import torch
 
-from ddpm_lib.diffusion import q_posterior, q_sample
+from ddpm_lib.denoiser import Denoiser, guided
+from ddpm_lib.diffusion import DiffusionConfig, q_posterior, q_sample
 from ddpm_lib.sampling import (
     DegenerateModelError,
     SamplerStep,
@@ -17,6 +18,7 @@ from ddpm_lib.sampling import (
     sample_loop,
 )
 from ddpm_lib.schedules import get_schedule
+from ddpm_lib.solvers import DDIM, DDPM
 from ddpm_lib.unet import UNet
 
 SCHEDULE = get_schedule("linear", 1000)
@@ -94,27 +96,24 @@ def model(tiny_config):
 SMALL = get_schedule("linear", 20)
 
 
+def clipped(model, **settings):
+    """The model as a sampler sees it: a denoiser on the T = 20 linear schedule (SMALL), x0 clipped."""
+    return guided(Denoiser(model, DiffusionConfig(T=20), **settings))
+
+
 def test_sample_loop_yields_every_step_then_the_sample(model):
-    steps = list(sample_loop(model, SMALL, (2, 1, 8, 8), generator=torch.Generator().manual_seed(0)))
+    steps = list(sample_loop(clipped(model), (2, 1, 8, 8), DDPM(), generator=torch.Generator().manual_seed(0)))
     assert [s.t for s in steps] == list(range(19, -1, -1)) + [-1]
     assert all(isinstance(s, SamplerStep) and s.x_t.shape == s.x0.shape == (2, 1, 8, 8) for s in steps)
     assert torch.equal(steps[-1].x_t, steps[-1].x0)
-    ddim = list(sample_loop(model, SMALL, (2, 1, 8, 8), sampler="ddim", steps=5))
+    ddim = list(sample_loop(clipped(model), (2, 1, 8, 8), DDIM(5)))
     assert [s.t for s in ddim] == [19, 15, 11, 7, 3, -1]
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
-def test_same_seed_same_images_different_seed_different_images(model, sampler):
+@pytest.mark.parametrize("solver", [DDPM(), DDIM(10, eta=1.0)], ids=["ddpm", "ddim"])
+def test_same_seed_same_images_different_seed_different_images(model, solver):
     def run(seed):
-        return sample(
-            model,
-            SMALL,
-            (3, 1, 8, 8),
-            sampler=sampler,
-            steps=10 if sampler == "ddim" else None,
-            eta=1.0,
-            generator=torch.Generator().manual_seed(seed),
-        )
+        return sample(clipped(model), (3, 1, 8, 8), solver, generator=torch.Generator().manual_seed(seed))
 
     assert torch.equal(run(1), run(1))
     assert not torch.allclose(run(1), run(2))
@@ -122,8 +121,8 @@ def test_same_seed_same_images_different_seed_different_images(model, sampler):
 
 def test_ddim_with_eta_0_is_deterministic_given_x_T(model):
     x_T = torch.randn(3, 1, 8, 8)
-    a = sample(model, SMALL, x_T.shape, sampler="ddim", steps=10, x_T=x_T, generator=torch.Generator().manual_seed(1))
-    b = sample(model, SMALL, x_T.shape, sampler="ddim", steps=10, x_T=x_T, generator=torch.Generator().manual_seed(2))
+    a = sample(clipped(model), x_T.shape, DDIM(10), x_T=x_T, generator=torch.Generator().manual_seed(1))
+    b = sample(clipped(model), x_T.shape, DDIM(10), x_T=x_T, generator=torch.Generator().manual_seed(2))
     assert torch.equal(a, b)
 
 
@@ -131,8 +130,8 @@ def test_bf16_sampling_runs_the_network_in_bf16_and_stays_close_to_fp32(model):
     x_T = torch.randn(3, 1, 8, 8)
     seen = []
     hook = model.stem.register_forward_hook(lambda m, args, out: seen.append(out.dtype))
-    fp32 = sample(model, SMALL, x_T.shape, sampler="ddim", steps=10, x_T=x_T)
-    bf16 = sample(model, SMALL, x_T.shape, sampler="ddim", steps=10, x_T=x_T, bf16=True)
+    fp32 = sample(clipped(model), x_T.shape, DDIM(10), x_T=x_T)
+    bf16 = sample(clipped(model, bf16=True), x_T.shape, DDIM(10), x_T=x_T)
     hook.remove()
     assert seen == [torch.float32] * 10 + [torch.bfloat16] * 10
     assert bf16.dtype == torch.float32 and not torch.equal(bf16, fp32)
@@ -144,35 +143,34 @@ def test_sampling_turns_dropout_off_and_restores_training_mode(tiny_config):
 
     m = UNet(dataclasses.replace(tiny_config, dropout=0.5))
     m.train()
-    a = sample(m, SMALL, (2, 1, 8, 8), generator=torch.Generator().manual_seed(0))
-    b = sample(m, SMALL, (2, 1, 8, 8), generator=torch.Generator().manual_seed(0))
+    a = sample(clipped(m), (2, 1, 8, 8), DDPM(), generator=torch.Generator().manual_seed(0))
+    b = sample(clipped(m), (2, 1, 8, 8), DDPM(), generator=torch.Generator().manual_seed(0))
     assert torch.equal(a, b) and m.training
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
-def test_batched_network_passes_give_the_images_of_one_batch(model, sampler):
+@pytest.mark.parametrize("solver", [DDPM(), DDIM(4, eta=1.0)], ids=["ddpm", "ddim"])
+def test_batched_network_passes_give_the_images_of_one_batch(model, solver):
     seen = []
     hook = model.stem.register_forward_hook(lambda m, args, out: seen.append(len(out)))
-    kwargs = dict(sampler=sampler, steps=None if sampler == "ddpm" else 4, eta=1.0)
-    whole = sample(model, SMALL, (5, 1, 8, 8), generator=torch.Generator().manual_seed(3), **kwargs)
+    whole = sample(clipped(model), (5, 1, 8, 8), solver, generator=torch.Generator().manual_seed(3))
     assert set(seen) == {5}
     seen.clear()
-    batched = sample(model, SMALL, (5, 1, 8, 8), generator=torch.Generator().manual_seed(3), batch_size=2, **kwargs)
+    batched = sample(clipped(model, batch_size=2), (5, 1, 8, 8), solver, generator=torch.Generator().manual_seed(3))
     hook.remove()
     assert max(seen) == 2 and sum(seen) == 5 * len(seen) // 3  # chunks of 2, 2, 1 at every step
     torch.testing.assert_close(batched, whole)  # the same random draws: the same images
 
 
 def test_bad_sampler_arguments_say_what_is_valid(model):
-    with pytest.raises(ValueError, match="ddpm, ddim"):
-        next(sample_loop(model, SMALL, (1, 1, 8, 8), sampler="euler"))
-    with pytest.raises(ValueError, match="use sampler='ddim'"):
-        next(sample_loop(model, SMALL, (1, 1, 8, 8), sampler="ddpm", steps=5))
+    with pytest.raises(ValueError, match="use the ddim, heun or dpmpp2m solver for 5 steps"):
+        next(sample_loop(clipped(model), (1, 1, 8, 8), DDPM(steps=5)))
     with pytest.raises(ValueError, match="beta_tilde, beta"):
         ddpm_step(torch.zeros(1), 3, torch.zeros(1), SMALL, variance="learned")
     for eta in (float("nan"), float("inf"), -1.0):
         with pytest.raises(ValueError, match="eta must be a finite number >= 0"):
-            next(sample_loop(model, SMALL, (1, 1, 8, 8), sampler="ddim", eta=eta))
+            DDIM(eta=eta)
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        Denoiser(model, DiffusionConfig(T=20), batch_size=0)
 
 
 class Scaled(torch.nn.Module):
@@ -187,16 +185,16 @@ class Scaled(torch.nn.Module):
 
 
 def test_check_network_passes_a_sound_network_and_refuses_blown_up_or_constant_ones(tiny_config):
-    schedule = get_schedule("linear", 20)
     net = UNet(tiny_config)
     torch.nn.init.normal_(net.head[2].weight, std=0.1)  # a fresh U-Net's head is zero
-    check_network(Scaled(net), schedule, (1, 8, 8))
+    config = DiffusionConfig(T=20)
+    check_network(Denoiser(Scaled(net), config), (1, 8, 8))
     with pytest.raises(DegenerateModelError, match=r"predictions at t=19 have an RMS of \d\.\d\de\+0\d, where a sound model's are about 1"):
-        check_network(Scaled(net, 1e6), schedule, (1, 8, 8))
+        check_network(Denoiser(Scaled(net, 1e6), config), (1, 8, 8))
     with pytest.raises(DegenerateModelError, match="at t=19 are NaN or infinite"):
-        check_network(Scaled(net, float("inf")), schedule, (1, 8, 8))
+        check_network(Denoiser(Scaled(net, float("inf")), config), (1, 8, 8))
     with pytest.raises(DegenerateModelError, match="the same value for every input at t=19"):
-        check_network(Scaled(net, constant=0.3), schedule, (1, 8, 8))
+        check_network(Denoiser(Scaled(net, constant=0.3), config), (1, 8, 8))
 
 
 def test_check_samples_refuses_broken_or_all_flat_samples_and_keeps_real_ones():

@@ -6,11 +6,13 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm_lib.diffusion import q_posterior, q_sample
+from ddpm_lib.denoiser import Denoiser, guided
+from ddpm_lib.diffusion import DiffusionConfig, q_posterior, q_sample
 from ddpm_lib.files import OutputPathError
 from ddpm_lib.sampling import SamplerStep, sample_loop
 from ddpm_lib.schedules import get_schedule
 from ddpm_lib.scrubber import OUTPUT_BUDGET, read_scrubber
+from ddpm_lib.solvers import DDPM
 from ddpm_lib.unet import UNet
 from ddpm_lib.viz import (
     GIF_MAX_MS,
@@ -134,7 +136,7 @@ def test_gif_grey_levels_shrink_noisy_frames(tmp_path):
 
 
 def test_gif_from_a_live_sampler_needs_its_length(tmp_path, tiny_config):
-    steps = sample_loop(UNet(tiny_config), get_schedule("linear", 10), (2, 1, 8, 8))
+    steps = sample_loop(guided(Denoiser(UNet(tiny_config), DiffusionConfig(T=10))), (2, 1, 8, 8), DDPM())
     with pytest.raises(ValueError, match="num_steps"):
         save_trajectory_gif(steps, tmp_path / "x.gif")
     save_trajectory_gif(steps, tmp_path / "x.gif", num_steps=11, frames=4)
@@ -249,7 +251,7 @@ def test_the_kernel_free_scrubber_shows_what_the_live_slider_shows_at_every_t_it
     g = torch.Generator().manual_seed(0)
     x0 = torch.rand(4, 1, 8, 8, generator=g) * 2 - 1
     if make == "trajectory":
-        steps = list(sample_loop(UNet(tiny_config), get_schedule("linear", 400), (2, 1, 8, 8), generator=g))
+        steps = list(sample_loop(guided(Denoiser(UNet(tiny_config), DiffusionConfig(T=400))), (2, 1, 8, 8), DDPM(), generator=g))
         viewer = trajectory_viewer(steps, nrow=2)
     else:
         viewer = (forward_explorer if make == "forward" else posterior_explorer)(x0, SCHEDULE, scale=1)
