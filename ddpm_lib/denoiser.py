@@ -123,7 +123,8 @@ class ClassifierGuided:
     def __init__(self, inner, classifier: nn.Module, labels: torch.Tensor, scale: float, batch_size: int | None = None):
         if not math.isfinite(scale):
             raise ValueError(f"the classifier scale s must be a finite number, got {scale}")
-        check_labels(labels, num_classes(classifier), "the classifier")
+        if num_classes(classifier):  # a classifier without a config (K unknown) is checked as it runs
+            check_labels(labels, num_classes(classifier), "the classifier")
         self.inner, self.classifier, self.scale, self.batch_size = inner, classifier, scale, batch_size
         self.schedule, self.device = inner.schedule, inner.device
         self.labels = labels.to(next(classifier.parameters()).device)
