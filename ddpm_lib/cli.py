@@ -21,28 +21,25 @@ import numpy as np
 import torch
 
 from . import distributed
-from .checkpoint import CheckpointError, export_ema, load_checkpoint, load_model, model_from_state
-from .data import DATASETS, DatasetNotFoundError, ImageFiles, dataset_info, get_dataset, num_classes, skipped_summary
-from .denoiser import Denoiser, guided
-from .devices import device_name, resolve_device, use_bf16
+from .checkpoint import CheckpointError, export_ema, load_checkpoint, model_from_state
+from .data import DATASETS, DatasetNotFoundError, ImageFiles, get_dataset, skipped_summary
+from .devices import device_name, resolve_device
 from .diffusion import PREDICTIONS, DiffusionConfig
 from .divergence import DivergenceError
 from .files import OutputPathError, check_writable, exclusive_lock, write_atomic
-from .guidance import DEFAULT_CLASSIFIER_SCALE, DEFAULT_GUIDANCE, class_blocks
+from .generate import BATCH, SampleRequest, prepare
+from .guidance import DEFAULT_CLASSIFIER_SCALE, DEFAULT_GUIDANCE
 from .likelihood import Bound, bound_table, variational_bound
-from .noisy_classifier import check_matches, load_noisy_classifier
 from .resources import format_bytes, require
-from .sampling import VARIANCES, check_network, check_samples, check_trajectory, sample, sample_loop
+from .runs import RESUMABLE, flag, new_run, resumed_run
+from .sampling import VARIANCES
 from .schedules import SCHEDULES
-from .solvers import SOLVERS, make_solver
+from .solvers import SOLVERS
 from .training import (
     LOSS_WEIGHTINGS,
     LR_SCHEDULES,
     PRECISIONS,
     TrainConfig,
-    Trainer,
-    epochs_to_steps,
-    saved_configs,
 )
 from .unet import UNetConfig
 from .viz import GIF_MAX_MS, auto_scale, check_levels, save_grid, save_trajectory_gif, to_uint8
@@ -137,26 +134,6 @@ def int_tuple(text: str) -> tuple[int, ...]:
     return tuple(positive_int(v.strip()) for v in text.split(",") if v.strip())
 
 
-# train flags that --resume may change (the rest are fixed by the saved run); besides these: --steps, --epochs, --device, --data-root
-RESUMABLE = (
-    "lr",
-    "lr_schedule",
-    "warmup_steps",
-    "ema_decay",
-    "loss_weighting",
-    "precision",
-    "sample_every",
-    "checkpoint_every",
-    "snapshot_every",
-    "num_workers",
-    "label_dropout",
-)
-
-
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 TRAIN_EPILOG = (
     "Exit status: 0 done; 2 a bad input, with a one-line message before any work; 3 training blew up (the last "
     "checkpoint, written before it, is kept); 130 Ctrl-C (saved). Under torchrun every rank ends so, but torchrun itself "
@@ -248,9 +225,10 @@ def build_parser() -> Parser:
             "--sampler",
             choices=list(SOLVERS),
             default="ddpm",
-            help="ddpm (all T steps), ddim, heun (2 network evaluations a step) or dpmpp2m (DPM-Solver++(2M)) (default: ddpm)",
+            help="ddpm (all T steps), ddim, heun (2 network evaluations a step), dpmpp2m or dpmpp3m (DPM-Solver++(2M) or (3M)) "
+            "(default: ddpm)",
         )
-        s.add_argument("--steps", type=positive_int, help="steps of ddim, heun or dpmpp2m (default: T)")
+        s.add_argument("--steps", type=positive_int, help="steps of ddim, heun, dpmpp2m or dpmpp3m (default: T)")
         s.add_argument("--eta", type=finite_float, help="ddim's noise: 0 deterministic (the default), 1 DDPM-like")
         s.add_argument("--variance", choices=VARIANCES, help="ddpm's step variance (default: beta_tilde)")
         s.add_argument("--seed", type=seed, default=0, help="0 ... 2^32 - 1 (default: 0)")
@@ -290,88 +268,6 @@ def build_parser() -> Parser:
     return parser
 
 
-def given(args: argparse.Namespace, cls: type) -> dict:
-    """The fields of config class ``cls`` that were set on the command line."""
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
-
-
-def new_trainer(args: argparse.Namespace, device: torch.device) -> Trainer:
-    """A fresh run from the command line; every config is validated before the data is loaded."""
-    dataset_name = args.dataset or TrainConfig.dataset
-    channels, native = dataset_info(dataset_name)
-    size = args.image_size or native
-    if size is None:
-        raise UsageError("--dataset folder needs --image-size")
-    if args.label_dropout is not None and not args.conditional:
-        raise UsageError("--label-dropout needs --conditional")
-    labels = {"num_classes": num_classes(dataset_name) if args.conditional else 0}
-    if args.init:
-        init = load_checkpoint(args.init)
-        source, diffusion_config = model_from_state(init, args.init)
-        model_config = source.config
-        taken = [flag(name) for name in {**given(args, UNetConfig), **given(args, DiffusionConfig)} if name != "image_size"]
-        if taken:
-            raise UsageError(f"--init takes the U-Net and diffusion settings from {args.init}; drop {', '.join(taken)}")
-        if (model_config.in_channels, model_config.image_size) != (channels, size):
-            got = f"{model_config.in_channels} x {model_config.image_size} x {model_config.image_size}"
-            raise UsageError(f"--init {args.init} is a model of {got} images, not {channels} x {size} x {size} ({dataset_name})")
-        model_config = dataclasses.replace(model_config, **labels)
-    else:
-        shape = {"attention_resolutions": (), **given(args, UNetConfig), "image_size": size, **labels}
-        model_config = UNetConfig(in_channels=channels, **shape)
-        if args.attention_resolutions is None:  # default: attention at the lowest resolution
-            model_config = dataclasses.replace(model_config, attention_resolutions=tuple(model_config.resolutions[-1:]))
-        diffusion_config = DiffusionConfig(**given(args, DiffusionConfig))
-    hflip = dataset_name in ("cifar10", "folder")  # photos may be mirrored, digits may not
-    train_config = TrainConfig(**{**given(args, TrainConfig), "dataset": dataset_name, "hflip": hflip})
-    dataset = get_dataset(dataset_name, args.data_root, True, args.image_size, hflip, in_memory=not hflip)
-    if args.epochs:
-        train_config = dataclasses.replace(train_config, steps=epochs_to_steps(args.epochs, len(dataset), train_config.batch_size))
-    trainer = Trainer(model_config, diffusion_config, train_config, dataset, device)
-    if args.init:
-        try:
-            trainer.init_weights(init["ema"])
-        except (RuntimeError, ValueError) as e:
-            raise UsageError(f"--init {args.init} does not fit this run: {' '.join(str(e).split())}") from None
-    return trainer
-
-
-def resumed_trainer(args: argparse.Namespace, out: Path, device: torch.device) -> Trainer:
-    """The run saved in ``out``, with the flags --resume may change applied and any other that differs refused."""
-    if not out.exists():
-        raise UsageError(f"--resume: {out} does not exist")
-    if args.init:
-        raise UsageError("--init starts a new run; --resume continues the one in --out (drop --init)")
-    state = load_checkpoint(out)
-    saved = saved_configs(state, out)
-    fixed = {**given(args, TrainConfig), **given(args, DiffusionConfig), **given(args, UNetConfig)}
-    differ = []
-    for name, value in fixed.items():
-        if name in RESUMABLE or name == "steps":
-            continue
-        was = next(getattr(config, name) for config in saved if hasattr(config, name))  # image_size: the model's
-        if value != was:
-            differ.append(f"{flag(name)} (saved: {','.join(map(str, was)) if isinstance(was, tuple) else was})")
-    if args.conditional and not saved[0].num_classes:
-        differ.append("--conditional (saved: an unconditional model)")
-    if differ:
-        raise UsageError(f"--resume cannot change {', '.join(differ)}; drop these flags, or start a new run with another --out")
-    step = state.get("step")  # from_state checks it; refuse too few steps before the data is loaded
-    if isinstance(step, int) and args.steps is not None and args.steps <= step:
-        raise UsageError(f"--steps {args.steps} is not above the step {out} has reached ({step}); pass more steps to train on")
-    changes = {name: getattr(args, name) for name in (*RESUMABLE, "steps") if getattr(args, name) is not None}
-    trainer = Trainer.from_state(state, out, device=device, data_root=args.data_root, **changes)
-    step = trainer.step
-    if args.epochs:
-        steps = epochs_to_steps(args.epochs, len(trainer.dataset), trainer.config.batch_size)
-        if steps <= step:
-            raise UsageError(f"--epochs {args.epochs} is {steps} steps, not above the step {out} has reached ({step})")
-        trainer.config = dataclasses.replace(trainer.config, steps=steps)
-    if trainer.config.steps <= step:
-        raise UsageError(f"the run in {out} is complete ({step} of {trainer.config.steps} steps); pass --steps above {step} to train on")
-    return trainer
-
-
 def cmd_train(args: argparse.Namespace) -> None:
     out = Path(args.out)
     rank, device = distributed.start(resolve_device(args.device))  # under torchrun: this rank's device and process group
@@ -392,7 +288,7 @@ def train(args: argparse.Namespace, out: Path, rank: distributed.Rank, device: t
             held.enter_context(exclusive_lock(out))  # held for the whole run: a second run on this --out refuses at once
             if out.exists() and not args.resume:
                 raise UsageError(f"{out} exists; pass --resume to continue that run, or choose another --out")
-        trainer = resumed_trainer(args, out, device) if args.resume else new_trainer(args, device)
+        trainer = resumed_run(out, vars(args), device) if args.resume else new_run(vars(args), device)
     start, steps = trainer.step, trainer.config.steps
     where = f"{trainer.device} ({device_name(trainer.device)})"
     if rank.distributed:
@@ -426,61 +322,12 @@ def train(args: argparse.Namespace, out: Path, rank: distributed.Rank, device: t
         print(f"wrote {out} (step {trainer.step}, last loss {trainer.losses[-1]:.4f})", file=sys.stderr)
 
 
-def load_for_sampling(args: argparse.Namespace, suffixes: tuple[str, ...]):
-    """Validate the sampling arguments before any work, then load the model: (denoiser, solver, chw, labels, guide)."""
+def sample_request(args: argparse.Namespace, suffixes: tuple[str, ...]) -> SampleRequest:
+    """The request of sample or gif, once --out's kind and folder are checked."""
     if Path(args.out).suffix.lower() not in suffixes:
         raise UsageError(f"--out must end in {' or '.join(suffixes)}, got {args.out}")
-    solver = make_solver(args.sampler, steps=args.steps, eta=args.eta, variance=args.variance)  # checks its own options
     check_writable(args.out)
-    device = resolve_device(args.device)
-    model, diffusion = load_model(args.checkpoint, device)
-    timesteps = solver.timesteps(diffusion.T)  # raises for steps outside 1 ... T, and DDPM with fewer than T
-    c = model.config
-    chw = (c.in_channels, c.image_size, c.image_size)
-    require_output(args, chw, len(timesteps) + 1)
-    denoiser = Denoiser(model, diffusion, bf16=use_bf16(args.precision, device), batch_size=BATCH)
-    labels, guide = guidance_args(args, model, diffusion, chw, device)
-    check_network(denoiser, chw)  # a blown-up or untrained model is refused before the long run
-    return denoiser, solver, chw, labels, guide
-
-
-def guidance_args(args: argparse.Namespace, model, diffusion: DiffusionConfig, chw: tuple, device: torch.device):
-    """The (num,) labels (or None) and sample_loop's guidance arguments of --label, --guidance, --classifier and --classifier-scale."""
-    if args.classifier_scale is not None and args.classifier is None:
-        raise UsageError("--classifier-scale needs --classifier")
-    if args.guidance is not None and not model.config.num_classes:
-        raise UsageError(f"--guidance: {args.checkpoint} is an unconditional model; guide it with --classifier and --label instead")
-    if args.label is None:
-        if args.guidance is not None or args.classifier is not None:
-            raise UsageError(f"--{'guidance' if args.guidance is not None else 'classifier'} needs --label, the class to guide toward")
-        return None, {}
-    classifier = None
-    if args.classifier is not None:
-        classifier, trained_for = load_noisy_classifier(args.classifier)
-        try:
-            check_matches(classifier, trained_for, diffusion, chw)
-        except ValueError as e:
-            raise UsageError(f"--classifier {args.classifier} does not fit {args.checkpoint}: {e}") from None
-        classifier = classifier.to(device)
-        classes = classifier.config.num_classes
-    elif model.config.num_classes:
-        classes = model.config.num_classes
-    else:
-        raise UsageError(f"--label: {args.checkpoint} is an unconditional model; add --classifier to guide it toward a class")
-    wanted = list(range(classes)) if args.label == "all" else args.label
-    if max(wanted) >= classes:
-        raise UsageError(f"--label {max(wanted)} is out of range: this model knows classes 0 ... {classes - 1}")
-    if args.num < len(wanted):
-        raise UsageError(f"--num {args.num} is fewer images than the {len(wanted)} classes asked for; pass --num {len(wanted)} or more")
-    labels = class_blocks(wanted, args.num)
-    guide = {"guidance": DEFAULT_GUIDANCE if args.guidance is None else args.guidance} if model.config.num_classes else {}
-    if classifier is not None:
-        scale = DEFAULT_CLASSIFIER_SCALE if args.classifier_scale is None else args.classifier_scale
-        guide.update(classifier=classifier, classifier_scale=scale)
-    return labels, guide
-
-
-BATCH = 256  # images the network sees at once when sampling: memory stays flat however large --num is
+    return SampleRequest(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SampleRequest)})
 
 
 def require_output(args: argparse.Namespace, chw: tuple[int, int, int], num_steps: int) -> None:
@@ -506,14 +353,9 @@ def require_output(args: argparse.Namespace, chw: tuple[int, int, int], num_step
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    denoiser, solver, chw, labels, guide = load_for_sampling(args, (".png", ".npy"))
-    generator = torch.Generator().manual_seed(args.seed)
-    batches = []
-    for start in range(0, args.num, BATCH):  # each batch its own x_T: memory stays flat however large --num is
-        n = min(BATCH, args.num - start)
-        y = labels[start : start + n] if labels is not None else None
-        batches.append(sample(guided(denoiser, y, **guide), (n, *chw), solver, generator=generator).cpu())
-    x = check_samples(torch.cat(batches))  # (N, C, H, W); blank or broken samples are an error, not a black picture
+    plan = prepare(sample_request(args, (".png", ".npy")))
+    require_output(args, plan.chw, plan.num_steps)
+    x = plan.images()  # (N, C, H, W); blank or broken samples are an error, not a black picture
     if args.out.lower().endswith(".npy"):
         buffer = io.BytesIO()
         np.save(buffer, to_uint8(x).numpy())
@@ -524,13 +366,11 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_gif(args: argparse.Namespace) -> None:
-    denoiser, solver, chw, labels, guide = load_for_sampling(args, (".gif",))
-    generator = torch.Generator().manual_seed(args.seed)
-    steps = sample_loop(guided(denoiser, labels, **guide), (args.num, *chw), solver, generator=generator)
-    steps = check_trajectory(steps)  # raises at the finished samples if they are blank or broken: no GIF is written
-    num_steps = len(solver.timesteps(denoiser.schedule.T)) + 1
+    plan = prepare(sample_request(args, (".gif",)))
+    require_output(args, plan.chw, plan.num_steps)
+    steps = plan.trajectory()  # raises at the finished samples if they are blank or broken: no GIF is written
     show_x0 = not args.no_x0
-    save_trajectory_gif(steps, args.out, num_steps, frames=args.frames, duration_ms=args.duration_ms, show_x0=show_x0, levels=args.levels)
+    save_trajectory_gif(steps, args.out, plan.num_steps, args.frames, duration_ms=args.duration_ms, show_x0=show_x0, levels=args.levels)
     print(f"wrote {args.out}", file=sys.stderr)
 
 

@@ -37,7 +37,7 @@ class SamplerSetting:
     """One way to sample: the arguments of sampling.sample that matter, and a label for tables."""
 
     label: str
-    sampler: str = "ddim"  # one of solvers.SOLVERS: "ddpm", "ddim", "heun", "dpmpp2m"
+    sampler: str = "ddim"  # one of solvers.SOLVERS: "ddpm", "ddim", "heun", "dpmpp2m", "dpmpp3m"
     steps: int | None = None  # the solver's steps (None: T; DDPM always takes T)
     eta: float = 0.0  # DDIM noise scale: 0 deterministic, 1 DDPM-like
     variance: str = "beta_tilde"  # DDPM step variance: beta_tilde (posterior) or beta
@@ -63,6 +63,7 @@ SETTINGS = (
     SamplerSetting("DDIM 50, eta 1", steps=50, eta=1.0),
     *(SamplerSetting(f"Heun {k}", sampler="heun", steps=k) for k in (3, 5, 10, 25)),  # 5, 9, 19 and 49 evaluations
     *(SamplerSetting(f"DPM-Solver++(2M) {k}", sampler="dpmpp2m", steps=k) for k in (5, 10, 20, 50)),
+    *(SamplerSetting(f"DPM-Solver++(3M) {k}", sampler="dpmpp3m", steps=k) for k in (5, 10, 20)),
 )
 
 
@@ -136,12 +137,14 @@ def evaluate(
     model_id: str | None = None,
     on_row: Callable[[Row], None] | None = None,
     bf16: bool = False,
+    any_precision: bool = False,
 ) -> list[Row]:
     """One :class:`Row` per setting, each from n samples drawn from ``seed`` (the U-Net in bf16 if ``bf16``).
 
     With ``cache`` (a JSON file) and ``model_id`` (:func:`weights_sha256` of the model), rows already in the
     cache for this model, setting, n, seed and precision are read instead of recomputed, and new rows are
-    added to it as soon as they are done.
+    added to it as soon as they are done. With ``any_precision``, a cached row of the other precision is
+    read too (each row records its own): a CPU without fast bf16 then adds rows to a bf16 table.
     """
     rows = []
     for setting in settings:
@@ -150,25 +153,26 @@ def evaluate(
             images, seconds = draw(model, diffusion, setting, n, seed, bf16=bf16)
             return Row(setting, score(classifier, images, reference), seconds / n, seed, bf16)
 
-        key = [model_id, dataclasses.asdict(setting), n, seed, "bf16" if bf16 else "fp32"]
-        row = cached_row(cache, key, compute, row_from_dict)
+        keys = [[model_id, dataclasses.asdict(setting), n, seed, "bf16" if b else "fp32"] for b in (bf16, not bf16)]
+        row = cached_row(cache, keys if any_precision else keys[:1], compute, row_from_dict)
         rows.append(row)
         if on_row is not None:
             on_row(row)
     return rows
 
 
-def cached_row(cache: str | os.PathLike | None, key: list, compute: Callable[[], Any], from_dict: Callable[[dict], Any]) -> Any:
-    """The row stored under ``key`` (a list that starts with the model id) in the JSON file ``cache``, else
-    ``compute()``, added to the file as soon as it is done. Without a cache or a model id, always ``compute()``."""
-    if cache is None or key[0] is None:
+def cached_row(cache: str | os.PathLike | None, keys: list[list], compute: Callable[[], Any], from_dict: Callable[[dict], Any]) -> Any:
+    """The row stored under the first of ``keys`` (lists that start with the model id) found in the JSON file
+    ``cache``, else ``compute()``, added to the file under ``keys[0]`` as soon as it is done. Without a cache or
+    a model id, always ``compute()``."""
+    if cache is None or keys[0][0] is None:
         return compute()
-    text = json.dumps(key)
-    stored = read_cache(cache).get(text)
-    if stored is not None:
-        return from_dict(stored)
+    stored = read_cache(cache)
+    for key in keys:
+        if json.dumps(key) in stored:
+            return from_dict(stored[json.dumps(key)])
     row = compute()
-    write_cache(cache, {**read_cache(cache), text: dataclasses.asdict(row)})
+    write_cache(cache, {**read_cache(cache), json.dumps(keys[0]): dataclasses.asdict(row)})
     return row
 
 
@@ -194,17 +198,17 @@ def ratio_up(ratio: float) -> str:
 
 def markdown_table(rows: list[Row], floor: Quality, T: int) -> str:
     """The rows and the real-data floor as a Markdown table; FD / floor is the Frechet distance over the floor's,
-    rounded up to two decimals (:func:`ratio_up`)."""
+    rounded up to two decimals (:func:`ratio_up`). The last column is each row's precision, on which s / image depends."""
     lines = [
-        "| sampler | U-Net evals | Frechet distance | FD / floor | confident | class entropy | s / image |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-        f"| real training images (floor) | - | {floor.frechet:.2f} | 1.00 | {floor.confident:.1%} | {floor.entropy:.3f} | - |",
+        "| sampler | U-Net evals | Frechet distance | FD / floor | confident | class entropy | s / image | U-Net in |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+        f"| real training images (floor) | - | {floor.frechet:.2f} | 1.00 | {floor.confident:.1%} | {floor.entropy:.3f} | - | - |",
     ]
     for row in rows:
         q = row.quality
         lines.append(
             f"| {row.setting.label} | {row.setting.evaluations(T)} | {q.frechet:.2f} | {ratio_up(q.frechet / floor.frechet)} "
-            f"| {q.confident:.1%} | {q.entropy:.3f} | {row.seconds_per_image:.3f} |"
+            f"| {q.confident:.1%} | {q.entropy:.3f} | {row.seconds_per_image:.3f} | {'bf16' if row.bf16 else 'fp32'} |"
         )
     return "\n".join(lines)
 
@@ -250,11 +254,11 @@ def plot_class_counts(rows: list[Row], floor: Quality) -> plt.Figure:
 def plot_quality(rows: list[Row], floor: Quality, T: int) -> plt.Figure:
     """Frechet distance and confident share against U-Net evaluations per image, one marker per row.
 
-    Each deterministic solver (DDIM with eta = 0, Heun, DPM-Solver++(2M)) is a line through its step
+    Each deterministic solver (DDIM with eta = 0, Heun, DPM-Solver++(2M) and (3M)) is a line through its step
     counts; every other row is a point.
     """
     fig, (ax_fd, ax_conf) = plt.subplots(1, 2, figsize=(10, 4.6))
-    families = {"DDIM, eta = 0": ("ddim",), "Heun": ("heun",), "DPM-Solver++(2M)": ("dpmpp2m",)}
+    families = {"DDIM, eta = 0": ("ddim",), "Heun": ("heun",), "DPM-Solver++(2M)": ("dpmpp2m",), "DPM-Solver++(3M)": ("dpmpp3m",)}
     lines = {
         name: sorted((r for r in rows if r.setting.sampler in kinds and r.setting.eta == 0), key=lambda r: r.setting.evaluations(T))
         for name, kinds in families.items()
@@ -264,7 +268,7 @@ def plot_quality(rows: list[Row], floor: Quality, T: int) -> plt.Figure:
         (ax_fd, lambda q: q.frechet, floor.frechet, "Frechet distance (classifier features)"),
         (ax_conf, lambda q: 100 * q.confident, 100 * floor.confident, "confidently classified (%)"),
     ):
-        for (family, members), style in zip(lines.items(), ("o-", "s-", "^-"), strict=True):
+        for (family, members), style in zip(lines.items(), ("o-", "s-", "^-", "v-"), strict=True):
             if members:
                 ax.plot([r.setting.evaluations(T) for r in members], [value(r.quality) for r in members], style, label=family)
         for r, marker in zip(others, "Dvxp", strict=False):

@@ -20,14 +20,18 @@ def num_classes(model: nn.Module) -> int:
     return getattr(getattr(model, "config", None), "num_classes", 0)
 
 
-def class_blocks(classes: list[int], n: int) -> torch.Tensor:
+def class_blocks(classes: list[int], n: int, start: int = 0, count: int | None = None) -> torch.Tensor:
     """(n,) labels in equal blocks of ``classes``, in their order: class_blocks([0, 1, 2], 6) = [0, 0, 1, 1, 2, 2].
 
-    When n is not a multiple of len(classes), the blocks differ by at most one image.
+    When n is not a multiple of len(classes), the blocks differ by at most one image. With ``start``
+    and ``count``, only the (count,) labels of images start ... start + count - 1 of the n.
     """
     if n < len(classes):
         raise ValueError(f"{n} images are fewer than the {len(classes)} classes asked for")
-    return torch.tensor([classes[i * len(classes) // n] for i in range(n)])
+    stop = n if count is None else start + count
+    if not 0 <= start <= stop <= n:
+        raise ValueError(f"images {start} ... {stop - 1} of {n} do not exist")
+    return torch.tensor([classes[i * len(classes) // n] for i in range(start, stop)])
 
 
 def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, w: float) -> torch.Tensor:

@@ -129,7 +129,7 @@ def guided_sweep(
             return GuidedRow(method, float(strength), scores, seconds / n, steps, seed, bf16)
 
         key = [model_id, method, float(strength), n, steps, seed, "bf16" if bf16 else "fp32"]
-        row = cached_row(cache, key, compute, row_from_dict)
+        row = cached_row(cache, [key], compute, row_from_dict)
         rows.append(row)
         if on_row is not None:
             on_row(row)

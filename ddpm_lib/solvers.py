@@ -11,7 +11,8 @@ the forward process is, in x~ = x_t / alpha_t and sigma~ = sigma_t / alpha_t, si
 dx~ / dsigma~ = eps(x_t, t) (Song et al. 2021, DDIM Eq. 14): deterministic DDIM is Euler's
 method on it, :class:`Heun` the trapezoidal correction of Euler (Karras et al. 2022, Alg. 1), and
 :class:`DPMSolverPP2M` integrates its linear part exactly in lambda = log(alpha / sigma) with the
-data prediction x0 extrapolated from two steps (Lu et al. 2022, DPM-Solver++, Alg. 2).
+data prediction x0 extrapolated from two steps (Lu et al. 2022, DPM-Solver++, Alg. 2), and
+:class:`DPMSolverPP3M` from three.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -47,7 +49,7 @@ class DDPM:
 
     def timesteps(self, T: int) -> list[int]:
         if self.steps not in (None, T):
-            raise ValueError(f"DDPM visits all T={T} steps; use the ddim, heun or dpmpp2m solver for {self.steps} steps")
+            raise ValueError(f"DDPM visits all T={T} steps; use the ddim, heun, dpmpp2m or dpmpp3m solver for {self.steps} steps")
         return list(range(T - 1, -1, -1))
 
     def evaluations(self, T: int) -> int:
@@ -132,14 +134,16 @@ def lambda_alpha_sigma(schedule: NoiseSchedule, t: int) -> tuple[float, float, f
 class DPMSolverPP2M:
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2): second order from one network evaluation a step.
 
-    In lambda = log(alpha / sigma) the ODE's linear part is solved exactly:
-    x_{t_i} = (sigma_{t_i} / sigma_{t_{i-1}}) x - alpha_{t_i} (e^{-h_i} - 1) D_i, h_i = lambda_{t_i} - lambda_{t_{i-1}}.
-    D_i is the last x0 prediction on the first step, and afterwards the extrapolation
-    (1 + 1 / (2 r_i)) x0_{i-1} - 1 / (2 r_i) x0_{i-2} with r_i = h_{i-1} / h_i. The last step, to the
-    data (lambda = inf), is first order: it returns the last x0 prediction (diffusers' default).
+    In lambda = log(alpha / sigma) the ODE's linear part is solved exactly, and the data prediction
+    x0 along the step is a polynomial in lambda through the last ``order`` predictions. Order 1 is
+    x_{t_i} = (sigma_{t_i} / sigma_{t_{i-1}}) x - alpha_{t_i} (e^{-h_i} - 1) x0_{i-1}, h_i = lambda_{t_i} - lambda_{t_{i-1}}
+    (deterministic DDIM again); order 2 adds the slope (x0_{i-1} - x0_{i-2}) / r_i with r_i = h_{i-1} / h_i
+    (Alg. 2, line 6). The first step has no history and is first order; the last step, to the data
+    (lambda = inf), returns the last x0 prediction (first order, as diffusers' default).
     """
 
     steps: int | None = None  # None: all T
+    order: ClassVar[int] = 2  # the polynomial's degree + 1 once the history allows it
 
     def timesteps(self, T: int) -> list[int]:
         return trailing_grid(T, self.steps)
@@ -147,31 +151,69 @@ class DPMSolverPP2M:
     def evaluations(self, T: int) -> int:
         return len(self.timesteps(T))
 
+    def step_order(self, i: int, num_steps: int) -> int:
+        """The order of step i (0-based) of num_steps: limited by the history, and lowered near the end."""
+        return min(self.order, i + 1)
+
     def __call__(self, denoiser, x: torch.Tensor, timesteps: list[int], noise: Noise) -> Iterator[SamplerStep]:
         schedule = denoiser.schedule
-        x0_before, h_before = None, None  # the previous step's x0 prediction and lambda increment
-        for t, t_next in zip(timesteps, [*timesteps[1:], -1], strict=True):
+        x0s, lams = [], []  # the x0 predictions and their lambdas so far, newest last (the multistep history)
+        for i, (t, t_next) in enumerate(zip(timesteps, [*timesteps[1:], -1], strict=True)):
             pred = denoiser(x, t)
             yield SamplerStep(t, x, pred.x0)
             lam, _, sigma = lambda_alpha_sigma(schedule, t)
-            lam_next, alpha_next, sigma_next = lambda_alpha_sigma(schedule, t_next)
+            x0s, lams = [*x0s[-2:], pred.x0], [*lams[-2:], lam]
             if t_next < 0:  # to the data: e^{-h} = 0 and sigma_next = 0 leave x0 (first order)
                 x = pred.x0
                 break
-            h = lam_next - lam
-            d = pred.x0
-            if x0_before is not None:  # 2M: the second-order extrapolation of x0 (Lu et al., Alg. 2, line 6)
-                r = h_before / h
-                d = (1 + 1 / (2 * r)) * pred.x0 - 1 / (2 * r) * x0_before
-            x = (sigma_next / sigma) * x - alpha_next * math.expm1(-h) * d
-            x0_before, h_before = pred.x0, h
+            lam_next, alpha_next, sigma_next = lambda_alpha_sigma(schedule, t_next)
+            x = (sigma_next / sigma) * x + multistep_update(x0s, lams, lam_next, alpha_next, self.step_order(i, len(timesteps)))
         yield SamplerStep(-1, x, x)
 
 
-SOLVERS = {"ddpm": DDPM, "ddim": DDIM, "heun": Heun, "dpmpp2m": DPMSolverPP2M}
+@dataclass(frozen=True)
+class DPMSolverPP3M(DPMSolverPP2M):
+    """DPM-Solver++(3M): the same exact linear part with x0 quadratic in lambda through the last three
+    predictions (Lu et al. 2022, App. B; diffusers' third-order update), one network evaluation a step.
+
+    It starts at order 1, then 2, then 3; with fewer than 15 steps the second-to-last step drops to
+    order 2 (as diffusers' ``lower_order_final``), where a large last h makes the extrapolation unstable.
+    """
+
+    order: ClassVar[int] = 3
+
+    def step_order(self, i: int, num_steps: int) -> int:
+        lowered = 2 if num_steps < 15 and i == num_steps - 2 else self.order
+        return min(lowered, i + 1)
 
 
-def make_solver(name: str, **options) -> DDPM | DDIM | Heun | DPMSolverPP2M:
+def multistep_update(x0s: list[torch.Tensor], lams: list[float], lam_next: float, alpha_next: float, order: int) -> torch.Tensor:
+    """The data-prediction part of a DPM-Solver++ step of ``order`` 1, 2 or 3 from lambdas[-1] to lam_next.
+
+    With h = lam_next - lambda_0 and phi_1 = e^{-h} - 1: order 1 is -alpha phi_1 D0; order 2 adds
+    -alpha phi_1 D1 / 2; order 3 adds alpha (phi_1 / h + 1) D1 - alpha ((phi_1 + h) / h^2 - 1/2) D2, with
+    D0, D1, D2 the x0 prediction and its first and second divided differences in lambda, scaled by h.
+    """
+    h = lam_next - lams[-1]
+    phi1 = math.expm1(-h)
+    m0 = x0s[-1]
+    update = -alpha_next * phi1 * m0
+    if order == 2:
+        r0 = (lams[-1] - lams[-2]) / h
+        update = update - 0.5 * alpha_next * phi1 * (m0 - x0s[-2]) / r0
+    elif order == 3:
+        r0, r1 = (lams[-1] - lams[-2]) / h, (lams[-2] - lams[-3]) / h
+        d1_0, d1_1 = (m0 - x0s[-2]) / r0, (x0s[-2] - x0s[-3]) / r1
+        d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
+        d2 = (d1_0 - d1_1) / (r0 + r1)
+        update = update + alpha_next * (phi1 / h + 1) * d1 - alpha_next * ((phi1 + h) / h**2 - 0.5) * d2
+    return update
+
+
+SOLVERS = {"ddpm": DDPM, "ddim": DDIM, "heun": Heun, "dpmpp2m": DPMSolverPP2M, "dpmpp3m": DPMSolverPP3M}
+
+
+def make_solver(name: str, **options) -> DDPM | DDIM | Heun | DPMSolverPP2M | DPMSolverPP3M:
     """The solver called ``name`` (one of :data:`SOLVERS`) with its ``options`` (steps, eta, variance).
 
     An option the solver does not have is refused unless it is None, so that e.g. an eta meant for

@@ -33,7 +33,12 @@ def main() -> int:
     parser.add_argument("--data-root", help="data folder (default: $DDPM_DATA, else ./data)")
     parser.add_argument("--num", type=int, default=1000, help="samples per sampler setting")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="the U-Net under bf16 autocast (auto: where fast) or fp32")
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="the U-Net under bf16 autocast or in fp32; auto: bf16 where fast, and rows cached in either precision are reused",
+    )
     parser.add_argument("--only", nargs="*", help="labels of the settings to run (default: all)")
     parser.add_argument("--cache", default="docs/quality.json")
     parser.add_argument("--markdown", default="docs/quality.md")
@@ -59,6 +64,7 @@ def main() -> int:
         cache=args.cache,
         model_id=weights_sha256(model, diffusion),
         bf16=bf16,
+        any_precision=args.precision == "auto",
         on_row=lambda row: print(f"  {row.setting.label}: FD {row.quality.frechet:.2f}, {row.seconds_per_image:.3f} s/image", flush=True),
     )
     table = markdown_table(rows, floor, diffusion.T)
@@ -67,9 +73,12 @@ def main() -> int:
     for row in rows:
         misses = target_misses(row.quality, floor)
         print(f"{row.setting.label}: {'meets the targets' if not misses else 'misses: ' + '; '.join(misses)}")
+    precisions = sorted({"bf16 autocast" if row.bf16 else "fp32" for row in rows})
     header = (
         f"Measured by `scripts/evaluate.py` on `{args.checkpoint}`, {args.num} samples per row, seed {args.seed}, "
-        f"U-Net in {precision}, on {device_name('cpu')}.\n\n"
+        f"U-Net in {' or '.join(precisions)} (last column), on {device_name('cpu')}."
+        + (" Seconds per image depend on the precision: compare them only between rows of the same one." if len(precisions) > 1 else "")
+        + "\n\n"
     )
     with atomic_write(args.markdown) as tmp:
         Path(tmp).write_text(f"{header}{table}\n\nImages per digit the classifier sees (the class histogram):\n\n{histograms}\n")

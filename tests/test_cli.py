@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm_lib import cli, resources, sampling
+from ddpm_lib import cli, generate, resources, sampling
 from ddpm_lib.checkpoint import load_checkpoint, save_checkpoint
 from ddpm_lib.cli import main
 from ddpm_lib.data import data_root
@@ -206,7 +206,7 @@ def test_every_subcommand_has_help(command, option, capsys):
     [
         (["--sampler", "euler"], ["invalid choice: 'euler'"]),
         (["--sampler", "ddim", "--steps", "21"], ["between 1 and T=20"]),
-        (["--sampler", "ddpm", "--steps", "5"], ["DDPM visits all T=20 steps; use the ddim, heun or dpmpp2m solver for 5 steps"]),
+        (["--sampler", "ddpm", "--steps", "5"], ["DDPM visits all T=20 steps; use the ddim, heun, dpmpp2m or dpmpp3m solver for 5 steps"]),
         (["--sampler", "heun", "--eta", "0.5"], ["the heun solver takes steps, not eta"]),
         (["--num", "0"], ["--num: must be a whole number >= 1, got '0'"]),
         (["--num", "-3"], ["--num: must be a whole number >= 1, got '-3'"]),
@@ -306,7 +306,7 @@ def test_flat_or_broken_finished_samples_are_an_error_and_write_nothing(checkpoi
 
     real_loop = sampling.sample_loop
     monkeypatch.setattr(sampling, "sample_loop", lambda *a, **k: flat(real_loop(*a, **k)))
-    monkeypatch.setattr(cli, "sample_loop", sampling.sample_loop)
+    monkeypatch.setattr(generate, "sample_loop", sampling.sample_loop)
     for command, out in (("sample", "x.png"), ("gif", "x.gif")):
         code, err = run(capsys, command, "--checkpoint", checkpoint, "--num", 3, "--sampler", "ddim", "--steps", 3, "--out", tmp_path / out)
         assert_one_line_error(code, err, "all 3 samples are flat images of one grey level")
@@ -509,12 +509,12 @@ def test_gif_runs_the_network_in_batches_and_draws_the_same_digits(checkpoint, c
     seen = []
     forward = UNet.forward
     monkeypatch.setattr(UNet, "forward", lambda self, x, t: seen.append(len(x)) or forward(self, x, t))
-    monkeypatch.setattr(cli, "BATCH", 2)
+    monkeypatch.setattr(generate, "BATCH", 2)
     gif_args = ["gif", "--checkpoint", checkpoint, "--num", 5, "--sampler", "ddim", "--steps", 3, "--frames", 4, "--levels", 256]
     code, err = run(capsys, *gif_args, "--no-x0", "--out", tmp_path / "r.gif")
     assert code == 0, err
     assert seen == [2, 2] * 3 + [2, 2, 1] * 3  # the network checked on 4 images at 3 t, then 3 DDIM steps of 5, all in batches of 2
-    monkeypatch.setattr(cli, "BATCH", 256)
+    monkeypatch.setattr(generate, "BATCH", 256)
     code, err = run(capsys, *gif_args, "--no-x0", "--out", tmp_path / "whole.gif")
     assert code == 0, err
     batched, whole = (iio.imread(tmp_path / name, index=None) for name in ("r.gif", "whole.gif"))
@@ -684,13 +684,13 @@ def guided(tmp_path_factory):
 def sampled_labels(monkeypatch):
     """The labels (and guidance arguments) each batch's denoiser is guided with."""
     calls = []
-    real = cli.guided
+    real = generate.guided
 
     def spy(denoiser, labels=None, **guide):
         calls.append({"labels": labels, **guide})
         return real(denoiser, labels, **guide)
 
-    monkeypatch.setattr(cli, "guided", spy)
+    monkeypatch.setattr(generate, "guided", spy)
     return calls
 
 
@@ -707,7 +707,7 @@ def test_label_gives_one_class_a_list_or_equal_blocks_of_all(guided, capsys, tmp
 
 
 def test_labels_follow_their_images_across_batches(guided, capsys, tmp_path, sampled_labels, monkeypatch):
-    monkeypatch.setattr(cli, "BATCH", 4)
+    monkeypatch.setattr(generate, "BATCH", 4)
     args = ["--num", 6, "--label", "all", "--guidance", 0, "--out", tmp_path / "x.npy"]
     code, err = run(capsys, "sample", "--checkpoint", guided["cfg"], *args)
     assert code == 0, err

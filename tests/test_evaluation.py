@@ -31,10 +31,11 @@ def test_the_standard_settings_cover_the_issue():
         "DDPM 1000, var beta_tilde", "DDPM 1000, var beta", "DDIM 100", "DDIM 50", "DDIM 20", "DDIM 10", "DDIM 50, eta 1"
     ]  # fmt: skip
     assert {s.variance for s in SETTINGS if s.sampler == "ddpm"} == {"beta", "beta_tilde"}
-    costs = {s.label: s.evaluations(1000) for s in SETTINGS[7:]}  # Heun and DPM-Solver++(2M) at 5, 10, 20 and 50 evaluations
+    costs = {s.label: s.evaluations(1000) for s in SETTINGS[7:]}  # Heun and DPM-Solver++(2M) at 5-50 evaluations, (3M) at 5-20
     assert costs == {
         "Heun 3": 5, "Heun 5": 9, "Heun 10": 19, "Heun 25": 49,
         "DPM-Solver++(2M) 5": 5, "DPM-Solver++(2M) 10": 10, "DPM-Solver++(2M) 20": 20, "DPM-Solver++(2M) 50": 50,
+        "DPM-Solver++(3M) 5": 5, "DPM-Solver++(3M) 10": 10, "DPM-Solver++(3M) 20": 20,
     }  # fmt: skip
 
 
@@ -59,6 +60,10 @@ def test_evaluate_caches_rows_by_model_setting_n_and_seed(tmp_path, monkeypatch)
     for changed in ({"model_id": "def"}, {"n": 9}, {"seed": 1}, {"bf16": True}):
         with pytest.raises(AssertionError, match="sampled again"):
             evaluate(MODEL, DIFFUSION, StubClassifier(), reference, FAST, **{"n": 8, "cache": cache, "model_id": "abc", **changed})
+    # any_precision reads the fp32 rows for a bf16 run, and says they are fp32
+    either = {"n": 8, "cache": cache, "model_id": "abc", "bf16": True, "any_precision": True}
+    assert evaluate(MODEL, DIFFUSION, StubClassifier(), reference, FAST, **either) == rows
+    assert all(not r.bf16 for r in rows) and "| fp32 |" in markdown_table(rows, rows[0].quality, T=10)
 
 
 def test_weights_sha256_changes_with_any_weight_or_the_diffusion_config():

@@ -121,5 +121,9 @@ def test_class_blocks_are_equal_shares_in_order():
     blocks = class_blocks(list(range(10)), 1000)
     assert torch.equal(torch.bincount(blocks), torch.full((10,), 100)) and torch.equal(blocks, blocks.sort().values)
     assert torch.bincount(class_blocks([0, 1, 2], 7)).tolist() in ([3, 2, 2], [2, 3, 2], [2, 2, 3])
+    pieces = [class_blocks([4, 0, 9], 1000, start, min(256, 1000 - start)) for start in range(0, 1000, 256)]  # batch by batch
+    assert torch.equal(torch.cat(pieces), class_blocks([4, 0, 9], 1000))
+    with pytest.raises(ValueError, match="images 768 ... 1023 of 1000"):
+        class_blocks([4, 0, 9], 1000, 768, 256)
     with pytest.raises(ValueError, match="fewer than the 3 classes"):
         class_blocks([0, 1, 2], 2)

@@ -162,7 +162,7 @@ def test_batched_network_passes_give_the_images_of_one_batch(model, solver):
 
 
 def test_bad_sampler_arguments_say_what_is_valid(model):
-    with pytest.raises(ValueError, match="use the ddim, heun or dpmpp2m solver for 5 steps"):
+    with pytest.raises(ValueError, match="use the ddim, heun, dpmpp2m or dpmpp3m solver for 5 steps"):
         next(sample_loop(clipped(model), (1, 1, 8, 8), DDPM(steps=5)))
     with pytest.raises(ValueError, match="beta_tilde, beta"):
         ddpm_step(torch.zeros(1), 3, torch.zeros(1), SMALL, variance="learned")

@@ -10,7 +10,7 @@ from ddpm_lib.diffusion import DiffusionConfig, v_from, x0_from_eps
 from ddpm_lib.noisy_classifier import NoisyClassifier, NoisyClassifierConfig
 from ddpm_lib.sampling import sample, sample_loop
 from ddpm_lib.schedules import get_schedule
-from ddpm_lib.solvers import DDIM, DDPM, SOLVERS, DPMSolverPP2M, Heun, make_solver
+from ddpm_lib.solvers import DDIM, DDPM, SOLVERS, DPMSolverPP2M, DPMSolverPP3M, Heun, make_solver
 from ddpm_lib.unet import UNet, UNetConfig
 
 # The sampler before the core was rebuilt (issue 30) drew tests/data/sampling_reference.pt from these
@@ -142,14 +142,33 @@ def test_heun_is_second_order_and_ddim_first_order_on_the_exact_flow():
     assert heun[-1] < ddim[0] / 20
 
 
+def grid_error(solver, n: int) -> float:
+    """The largest error against the exact flow after n equal steps from t = 999 to t = 39 (a fixed end, unlike flow_error)."""
+    grid = [999 - (960 // n) * k for k in range(n + 1)]
+    x_T = torch.randn(1000, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    *_, last, _ = solver(GaussianData(), x_T, grid, None)
+    assert last.t == 39
+    return (last.x_t - exact_flow(x_T, 39)).abs().max().item()
+
+
+def test_dpm_solver_pp_2m_is_second_order_and_3m_third_until_its_first_euler_step_dominates():
+    two = [grid_error(DPMSolverPP2M(), n) for n in (40, 80, 160)]
+    assert all(3.3 < a / b < 4.6 for a, b in zip(two, two[1:], strict=False)), two
+    three = [grid_error(DPMSolverPP3M(), n) for n in (20, 40, 160)]
+    # 3M starts with a first-order step (no history yet) whose O(h^2) error is global; before it dominates, 8x per halving
+    assert 6.5 < three[0] / three[1] < 10, three
+    assert three[2] < two[2] / 3, (three, two)
+
+
 @pytest.mark.parametrize("steps", [5, 10, 20, 50])
-def test_dpm_solver_pp_2m_and_ddim_agree_with_diffusers(steps):
+def test_dpm_solver_pp_2m_3m_and_ddim_agree_with_diffusers(steps):
     diffusers = pytest.importorskip("diffusers")
     x_T = torch.randn(4, 1, 4, 4, generator=torch.Generator().manual_seed(steps))
     field = Wiggly()
     common = {"num_train_timesteps": T, "trained_betas": LINEAR.betas.numpy(), "timestep_spacing": "trailing"}
     for ours, theirs in (
         (DPMSolverPP2M(steps), diffusers.DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2, **common)),
+        (DPMSolverPP3M(steps), diffusers.DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=3, **common)),
         (DDIM(steps), diffusers.DDIMScheduler(clip_sample=False, set_alpha_to_one=True, **common)),
     ):
         theirs.set_timesteps(steps)
@@ -168,7 +187,7 @@ def test_the_network_evaluations_of_each_solver_are_counted_honestly():
             calls.append(t)
             return super().__call__(x_t, t)
 
-    for solver, expected in ((DDIM(10), 10), (Heun(10), 19), (DPMSolverPP2M(10), 10), (DDPM(), T)):
+    for solver, expected in ((DDIM(10), 10), (Heun(10), 19), (DPMSolverPP2M(10), 10), (DPMSolverPP3M(10), 10), (DDPM(), T)):
         calls.clear()
         sample(Counting(), (2,), solver, x_T=torch.zeros(2))
         assert len(calls) == solver.evaluations(T) == expected, type(solver).__name__
@@ -177,10 +196,11 @@ def test_the_network_evaluations_of_each_solver_are_counted_honestly():
 def test_make_solver_builds_each_and_refuses_options_it_lacks():
     assert make_solver("dpmpp2m", steps=20, eta=None) == DPMSolverPP2M(20)
     assert make_solver("ddim", steps=7, eta=0.5) == DDIM(7, eta=0.5)
-    assert set(SOLVERS) == {"ddpm", "ddim", "heun", "dpmpp2m"}
+    assert make_solver("dpmpp3m", steps=10) == DPMSolverPP3M(10) != DPMSolverPP2M(10)
+    assert set(SOLVERS) == {"ddpm", "ddim", "heun", "dpmpp2m", "dpmpp3m"}
     with pytest.raises(ValueError, match="the heun solver takes steps, not eta"):
         make_solver("heun", steps=5, eta=0.5)
-    with pytest.raises(ValueError, match="unknown solver 'euler'; valid choices: ddpm, ddim, heun, dpmpp2m"):
+    with pytest.raises(ValueError, match="unknown solver 'euler'; valid choices: ddpm, ddim, heun, dpmpp2m, dpmpp3m"):
         make_solver("euler")
     with pytest.raises(ValueError, match="DDPM visits all T=20 steps"):
         DDPM(steps=5).timesteps(20)
@@ -191,7 +211,7 @@ def test_make_solver_builds_each_and_refuses_options_it_lacks():
 # --- Every solver composes with guidance, clipping and any parametrization ---------------------------------
 
 
-@pytest.mark.parametrize("solver", [DDPM(), DDIM(7, eta=0.5), Heun(4), DPMSolverPP2M(7)], ids=lambda s: type(s).__name__)
+@pytest.mark.parametrize("solver", [DDPM(), DDIM(7, eta=0.5), Heun(4), DPMSolverPP2M(7), DPMSolverPP3M(7)], ids=lambda s: type(s).__name__)
 def test_every_solver_takes_both_guidances_and_weight_zero_is_the_plain_model(solver):
     def draw(den):
         return sample(den, SHAPE, solver, generator=torch.Generator().manual_seed(5))
@@ -224,7 +244,7 @@ class AsPrediction(torch.nn.Module):
 
 
 @pytest.mark.parametrize("prediction", ["x0", "v"])
-@pytest.mark.parametrize("solver", [DDPM(), DDIM(7), Heun(4), DPMSolverPP2M(7)], ids=lambda s: type(s).__name__)
+@pytest.mark.parametrize("solver", [DDPM(), DDIM(7), Heun(4), DPMSolverPP2M(7), DPMSolverPP3M(7)], ids=lambda s: type(s).__name__)
 def test_a_network_of_any_parametrization_gives_the_same_samples(prediction, solver):
     eps_net = Denoiser(MODELS["uncond"], DiffusionConfig(T=20))
     other = Denoiser(AsPrediction(MODELS["uncond"], prediction, eps_net.schedule), DiffusionConfig(T=20, prediction=prediction))
