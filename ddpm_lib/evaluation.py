@@ -22,6 +22,7 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 import torch
+from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
 from .classifier import MnistClassifier
 from .denoiser import Denoiser, guided
@@ -143,8 +144,8 @@ def evaluate(
 
     With ``cache`` (a JSON file) and ``model_id`` (:func:`weights_sha256` of the model), rows already in the
     cache for this model, setting, n, seed and precision are read instead of recomputed, and new rows are
-    added to it as soon as they are done. With ``any_precision``, a cached row of the other precision is
-    read too (each row records its own): a CPU without fast bf16 then adds rows to a bf16 table.
+    added to it as soon as they are done. With ``any_precision``, a cached row of either precision is read,
+    bf16 first (each row records its own): a CPU without fast bf16 then adds fp32 rows to a bf16 table.
     """
     rows = []
     for setting in settings:
@@ -153,27 +154,38 @@ def evaluate(
             images, seconds = draw(model, diffusion, setting, n, seed, bf16=bf16)
             return Row(setting, score(classifier, images, reference), seconds / n, seed, bf16)
 
-        keys = [[model_id, dataclasses.asdict(setting), n, seed, "bf16" if b else "fp32"] for b in (bf16, not bf16)]
-        row = cached_row(cache, keys if any_precision else keys[:1], compute, row_from_dict)
+        key = [model_id, dataclasses.asdict(setting), n, seed, "bf16" if bf16 else "fp32"]
+        row = cached_row(cache, key, compute, row_from_dict, read=either_precision(key) if any_precision else None)
         rows.append(row)
         if on_row is not None:
             on_row(row)
     return rows
 
 
-def cached_row(cache: str | os.PathLike | None, keys: list[list], compute: Callable[[], Any], from_dict: Callable[[dict], Any]) -> Any:
-    """The row stored under the first of ``keys`` (lists that start with the model id) found in the JSON file
-    ``cache``, else ``compute()``, added to the file under ``keys[0]`` as soon as it is done. Without a cache or
-    a model id, always ``compute()``."""
-    if cache is None or keys[0][0] is None:
+def cached_row(
+    cache: str | os.PathLike | None,
+    key: list,
+    compute: Callable[[], Any],
+    from_dict: Callable[[dict], Any],
+    read: list[list] | None = None,
+) -> Any:
+    """The row stored under ``key`` (a list that starts with the model id) in the JSON file ``cache``, or under the
+    first of the keys ``read`` found there when given; else ``compute()``, added to the file under ``key`` as soon as
+    it is done. Without a cache or a model id, always ``compute()``."""
+    if cache is None or key[0] is None:
         return compute()
     stored = read_cache(cache)
-    for key in keys:
-        if json.dumps(key) in stored:
-            return from_dict(stored[json.dumps(key)])
+    for candidate in read or [key]:
+        if json.dumps(candidate) in stored:
+            return from_dict(stored[json.dumps(candidate)])
     row = compute()
-    write_cache(cache, {**read_cache(cache), json.dumps(keys[0]): dataclasses.asdict(row)})
+    write_cache(cache, {**read_cache(cache), json.dumps(key): dataclasses.asdict(row)})
     return row
+
+
+def either_precision(key: list) -> list[list]:
+    """``key`` (whose last item is "bf16" or "fp32") in both precisions, bf16 first: the course's tables were measured in bf16."""
+    return [[*key[:-1], "bf16"], [*key[:-1], "fp32"]]
 
 
 def read_cache(path: str | os.PathLike) -> dict:
@@ -198,17 +210,18 @@ def ratio_up(ratio: float) -> str:
 
 def markdown_table(rows: list[Row], floor: Quality, T: int) -> str:
     """The rows and the real-data floor as a Markdown table; FD / floor is the Frechet distance over the floor's,
-    rounded up to two decimals (:func:`ratio_up`). The last column is each row's precision, on which s / image depends."""
+    rounded up to two decimals (:func:`ratio_up`); the last column is the U-Net's precision. Cost is counted in
+    network evaluations: a row's seconds per image, kept in the cache, depend on the machine and what else it ran."""
     lines = [
-        "| sampler | U-Net evals | Frechet distance | FD / floor | confident | class entropy | s / image | U-Net in |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
-        f"| real training images (floor) | - | {floor.frechet:.2f} | 1.00 | {floor.confident:.1%} | {floor.entropy:.3f} | - | - |",
+        "| sampler | U-Net evals | Frechet distance | FD / floor | confident | class entropy | U-Net in |",
+        "|---|---:|---:|---:|---:|---:|---|",
+        f"| real training images (floor) | - | {floor.frechet:.2f} | 1.00 | {floor.confident:.1%} | {floor.entropy:.3f} | - |",
     ]
     for row in rows:
         q = row.quality
         lines.append(
             f"| {row.setting.label} | {row.setting.evaluations(T)} | {q.frechet:.2f} | {ratio_up(q.frechet / floor.frechet)} "
-            f"| {q.confident:.1%} | {q.entropy:.3f} | {row.seconds_per_image:.3f} | {'bf16' if row.bf16 else 'fp32'} |"
+            f"| {q.confident:.1%} | {q.entropy:.3f} | {'bf16' if row.bf16 else 'fp32'} |"
         )
     return "\n".join(lines)
 
@@ -271,13 +284,19 @@ def plot_quality(rows: list[Row], floor: Quality, T: int) -> plt.Figure:
         for (family, members), style in zip(lines.items(), ("o-", "s-", "^-", "v-"), strict=True):
             if members:
                 ax.plot([r.setting.evaluations(T) for r in members], [value(r.quality) for r in members], style, label=family)
-        for r, marker in zip(others, "Dvxp", strict=False):
+        for r, marker in zip(others, "DPXh", strict=False):
             ax.plot([r.setting.evaluations(T)], [value(r.quality)], marker, ls="none", label=r.setting.label)
         ax.axhline(floor_value, color="gray", ls="--", label="real training images")
         ax.set(xscale="log", xlabel="U-Net evaluations per image", ylabel=name)
     ax_fd.axhline(3 * floor.frechet, color="gray", ls=":", label="target: 3 x floor")
     ax_conf.axhline(90, color="gray", ls=":", label="target: 90%")
     ax_fd.set_yscale("log")
+    ax_fd.yaxis.set_minor_locator(LogLocator(subs=(2, 3, 5)))
+    for axis in (ax_fd.yaxis, ax_fd.xaxis, ax_conf.xaxis):  # 0.4 and 20 rather than 4 x 10^-1 and 2 x 10^1
+        axis.set_major_formatter(ScalarFormatter())
+        axis.set_minor_formatter(ScalarFormatter() if axis is ax_fd.yaxis else NullFormatter())
+    for ax in (ax_fd, ax_conf):
+        ax.set_xticks([5, 10, 20, 50, 100, 1000])
     for ax in (ax_fd, ax_conf):  # below the axes, where no marker hides behind them
         ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
     fig.suptitle(f"Sample quality against sampling cost, {rows[0].quality.n} samples per point")

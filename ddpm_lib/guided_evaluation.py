@@ -26,7 +26,7 @@ import torch
 
 from .classifier import MnistClassifier, predict
 from .diffusion import DiffusionConfig
-from .evaluation import SamplerSetting, cached_row, draw
+from .evaluation import SamplerSetting, cached_row, draw, either_precision
 from .guidance import class_blocks
 from .metrics import GaussianStats, Quality, frechet_distance, gaussian_stats, score
 
@@ -106,12 +106,14 @@ def guided_sweep(
     model_id: str | None = None,
     on_row: Callable[[GuidedRow], None] | None = None,
     bf16: bool = False,
+    any_precision: bool = False,
 ) -> list[GuidedRow]:
     """One :class:`GuidedRow` per strength: n DDIM samples (``steps`` steps) of every digit in equal shares.
 
     ``method`` "cfg" guides a class-conditional ``model`` with weight w; "classifier" guides any
     ``model`` with the noisy ``classifier`` at scale s. With ``cache`` and ``model_id`` (naming the
-    weights of the model and, for "classifier", of the classifier too) finished rows are read back.
+    weights of the model and, for "classifier", of the classifier too) finished rows are read back; with
+    ``any_precision`` also rows of the other precision, bf16 first (as ``evaluation.evaluate``).
     """
     if method not in METHODS:
         raise ValueError(f"unknown guidance method {method!r}; valid choices: {', '.join(METHODS)}")
@@ -129,7 +131,7 @@ def guided_sweep(
             return GuidedRow(method, float(strength), scores, seconds / n, steps, seed, bf16)
 
         key = [model_id, method, float(strength), n, steps, seed, "bf16" if bf16 else "fp32"]
-        row = cached_row(cache, [key], compute, row_from_dict)
+        row = cached_row(cache, key, compute, row_from_dict, read=either_precision(key) if any_precision else None)
         rows.append(row)
         if on_row is not None:
             on_row(row)

@@ -65,7 +65,7 @@ def main() -> int:
         model_id=weights_sha256(model, diffusion),
         bf16=bf16,
         any_precision=args.precision == "auto",
-        on_row=lambda row: print(f"  {row.setting.label}: FD {row.quality.frechet:.2f}, {row.seconds_per_image:.3f} s/image", flush=True),
+        on_row=lambda row: print(f"  {row.setting.label}: FD {row.quality.frechet:.2f}", flush=True),
     )
     table = markdown_table(rows, floor, diffusion.T)
     histograms = class_count_table(rows, floor)
@@ -73,12 +73,11 @@ def main() -> int:
     for row in rows:
         misses = target_misses(row.quality, floor)
         print(f"{row.setting.label}: {'meets the targets' if not misses else 'misses: ' + '; '.join(misses)}")
-    precisions = sorted({"bf16 autocast" if row.bf16 else "fp32" for row in rows})
+    precisions = " or ".join(sorted({"bf16 autocast" if row.bf16 else "fp32" for row in rows}))
     header = (
         f"Measured by `scripts/evaluate.py` on `{args.checkpoint}`, {args.num} samples per row, seed {args.seed}, "
-        f"U-Net in {' or '.join(precisions)} (last column), on {device_name('cpu')}."
-        + (" Seconds per image depend on the precision: compare them only between rows of the same one." if len(precisions) > 1 else "")
-        + "\n\n"
+        f"the U-Net in {precisions} (last column). Cost is counted in U-Net evaluations per image; sampling speed is "
+        "in [benchmarks.md](benchmarks.md).\n\n"
     )
     with atomic_write(args.markdown) as tmp:
         Path(tmp).write_text(f"{header}{table}\n\nImages per digit the classifier sees (the class histogram):\n\n{histograms}\n")

@@ -70,6 +70,7 @@ def stage(title: str) -> float:
 
 def environment(device: torch.device) -> dict:
     info = {"device": device_name(device), "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version()}
+    info["precision"] = precision(device)
     if device.type == "cuda":
         try:
             query = ["nvidia-smi", "--query-gpu=driver_version,memory.total", "--format=csv,noheader"]
@@ -90,11 +91,16 @@ def gpu_tests() -> dict:
     return {"status": run.returncode, "summary": summary, "seconds": round(time.perf_counter() - start, 1)}
 
 
+def precision(device: torch.device) -> str:
+    """bf16 on the GPU; fp32 on a CPU, where the check only walks its code path (--tiny) and not every CPU runs bf16 fast."""
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
 def training_speed(device: torch.device, batch: int, tiny: bool, data_root: str | None) -> dict:
     """Images/s of optimizer steps of the default U-Net on MNIST, bf16, after a warm-up."""
     model = UNetConfig(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(14,)) if tiny else UNetConfig()
     warm, timed = (2, 3) if tiny else (30, 200)
-    config = TrainConfig(batch_size=batch, steps=warm + timed, precision="bf16", sample_every=0, checkpoint_every=0)
+    config = TrainConfig(batch_size=batch, steps=warm + timed, precision=precision(device), sample_every=0, checkpoint_every=0)
     trainer = Trainer(model, DiffusionConfig(), config, device=device, data_root=data_root)
     trainer.fit(warm, progress=False)
     _sync(device)
@@ -109,7 +115,7 @@ def sampling_speed(device: torch.device, tiny: bool) -> dict:
     """DDIM-50 of 1,000 digits from the shipped model, bf16, in batches of 500."""
     model, diffusion = load_model(ROOT / "checkpoints" / "mnist_ddpm.pt", device)
     n, batch = (8, 8) if tiny else (1000, 500)
-    denoiser = guided(Denoiser(model, diffusion, bf16=True))
+    denoiser = guided(Denoiser(model, diffusion, bf16=precision(device) == "bf16"))
     generator = torch.Generator().manual_seed(0)
     sample(denoiser, (batch, 1, 28, 28), DDIM(50), generator=generator)  # warm-up
     _sync(device)
@@ -163,7 +169,8 @@ def torchrun_scaling(device: torch.device, tiny: bool, data_root: str | None, ru
     out = runs / "torchrun.pt"
     steps = "4" if tiny else "300"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", "-m", "ddpm_lib", "train"]
-    command += ["--dataset", "mnist", "--steps", steps, "--batch-size", str(128 * ranks), "--sample-every", "0", "--precision", "bf16"]
+    command += ["--dataset", "mnist", "--steps", steps, "--batch-size", str(128 * ranks), "--sample-every", "0"]
+    command += ["--precision", precision(device)]
     command += [
         "--device",
         device.type,
@@ -195,11 +202,12 @@ def markdown(r: dict) -> str:
         lines.append(f"| GPU tests (tests/test_gpu.py) | {r['tests']['summary']} |")
     for t in r.get("training", []):
         lines.append(
-            f"| training, default U-Net, batch {t['batch']}, bf16 | {t['images_per_s']:,} images/s ({t['ms_per_step']} ms a step) |"
+            f"| training, default U-Net, batch {t['batch']}, {env['precision']} "
+            f"| {t['images_per_s']:,} images/s ({t['ms_per_step']} ms a step) |"
         )
     if "sampling" in r:
         s = r["sampling"]
-        lines.append(f"| DDIM 50 steps, {s['images']:,} digits, bf16 | {s['seconds']} s ({s['ms_per_image']} ms an image) |")
+        lines.append(f"| DDIM 50 steps, {s['images']:,} digits, {env['precision']} | {s['seconds']} s ({s['ms_per_image']} ms an image) |")
     if "quality" in r:
         q = r["quality"]
         reached = (

@@ -129,8 +129,9 @@ def lab(tmp_path_factory):
         assert not processes_under(home), "processes of the JupyterLab test were left behind"
 
 
-def run_all_cells(page, base: str, token: str, notebook: str, timeout_s: float) -> None:
-    """Open ``notebook`` in JupyterLab, run all its cells and wait until the kernel is done."""
+def run_cells(page, base: str, token: str, notebook: str, timeout_s: float, through: str) -> None:
+    """Open ``notebook`` in JupyterLab, run its cells from the top through the first one whose source contains
+    ``through`` (what the test needs; nbval runs them all), and wait until the kernel is done."""
     page.goto(f"{base}/lab/tree/notebooks/{notebook}?reset&token={token}")  # reset: not the previous test's open notebooks
     current = f"window.jupyterapp?.shell.currentWidget?.context?.path === 'notebooks/{notebook}'"
     page.wait_for_function(
@@ -142,15 +143,27 @@ def run_all_cells(page, base: str, token: str, notebook: str, timeout_s: float) 
         "() => window.jupyterapp.shell.currentWidget.content.widgets.every(c => c.model.type !== 'code' || c.model.executionCount === null)"
     )
     page.wait_for_function(cleared)
-    page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); }")
-    done = """() => {
+    last = page.evaluate(
+        "(text) => window.jupyterapp.shell.currentWidget.content.widgets.findIndex(c => c.model.sharedModel.getSource().includes(text))",
+        through,
+    )
+    assert last >= 0, f"no cell of {notebook} contains {through!r}"
+    page.evaluate(
+        """(last) => {
+        const notebook = window.jupyterapp.shell.currentWidget.content;
+        notebook.activeCellIndex = last + 1;  // past the last: run-all-above runs the cells before it
+        window.jupyterapp.commands.execute(last + 1 < notebook.widgets.length ? 'notebook:run-all-above' : 'notebook:run-all-cells');
+    }""",
+        last,
+    )
+    done = """(last) => {
         const w = window.jupyterapp.shell.currentWidget, kernel = w.sessionContext.session?.kernel;
-        const cells = w.content.widgets.filter(c => c.model.type === 'code');
+        const cells = w.content.widgets.slice(0, last + 1).filter(c => c.model.type === 'code');
         const ran = cells.every(c => c.model.executionCount !== null && !c.promptNode.textContent.includes('*'));
         const failed = document.querySelector('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]');
         return kernel?.status === 'idle' && (ran || failed !== null);
     }"""
-    page.wait_for_function(done, timeout=timeout_s * 1000, polling=500)
+    page.wait_for_function(done, arg=last, timeout=timeout_s * 1000, polling=500)
 
 
 def errors_shown(page) -> list[str]:
@@ -184,16 +197,16 @@ def drag_widget_slider(page, name: str, keys: list[str]) -> tuple[str, str]:
 
 
 @pytest.mark.parametrize(
-    "notebook, name, keys, before, after",
+    "notebook, through, name, keys, before, after",
     [  # arrows move by 1, pages by 5: from the clean digits up into the noise, and from pure noise down toward the digits
-        ("01_forward_process.ipynb", "jupyterlab_forward_process", ["ArrowRight"] * 3 + ["PageUp"] * 40, "0", "203"),
-        ("06_sampling.ipynb", "jupyterlab_reverse_process", ["ArrowLeft"] * 2 + ["PageDown"] * 2, "999", "987"),
+        ("01_forward_process.ipynb", "forward_explorer(", "jupyterlab_forward_process", ["ArrowRight"] * 3 + ["PageUp"] * 40, "0", "203"),
+        ("06_sampling.ipynb", "trajectory_viewer(", "jupyterlab_reverse_process", ["ArrowLeft"] * 2 + ["PageDown"] * 2, "999", "987"),
     ],
 )
-def test_a_timestep_slider_in_jupyterlab(browser, lab, notebook, name, keys, before, after):
+def test_a_timestep_slider_in_jupyterlab(browser, lab, notebook, through, name, keys, before, after):
     base, token = lab
     page = offline_page(browser, base)
-    run_all_cells(page, base, token, notebook, timeout_s=400)
+    run_cells(page, base, token, notebook, timeout_s=400, through=through)
     assert errors_shown(page) == []
     assert drag_widget_slider(page, name, keys) == (before, after)
     page.close()

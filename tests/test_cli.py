@@ -570,7 +570,8 @@ def test_a_checkpoint_of_each_parametrization_samples_with_every_solver_and_no_p
 
 
 def test_a_fifo_or_a_device_anywhere_a_checkpoint_goes_is_refused_at_once(checkpoint, images, tmp_path):
-    """In a real process with a time limit: opening a FIFO to describe it used to wait forever."""
+    """In a real process with a time limit: opening a FIFO to describe it used to wait forever. One process runs
+    every command in turn (importing torch once), printing each one's exit status after its message."""
     fifo = tmp_path / "pipe.pt"
     os.mkfifo(fifo)
     commands = [
@@ -582,19 +583,21 @@ def test_a_fifo_or_a_device_anywhere_a_checkpoint_goes_is_refused_at_once(checkp
         tiny_train(images, tmp_path / "new.pt", "--init", fifo),
         tiny_train(images, fifo, "--resume"),
     ]
-    for args in commands:
-        result = subprocess.run([sys.executable, "-m", "ddpm_lib", *map(str, args)], capture_output=True, text=True, timeout=60)
-        assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, (args, result.stderr)
-        assert "not a file" in result.stderr, result.stderr
-    assert (
-        "/dev/zero is not a checkpoint: it is a character device, not a file"
-        in subprocess.run(
-            [sys.executable, "-m", "ddpm_lib", "sample", "--checkpoint", "/dev/zero", "--out", str(tmp_path / "x.png")],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        ).stderr
+    child = "\n".join(
+        [
+            "import json, sys",
+            "from ddpm_lib.cli import main",
+            "for args in json.loads(sys.argv[1]):",
+            "    print('status', main(args), file=sys.stderr)",
+        ]
     )
+    argv = json.dumps([[str(a) for a in args] for args in commands])
+    result = subprocess.run([sys.executable, "-c", child, argv], capture_output=True, text=True, timeout=120)
+    lines = result.stderr.splitlines()
+    assert result.returncode == 0 and "Traceback" not in result.stderr and len(lines) == 2 * len(commands), result.stderr
+    for args, message, status in zip(commands, lines[::2], lines[1::2], strict=True):
+        assert status == "status 2" and "not a file" in message, (args, message)
+    assert "/dev/zero is not a checkpoint: it is a character device, not a file" in lines[2]
 
 
 @pytest.mark.parametrize(

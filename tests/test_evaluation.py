@@ -66,6 +66,15 @@ def test_evaluate_caches_rows_by_model_setting_n_and_seed(tmp_path, monkeypatch)
     assert all(not r.bf16 for r in rows) and "| fp32 |" in markdown_table(rows, rows[0].quality, T=10)
 
 
+def test_with_rows_of_both_precisions_cached_the_bf16_row_is_read(tmp_path):
+    reference, cache = gaussian_stats(torch.randn(100, 4)), tmp_path / "quality.json"
+    run = {"n": 8, "cache": cache, "model_id": "abc"}
+    fp32 = evaluate(MODEL, DIFFUSION, StubClassifier(), reference, FAST[:1], **run)
+    bf16 = evaluate(MODEL, DIFFUSION, StubClassifier(), reference, FAST[:1], **run, bf16=True)
+    assert not fp32[0].bf16 and bf16[0].bf16 and fp32 != bf16
+    assert evaluate(MODEL, DIFFUSION, StubClassifier(), reference, FAST[:1], **run, any_precision=True) == bf16
+
+
 def test_weights_sha256_changes_with_any_weight_or_the_diffusion_config():
     copy = UNet(MODEL.config)
     copy.load_state_dict(MODEL.state_dict())

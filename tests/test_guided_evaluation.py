@@ -85,6 +85,7 @@ def test_sweep_gives_a_row_per_strength_and_reads_its_cache_back(judge, data, ti
     assert rows[0].guided != rows[1].guided  # the weight changed the samples
     monkeypatch.setattr(guided_evaluation, "draw", lambda *a, **k: pytest.fail("a cached row was drawn again"))
     assert guided_sweep(conditional, diffusion, judge, references, overall, "cfg", [0, 2], **args) == rows
+    assert guided_sweep(conditional, diffusion, judge, references, overall, "cfg", [0, 2], **args, bf16=True, any_precision=True) == rows
     assert "| w = 2 |" in markdown_table(rows, rows[0].guided)
     monkeypatch.undo()
     (row,) = guided_sweep(unconditional, diffusion, judge, references, overall, "classifier", [1.5], n=6, steps=2, classifier=classifier)
