@@ -161,3 +161,21 @@ def exclusive_lock(path: str | os.PathLike) -> Iterator[None]:
         yield
     finally:
         lock.release()
+
+
+def write_section(path: str | os.PathLike, name: str, body: str) -> Path:
+    """Replace the section ``name`` of the Markdown file ``path`` with ``body``, atomically, keeping the rest.
+
+    A section lies between ``<!-- name: begin -->`` and ``<!-- name: end -->``; one that is not there yet
+    is appended. ``scripts/benchmark.py`` and ``scripts/gpu_check.py`` each keep their own section of
+    docs/benchmarks.md this way, so neither run erases the other's measurements.
+    """
+    path = Path(path)
+    begin, end = f"<!-- {name}: begin -->", f"<!-- {name}: end -->"
+    section = f"{begin}\n{body.strip(chr(10))}\n{end}"
+    text = path.read_text() if path.exists() else ""
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + section + text[text.index(end) + len(end) :]
+    else:
+        text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + section + "\n"
+    return write_atomic(path, text.encode())

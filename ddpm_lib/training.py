@@ -25,11 +25,14 @@ from .denoiser import Denoiser, guided
 from .devices import device_name, resolve_device, use_bf16
 from .diffusion import DiffusionConfig, loss_simple, min_snr_weight
 from .divergence import DivergenceError, DivergenceGuard, weight_norm
+from .mlp import MLP, MLPConfig
 from .resources import require_model
 from .sampling import eval_mode, sample
 from .schedules import NoiseSchedule
 from .solvers import DDIM
 from .unet import UNet, UNetConfig
+
+NETWORKS = {UNetConfig: UNet, MLPConfig: MLP}  # the network each model config builds
 
 PRECISIONS = ("auto", "bf16", "fp32")
 LR_SCHEDULES = ("cosine", "constant")
@@ -38,7 +41,7 @@ LOSS_WEIGHTINGS = ("min_snr", "uniform")
 
 @dataclass(frozen=True)
 class TrainConfig:
-    dataset: str = "mnist"  # one of data.DATASETS
+    dataset: str = "mnist"  # one of data.DATASETS, or "toy": ddpm_lib.toy's points, passed to Trainer as its dataset
     image_size: int | None = None  # None: the dataset's own size
     batch_size: int = 128  # images per optimizer step over all ranks (torchrun: each of N ranks takes batch_size / N)
     steps: int = 30_000  # optimizer steps in total (the shipped recipe: 194 minutes on a 2-core CPU with bf16)
@@ -61,7 +64,8 @@ class TrainConfig:
     init: str = ""  # the checkpoint whose EMA weights the run started from ("": random weights)
 
     def __post_init__(self) -> None:
-        dataset_info(self.dataset)  # validates the name
+        if self.dataset != "toy":
+            dataset_info(self.dataset)  # validates the name
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}; valid choices: {', '.join(PRECISIONS)}")
         if self.loss_weighting not in LOSS_WEIGHTINGS:
@@ -157,7 +161,7 @@ class Trainer:
 
     def __init__(
         self,
-        model_config: UNetConfig,
+        model_config: UNetConfig | MLPConfig,
         diffusion_config: DiffusionConfig,
         train_config: TrainConfig,
         dataset: Dataset | None = None,
@@ -167,16 +171,21 @@ class Trainer:
         self.model_config, self.diffusion_config, self.config = model_config, diffusion_config, train_config
         self.device = resolve_device(device)
         cfg = train_config
+        if type(model_config) not in NETWORKS:
+            raise ValueError(f"model_config must be one of {', '.join(c.__name__ for c in NETWORKS)}, got {type(model_config).__name__}")
+        if isinstance(model_config, MLPConfig) and (dataset is None or cfg.sample_every):
+            raise ValueError("the MLP trains on points passed as the dataset (ddpm_lib.toy), with sample_every=0: grids are for images")
         if dataset is None:  # decoded once unless flips are random
             dataset = get_dataset(cfg.dataset, data_root, True, cfg.image_size, cfg.hflip, in_memory=not cfg.hflip)
         self.dataset = dataset
         self.rank = distributed.current()  # rank 0 of 1 unless torchrun started this process
         if cfg.batch_size % self.rank.world_size:
             raise ValueError(f"batch_size {cfg.batch_size} is the global batch; it must split evenly over the {self.rank.world_size} ranks")
-        require_model(UNet, model_config, 5, "this run's U-Net")  # weights, EMA, gradients, 2 AdamW moments: before any is built
+        network = NETWORKS[type(model_config)]
+        require_model(network, model_config, 5, f"this run's {network.__name__}")  # weights, EMA, gradients, 2 AdamW moments
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
-            self.model = UNet(model_config).to(self.device)
+            self.model = network(model_config).to(self.device)
             if self.rank.rank:  # every rank its own dropout stream, rank 0 that of a single process
                 torch.manual_seed(cfg.seed + 1_000_003 * self.rank.rank)
             self.rng_state = torch.get_rng_state()  # the global stream dropout draws from
@@ -331,6 +340,8 @@ class Trainer:
         """
         until = steps if steps is not None else self.config.steps
         cfg = self.config
+        if checkpoint_path is not None and not isinstance(self.model_config, UNetConfig):
+            raise ValueError("checkpoints hold U-Nets; the toy's MLP trains in memory only (pass no checkpoint_path)")
         # The loader's own generator: creating its iterator would otherwise draw from the global RNG (dropout's stream).
         loader = DataLoader(
             self.dataset,

@@ -260,7 +260,7 @@ class TimestepViewer:
     ``viewer.slider.value`` in code) re-renders: ``viewer.frame`` holds the array and
     ``viewer.image`` the PNG shown. The slider's bounds clamp out-of-range values.
     ``scrub_ts`` are the t the kernel-free version may offer (default: every slider value); it
-    keeps as many of them, evenly spaced, as fit its budget.
+    keeps as many of them, evenly spaced, as fit its ``budget`` of characters in the notebook.
     """
 
     def __init__(
@@ -274,6 +274,7 @@ class TimestepViewer:
         static_ts: Sequence[int] | None = None,
         label: Callable[[int], str] | None = None,
         scrub_ts: Sequence[int] | None = None,
+        budget: int = OUTPUT_BUDGET,
     ):
         import ipywidgets as widgets
 
@@ -282,6 +283,7 @@ class TimestepViewer:
         self.static_ts = list(static_ts) if static_ts is not None else [t_max, (t_min + t_max) // 2, t_min]
         self.scrub_ts = sorted(scrub_ts) if scrub_ts is not None else list(range(t_min, t_max + 1, step))
         self.label = label or (lambda t: f"{description} = {t}")  # the caption of each static frame
+        self.budget = budget  # characters the kernel-free version may take in the notebook
         self.slider = widgets.IntSlider(
             value=t_max if value is None else value, min=t_min, max=t_max, step=step, description=description, continuous_update=True
         )
@@ -299,9 +301,10 @@ class TimestepViewer:
         """What the slider would show at each of ``static_ts``, each captioned with ``label(t)``, stacked top to bottom."""
         return stack(*(caption(self.render(t), self.label(t)) for t in self.static_ts), gap=16)
 
-    def kernel_free_html(self, budget: int = OUTPUT_BUDGET) -> str:
+    def kernel_free_html(self, budget: int | None = None) -> str:
         """The scrubber for readers without a kernel (see :mod:`ddpm_lib.scrubber`): the static picture,
-        and the frames at as many of ``scrub_ts`` as fit in ``budget`` characters with it."""
+        and the frames at as many of ``scrub_ts`` as fit in ``budget`` characters with it (None: the viewer's)."""
+        budget = self.budget if budget is None else budget
         static = png_bytes(self.static_image())
         room = budget - encoded_size(len(static)) - 8_000  # the script, the labels and the JSON around the frames
         frames = fit_frames(self.scrub_ts, lambda t: webp_bytes(self.render(t)), room, MAX_SCRUB_FRAMES)
@@ -326,7 +329,9 @@ def forward_viewer(
     return TimestepViewer(lambda t: image_grid(q_sample(x0, t, schedule, noise), nrow, scale=scale), 0, schedule.T - 1, value=0)
 
 
-def trajectory_viewer(steps: Sequence[SamplerStep], nrow: int | None = None, scale: int = 2, show_x0: bool = True) -> TimestepViewer:
+def trajectory_viewer(
+    steps: Sequence[SamplerStep], nrow: int | None = None, scale: int = 2, show_x0: bool = True, budget: int = OUTPUT_BUDGET
+) -> TimestepViewer:
     """Scrub a stored reverse trajectory: x_t and the predicted x0 at the visited t nearest the slider.
 
     t = -1 shows the finished sample. The kernel-free version's frames crowd toward the end of the
@@ -350,7 +355,7 @@ def trajectory_viewer(steps: Sequence[SamplerStep], nrow: int | None = None, sca
 
     order = sorted(ts, reverse=True)  # in sampling order, so that ease > 1 crowds toward t = -1
     crowded = [order[i] for i in frame_indices(len(order), MAX_SCRUB_FRAMES, ease=2.0)]
-    return TimestepViewer(render, ts[0], ts[-1], value=ts[-1], static_ts=static, label=label, scrub_ts=crowded)
+    return TimestepViewer(render, ts[0], ts[-1], value=ts[-1], static_ts=static, label=label, scrub_ts=crowded, budget=budget)
 
 
 def forward_explorer(x0: torch.Tensor, schedule: NoiseSchedule, noise: torch.Tensor | None = None, scale: int = 2) -> TimestepViewer:

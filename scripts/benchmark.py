@@ -1,10 +1,11 @@
 """What the course costs on this machine: training speed, sampling, the bound, sliders, GIF export and the nbval run.
 
     DDPM_DATA=../shared/data python scripts/benchmark.py [--skip-nbval] [--out docs/benchmarks.md]
+    python scripts/benchmark.py --solvers      # only the cost of each solver, in its own section
 
-Prints a table and writes it, with the machine it was measured on, to docs/benchmarks.md. The
-targets (2 CPU cores) are in the last column. With a CUDA GPU, training and sampling are
-measured on it too.
+Prints a table and writes it, with the machine it was measured on, to docs/benchmarks.md, above
+the file's sections (the solvers', gpu_check's), which it keeps. The targets (2 CPU cores) are in
+the last column. With a CUDA GPU, training and sampling are measured on it too.
 """
 
 import argparse
@@ -24,13 +25,13 @@ from ddpm_lib.checkpoint import load_model
 from ddpm_lib.denoiser import Denoiser, guided
 from ddpm_lib.devices import device_name, fast_bf16
 from ddpm_lib.diffusion import DiffusionConfig
-from ddpm_lib.files import atomic_write
+from ddpm_lib.files import write_atomic, write_section
 from ddpm_lib.guidance import class_blocks
 from ddpm_lib.likelihood import variational_bound
 from ddpm_lib.noisy_classifier import load_noisy_classifier
 from ddpm_lib.sampling import sample, sample_loop
 from ddpm_lib.schedules import SCHEDULES, get_schedule
-from ddpm_lib.solvers import DDIM
+from ddpm_lib.solvers import DDIM, DDPM, DPMSolverPP2M, DPMSolverPP3M, Heun
 from ddpm_lib.training import TrainConfig, Trainer
 from ddpm_lib.unet import UNetConfig
 from ddpm_lib.viz import GuidanceViewer, forward_explorer, save_trajectory_gif, schedule_explorer, trajectory_viewer
@@ -52,15 +53,48 @@ def train_speed(device: str, precision: str, model_config: UNetConfig | None = N
     return batch_size * steps / (time.perf_counter() - start)
 
 
-def ddim_seconds(model, diffusion, n: int, steps: int, device: str, bf16: bool = False, **guide) -> float:
-    """Wall time of n DDIM samples; ``guide``: labels (moved to the device), guidance, classifier, classifier_scale."""
+def sampling_seconds(model, diffusion, n: int, solver, device: str, bf16: bool = False, **guide) -> float:
+    """Wall time of n samples with ``solver``; ``guide``: labels (moved to the device), guidance, classifier, classifier_scale."""
     denoiser = guided(Denoiser(model.to(device), diffusion, bf16=bf16), **guide)
     sample(denoiser, (n, 1, 28, 28), DDIM(2))  # warm-up
     start = time.perf_counter()
-    sample(denoiser, (n, 1, 28, 28), DDIM(steps), generator=torch.Generator(device))
+    sample(denoiser, (n, 1, 28, 28), solver, generator=torch.Generator(device))
     if device == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start
+
+
+SOLVER_SETTINGS = (  # the quality table's solvers at the step counts it singles out (docs/quality.md)
+    ("DDIM 50", DDIM(50)),
+    ("DDIM 10", DDIM(10)),
+    ("Heun 10", Heun(10)),
+    ("DPM-Solver++(2M) 20", DPMSolverPP2M(20)),
+    ("DPM-Solver++(3M) 10", DPMSolverPP3M(10)),
+)
+
+
+def solver_costs(checkpoint: str, out: Path) -> int:
+    """Time 64 samples with each solver of SOLVER_SETTINGS on the CPU; write the table to the "solvers" section of ``out``."""
+    model, diffusion = load_model(checkpoint)
+    bf16 = fast_bf16(torch.device("cpu"))
+    precision = "bf16 autocast" if bf16 else "fp32"
+    lines = [
+        "## Sampling: what each solver costs",
+        "",
+        f"Measured by `scripts/benchmark.py --solvers` on {time.strftime('%Y-%m-%d')}: {device_name('cpu')}, U-Net in {precision}, "
+        f"64 images of `{checkpoint}` at once. Their quality is in [quality.md](quality.md).",
+        "",
+        "| solver | U-Net evals | s for 64 images | ms per image | ms per evaluation and image |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for label, solver in SOLVER_SETTINGS:
+        seconds = sampling_seconds(model, diffusion, 64, solver, "cpu", bf16)
+        evals = solver.evaluations(diffusion.T)
+        lines.append(f"| {label} | {evals} | {seconds:.2f} | {seconds / 64 * 1000:.1f} | {seconds / 64 / evals * 1000:.2f} |")
+        print(lines[-1], flush=True)
+    write_section(out, "solvers", "\n".join(lines))
+    print(f"wrote its section of {out}")
+    return 0
 
 
 def guided_settings(labels: torch.Tensor, device: str) -> list[tuple[str, torch.nn.Module, dict]]:
@@ -117,8 +151,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default="checkpoints/mnist_ddpm.pt")
     parser.add_argument("--skip-nbval", action="store_true", help="do not time the nbval run (about 4 minutes)")
+    parser.add_argument("--solvers", action="store_true", help="measure only each solver's cost, into its section of --out")
     parser.add_argument("--out", default="docs/benchmarks.md")
     args = parser.parse_args()
+    if args.solvers:
+        return solver_costs(args.checkpoint, Path(args.out))
     rng = random.Random(0)
     torch.manual_seed(0)
     model, diffusion = load_model(args.checkpoint)
@@ -136,12 +173,12 @@ def main() -> int:
         name = f"training, patch-2 U-Net (32/64 channels), batch 128, {device}, precision auto"
         add(name, f"{train_speed(device, 'auto', PATCH2):.0f} images/s")
         for bf16 in (False, True):
-            seconds = ddim_seconds(model, diffusion, 64, 50, device, bf16)
+            seconds = sampling_seconds(model, diffusion, 64, DDIM(50), device, bf16)
             name = f"DDIM 50 steps, 64 images, {device}, {'bf16 autocast' if bf16 else 'fp32'}"
             add(name, f"{seconds:.2f} s ({seconds / 64 / 50 * 1000:.2f} ms/img/step)", "< 5 s" if device == "cpu" else "")
         labels = class_blocks(list(range(10)), 64)
         for what, guided_model, guide in guided_settings(labels, device):
-            seconds = ddim_seconds(guided_model, diffusion, 64, 50, device, True, **guide)
+            seconds = sampling_seconds(guided_model, diffusion, 64, DDIM(50), device, True, **guide)
             add(f"DDIM 50 steps, 64 images, {device}, bf16 autocast, {what}", f"{seconds / 64 * 1000:.1f} ms per image")
         x0 = torch.randint(0, 256, (100, 1, 28, 28)) / 127.5 - 1  # the bound costs the same on any 100 images
         start = time.perf_counter()
@@ -166,7 +203,7 @@ def main() -> int:
 
     generator = torch.Generator().manual_seed(0)
     bf16 = fast_bf16(torch.device("cpu"))  # only to draw the trajectory faster; the export is what is timed
-    trajectory = list(sample_loop(model, diffusion.make_schedule(), (64, 1, 28, 28), generator=generator, bf16=bf16))  # DDPM, 1000 steps
+    trajectory = list(sample_loop(guided(Denoiser(model, diffusion, bf16=bf16)), (64, 1, 28, 28), DDPM(), generator=generator))
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         path = save_trajectory_gif(trajectory, Path(tmp) / "reverse.gif")
@@ -187,8 +224,11 @@ def main() -> int:
         f"{gpu}; torch {torch.__version__}.\n\n"
         "| what | measured | target |\n|---|---:|---:|\n"
     )
-    with atomic_write(args.out) as tmp:
-        Path(tmp).write_text(header + "".join(f"| {w} | {m} | {t} |\n" for w, m, t in rows))
+    out = Path(args.out)
+    old = out.read_text() if out.exists() else ""
+    sections = old[old.index("<!-- ") :] if "<!-- " in old else ""  # the solvers' and gpu_check's, kept as they are
+    table = header + "".join(f"| {w} | {m} | {t} |\n" for w, m, t in rows)
+    write_atomic(out, (table + ("\n" + sections if sections else "")).encode())
     print(f"wrote {args.out}")
     return 0
 

@@ -39,14 +39,14 @@ from ddpm_lib.checkpoint import load_checkpoint, load_model  # noqa: E402
 from ddpm_lib.denoiser import Denoiser, guided  # noqa: E402
 from ddpm_lib.devices import device_name  # noqa: E402
 from ddpm_lib.diffusion import DiffusionConfig  # noqa: E402
-from ddpm_lib.files import write_atomic  # noqa: E402
+from ddpm_lib.files import write_atomic, write_section  # noqa: E402
 from ddpm_lib.sampling import sample  # noqa: E402
 from ddpm_lib.solvers import DDIM  # noqa: E402
 from ddpm_lib.training import TrainConfig, Trainer  # noqa: E402
 from ddpm_lib.unet import UNetConfig  # noqa: E402
 
 TINY_FLAGS = ["--base-channels", "8", "--channel-mults", "1,2", "--num-res-blocks", "1", "--attention-resolutions", "14"]
-BEGIN, END = "<!-- gpu-check: begin -->", "<!-- gpu-check: end -->"
+SECTION = "gpu-check"  # its section of docs/benchmarks.md (files.write_section)
 
 
 class Report:
@@ -195,7 +195,7 @@ def _sync(device: torch.device) -> None:
 
 def markdown(r: dict) -> str:
     env = r["environment"]
-    lines = [BEGIN, "## GPU", "", f"Measured by `make gpu-check` on {r['date']}: {env['device']}, driver {env.get('driver', '-')},"]
+    lines = ["## GPU", "", f"Measured by `make gpu-check` on {r['date']}: {env['device']}, driver {env.get('driver', '-')},"]
     lines += [f"torch {env['torch']} (CUDA {env['cuda']}), Python {env['python']}; {r['wall_minutes']} minutes in all.", ""]
     lines += ["| what | measured |", "|---|---:|"]
     if "tests" in r:
@@ -222,16 +222,7 @@ def markdown(r: dict) -> str:
         )
     for key, error in r.get("errors", {}).items():
         lines.append(f"| {key} | failed: {error} |")
-    return "\n".join([*lines, "", END])
-
-
-def write_benchmarks(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if BEGIN in text:
-        text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END) :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    write_atomic(path, text.encode())
+    return "\n".join(lines)
 
 
 def main() -> int:
@@ -292,7 +283,7 @@ def main() -> int:
     report["wall_minutes"] = round((time.perf_counter() - began) / 60, 1)
     stage("6. docs/benchmarks.md")
     section = markdown(report.results)
-    write_benchmarks(args.docs / "benchmarks.md", section)
+    write_section(args.docs / "benchmarks.md", SECTION, section)
     print(section)
     return 1 if errors else 0
 

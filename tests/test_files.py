@@ -7,7 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from ddpm_lib.files import OutputPathError, PathInUseError, atomic_write, check_writable, exclusive_lock, lock_path, write_atomic
+from ddpm_lib.files import (
+    OutputPathError,
+    PathInUseError,
+    atomic_write,
+    check_writable,
+    exclusive_lock,
+    lock_path,
+    write_atomic,
+    write_section,
+)
 
 
 def test_atomic_write_replaces_the_file_only_on_success(tmp_path):
@@ -129,3 +138,16 @@ def test_a_lock_of_a_killed_process_does_not_block(tmp_path):
     holder.wait()
     with exclusive_lock(path):  # the OS released it with the process
         pass
+
+
+def test_write_section_replaces_its_own_section_and_keeps_the_rest(tmp_path):
+    path = tmp_path / "benchmarks.md"
+    path.write_text("# Benchmarks\n\nthe CPU rows\n")
+    write_section(path, "gpu-check", "## GPU\nfirst")
+    write_section(path, "solvers", "## Solvers\none")
+    write_section(path, "gpu-check", "## GPU\nsecond\n")
+    text = path.read_text()
+    assert text.startswith("# Benchmarks\n\nthe CPU rows\n\n<!-- gpu-check: begin -->\n## GPU\nsecond\n<!-- gpu-check: end -->")
+    assert text.count("## GPU") == 1 and "first" not in text and "## Solvers\none\n<!-- solvers: end -->" in text
+    write_section(tmp_path / "new.md", "solvers", "x")
+    assert (tmp_path / "new.md").read_text() == "<!-- solvers: begin -->\nx\n<!-- solvers: end -->\n"

@@ -44,15 +44,3 @@ def test_the_check_runs_through_on_a_cpu_with_no_jupyter_installed(tmp_path):
     assert report["torchrun"]["ranks"] == 2 and report["torchrun"]["images_per_s"] > 0
     benchmarks = (docs / "benchmarks.md").read_text()
     assert benchmarks.startswith("# Benchmarks\n\nthe CPU rows\n") and "## GPU" in benchmarks and "torchrun, 2 rank(s)" in benchmarks
-
-
-def test_a_second_check_replaces_its_section_and_keeps_the_rest(tmp_path):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from gpu_check import BEGIN, END, write_benchmarks
-
-    path = tmp_path / "benchmarks.md"
-    path.write_text("# Benchmarks\n\nthe CPU rows\n")
-    write_benchmarks(path, f"{BEGIN}\n## GPU\nfirst\n{END}")
-    write_benchmarks(path, f"{BEGIN}\n## GPU\nsecond\n{END}")
-    text = path.read_text()
-    assert text.startswith("# Benchmarks\n\nthe CPU rows\n") and text.count("## GPU") == 1 and "second" in text and "first" not in text

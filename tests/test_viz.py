@@ -278,6 +278,9 @@ def test_the_kernel_free_scrubber_keeps_as_many_frames_as_fit_about_a_megabyte()
     assert 10 <= len(read_scrubber(html).frames) < 1000
     small = read_scrubber(viewer.kernel_free_html(budget=OUTPUT_BUDGET // 2))
     assert len(small.frames) < len(read_scrubber(html).frames)
+    halved = forward_explorer(x0, get_schedule("linear", 1000))
+    halved.budget = OUTPUT_BUDGET // 2  # a viewer's own budget, as trajectory_viewer(budget=...) sets it
+    assert len(json.dumps(halved._repr_mimebundle_())) <= OUTPUT_BUDGET // 2
 
 
 def test_beside_and_stack_pad_with_white_and_keep_gray_when_they_can():
