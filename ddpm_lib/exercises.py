@@ -20,6 +20,8 @@ from .diffusion import loss_simple, q_posterior, q_sample
 from .metrics import GaussianStats, frechet_distance
 from .sampling import ddim_step, ddpm_step
 from .schedules import extract, get_schedule
+from .solvers import Heun
+from .toy import ExactDenoiser, ring
 from .unet import UNet, UNetConfig, timestep_embedding
 
 
@@ -311,6 +313,33 @@ class FoldedSolution:
 
     def __repr__(self) -> str:  # where no HTML is shown, say where the answer is instead of printing it
         return f"Reference solution: {self.name} in ddpm_lib/solutions.py"
+
+
+def check_heun_step(fn: Callable) -> bool:
+    """fn(denoiser, x_t, t, t_prev) -> x at t_prev after one Heun step on the probability-flow ODE (0-based t > t_prev >= 0),
+    for points x_t (B, 2) and the 2-D toy's exact denoiser (denoiser(x, t) -> Prediction(eps, x0); denoiser.schedule)."""
+    schedule = get_schedule("linear", 1000)
+    denoiser = ExactDenoiser(ring(), schedule)
+    x_t = torch.randn(64, 2, generator=torch.Generator().manual_seed(6), dtype=torch.float64) * 0.8
+    t, t_prev = 600, 450
+    steps = list(Heun()(denoiser, x_t, [t, t_prev], None))
+    expected = steps[1].x_t  # the state at t_prev, after the corrected step
+    a, a_prev = schedule.alpha_bar[t].item(), schedule.alpha_bar[t_prev].item()
+    s, s_prev = ((1 - a) / a) ** 0.5, ((1 - a_prev) / a_prev) ** 0.5
+    eps = denoiser(x_t, t).eps
+    euler = a_prev**0.5 * (x_t / a**0.5 + (s_prev - s) * eps)
+    eps_end = denoiser(euler, t_prev).eps
+    plain = ((1 - a_prev) ** 0.5 - (1 - a) ** 0.5, a_prev**0.5 - a**0.5)  # steps in sigma and alpha instead of sigma~
+    mistakes = {
+        "this is Euler's step (deterministic DDIM) alone; Heun then evaluates eps where it lands and steps again with the mean "
+        "of both slopes.": euler,
+        "you stepped with the slope at the end alone; the trapezoid rule takes the mean of the slopes at both ends.": (
+            a_prev**0.5 * (x_t / a**0.5 + (s_prev - s) * eps_end)
+        ),
+        "the step is in x~ = x / sqrt(alpha_bar) and sigma~ = sqrt((1 - alpha_bar) / alpha_bar); you stepped x itself by the "
+        "change of sqrt(1 - alpha_bar).": x_t + plain[0] * (eps + denoiser(x_t + plain[0] * eps, t_prev).eps) / 2,
+    }
+    return _verdict("heun_step", lambda *args: fn(*args), (denoiser, x_t, t, t_prev), expected, mistakes, atol=1e-8)
 
 
 def reveal(solution: Callable, check: Callable) -> FoldedSolution:

@@ -71,3 +71,13 @@ def guided_eps_solution(model: torch.nn.Module, x_t: torch.Tensor, t: torch.Tens
     null = torch.full_like(y, model.config.num_classes)  # the "no label" class
     cond, uncond = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)  # one batched pass
     return (1 + w) * cond - w * uncond  # Ho & Salimans, Eq. 6
+
+
+def heun_step_solution(denoiser, x_t: torch.Tensor, t: int, t_prev: int) -> torch.Tensor:
+    a, a_prev = denoiser.schedule.alpha_bar[t].item(), denoiser.schedule.alpha_bar[t_prev].item()
+    s, s_prev = ((1 - a) / a) ** 0.5, ((1 - a_prev) / a_prev) ** 0.5  # sigma~ = sigma / alpha
+    x = x_t / a**0.5  # x~ = x / alpha
+    eps = denoiser(x_t, t).eps
+    euler = x + (s_prev - s) * eps  # Euler's step, in x~
+    eps_end = denoiser(a_prev**0.5 * euler, t_prev).eps  # the slope where it lands (back in x_t's scale)
+    return a_prev**0.5 * (x + (s_prev - s) * (eps + eps_end) / 2)  # the trapezoid rule, then x = alpha x~

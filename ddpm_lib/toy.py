@@ -111,6 +111,21 @@ class ExactDenoiser:
         return Prediction(self.mixture.eps(x_t, a), self.mixture.posterior_mean(x_t, a))
 
 
+class GaussianFit(ExactDenoiser):
+    """The exact denoiser of the Gaussian N(m, c I) with the mixture's mean m and average variance c per coordinate:
+    the best a model can do that knows the data's first two moments but not its modes. The trivial baseline.
+
+    For that Gaussian, E[x0 | x_t] = m + (sqrt(a) c / (a c + 1 - a)) (x_t - sqrt(a) m)."""
+
+    def __call__(self, x_t: torch.Tensor, t: int, y: torch.Tensor | None = None) -> Prediction:
+        a = self.schedule.alpha_bar[t].item()
+        mu = self.mixture._mu(x_t)  # (K, 2)
+        m = mu.mean(0)
+        c = (mu - m).square().sum(1).mean().item() / 2 + self.mixture.std**2
+        x0 = m + math.sqrt(a) * c / (a * c + 1 - a) * (x_t - math.sqrt(a) * m)
+        return Prediction((x_t - math.sqrt(a) * x0) / math.sqrt(1 - a), x0)
+
+
 def eps_mse(denoiser: Callable, x0: torch.Tensor, t: int, generator: torch.Generator | None = None) -> float:
     """L_simple at one 0-based t: the mean of ||eps - eps_hat(x_t, t)||^2 / 2 over the points x0 (B, 2),
     each noised once (per coordinate, as loss_simple averages)."""

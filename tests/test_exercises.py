@@ -8,6 +8,7 @@ from ddpm_lib.exercises import (
     check_ddpm_step,
     check_frechet_distance,
     check_guided_eps,
+    check_heun_step,
     check_loss_simple,
     check_q_posterior_mean,
     check_q_sample,
@@ -100,9 +101,28 @@ def one_based(x0, t, schedule, noise):
     return q_sample(x0, t - 1, schedule, noise)  # the checker's t are all >= 1
 
 
+def heun_by_hand(denoiser, x_t, t, t_prev, euler_only=False, end_slope=False, plain=False):
+    a, a_prev = denoiser.schedule.alpha_bar[t].item(), denoiser.schedule.alpha_bar[t_prev].item()
+    if plain:  # stepping x by the change of sqrt(1 - alpha_bar), as if x~ were x
+        h = (1 - a_prev) ** 0.5 - (1 - a) ** 0.5
+        eps = denoiser(x_t, t).eps
+        return x_t + h * (eps + denoiser(x_t + h * eps, t_prev).eps) / 2
+    h = ((1 - a_prev) / a_prev) ** 0.5 - ((1 - a) / a) ** 0.5
+    eps = denoiser(x_t, t).eps
+    euler = a_prev**0.5 * (x_t / a**0.5 + h * eps)
+    if euler_only:
+        return euler
+    end = denoiser(euler, t_prev).eps
+    return a_prev**0.5 * (x_t / a**0.5 + h * (end if end_slope else (eps + end) / 2))
+
+
 @pytest.mark.parametrize(
     "check, fn, hint",
     [
+        (check_heun_step, lambda *args: heun_by_hand(*args, euler_only=True), "Euler's step (deterministic DDIM) alone"),
+        (check_heun_step, lambda *args: heun_by_hand(*args, end_slope=True), "slope at the end alone"),
+        (check_heun_step, lambda *args: heun_by_hand(*args, plain=True), "you stepped x itself"),
+        (check_heun_step, heun_by_hand, "✓"),
         (check_q_sample, wrong_alpha, "alpha_t (one step)"),
         (check_q_sample, no_sqrt, "square roots are missing"),
         (check_q_sample, one_based, "off by one step"),
@@ -140,9 +160,9 @@ def one_based(x0, t, schedule, noise):
     ],
 )
 def test_known_mistakes_get_their_own_hint(check, fn, hint, capsys):
-    assert check(fn) is False
+    assert check(fn) is (hint == "✓")  # one written right, as a control
     out = capsys.readouterr().out
-    assert out.startswith("✗") and hint in out, out
+    assert out.startswith("✓" if hint == "✓" else "✗") and hint in out, out
 
 
 def test_the_t0_noise_mistake_is_named(capsys):

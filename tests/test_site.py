@@ -94,7 +94,14 @@ def test_math_is_typeset_and_figures_are_inline(pages):
 
 
 def test_every_slider_of_the_course_has_a_kernel_free_scrubber_of_about_a_megabyte(site, pages):
-    viewers = {"01_forward_process": 1, "02_noise_schedules": 1, "03_reverse_process": 1, "06_sampling": 1, "08_guidance": 1}
+    viewers = {
+        "01_forward_process": 1,
+        "02_noise_schedules": 1,
+        "03_reverse_process": 1,
+        "06_sampling": 1,
+        "08_guidance": 1,
+        "09_score_and_ode": 1,
+    }
     for stem, count in viewers.items():
         page = pages[f"notebooks/{stem}.html"]
         assert len(page.scrubbers) == count, stem

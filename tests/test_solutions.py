@@ -18,6 +18,7 @@ PAIRS = {
     "check_ddim_step": "ddim_step_solution",
     "check_frechet_distance": "frechet_distance_solution",
     "check_guided_eps": "guided_eps_solution",
+    "check_heun_step": "heun_step_solution",
 }
 
 

@@ -3,10 +3,10 @@ import math
 import pytest
 import torch
 
-from ddpm_lib.denoiser import Denoiser, Prediction
+from ddpm_lib.denoiser import Denoiser
 from ddpm_lib.schedules import get_schedule
 from ddpm_lib.solvers import DDIM, Heun
-from ddpm_lib.toy import ExactDenoiser, Mixture, annealed_langevin, energy_distance, eps_mse, ring, train_mlp
+from ddpm_lib.toy import ExactDenoiser, GaussianFit, Mixture, annealed_langevin, energy_distance, eps_mse, ring, train_mlp
 
 TOY = ring()  # 8 Gaussians of std 0.1 on the unit circle
 LINEAR = get_schedule("linear", 1000)
@@ -108,14 +108,15 @@ def test_annealed_langevin_on_the_exact_score_draws_the_data():
     assert energy_distance(x, fresh) < 3 * energy_distance(other, fresh) + 0.002
 
 
-class GaussianFit(ExactDenoiser):
-    """The exact denoiser of the Gaussian with the ring's mean (0) and covariance (c I, c = r^2 / 2 + s^2): the best a
-    model can do that knows the data's first two moments but not its clusters. The trivial baseline."""
-
-    def __call__(self, x_t, t, y=None):
-        a, c = self.schedule.alpha_bar[t].item(), 0.5 + TOY.std**2
-        eps = math.sqrt(1 - a) * x_t / (a * c + 1 - a)
-        return Prediction(eps, (x_t - math.sqrt(1 - a) * eps) / math.sqrt(a))
+def test_the_gaussian_fit_is_exact_for_gaussian_data_and_worse_than_exact_for_the_ring():
+    single = Mixture(((0.3, -0.2),), std=0.5)
+    x = points(20, 9)
+    for t in (5, 300, 900):
+        fit, truth = GaussianFit(single, LINEAR)(x, t), ExactDenoiser(single, LINEAR)(x, t)
+        assert torch.allclose(fit.x0, truth.x0) and torch.allclose(fit.eps, truth.eps)
+    x0 = TOY.sample(8000, torch.Generator().manual_seed(10), dtype=torch.float64)
+    g = torch.Generator
+    assert eps_mse(ExactDenoiser(TOY, LINEAR), x0, 50, g().manual_seed(0)) < eps_mse(GaussianFit(TOY, LINEAR), x0, 50, g().manual_seed(0))
 
 
 def test_a_short_seeded_mlp_run_learns_the_clusters_a_gaussian_fit_misses():
