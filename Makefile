@@ -17,7 +17,7 @@ lab: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	DDPM_SMOKE=1 $(BIN)/python -m pytest tests $(if $(NOTEBOOKS),--nbval-lax notebooks)
+	DDPM_SMOKE=1 $(BIN)/python -m pytest --durations=20 tests $(if $(NOTEBOOKS),--nbval-lax notebooks)
 
 # Re-run every notebook in full mode and save it with its outputs, as committed: about 20 minutes on 2 CPU cores.
 notebooks: $(VENV)/.installed
