@@ -62,10 +62,13 @@ def field_viewer(
     by_t = {name: {s.t: s.x_t for s in steps if s.t >= 0} for name, steps in trajectories.items()}
     ts = sorted(next(iter(by_t.values())))
 
-    def render(t: int) -> np.ndarray:
-        nearest = min(ts, key=lambda s: abs(s - t))
-        return field_frame(mixture, denoisers, {name: steps[nearest] for name, steps in by_t.items()}, nearest)
+    def nearest(t: int) -> int:
+        return min(ts, key=lambda s: abs(s - t))
 
-    label = "t = {} (grey: q(x_t); arrows: toward the denoised point; red: particles of the ODE)".format
-    static = [ts[-1], 500, 200, 50, ts[0]]
+    def render(t: int) -> np.ndarray:
+        at = nearest(t)
+        return field_frame(mixture, denoisers, {name: steps[at] for name, steps in by_t.items()}, at)
+
+    label = "t = {}: the density, the field and the ODE's particles".format
+    static = sorted({nearest(t) for t in (ts[-1], 500, 200, 50, ts[0])}, reverse=True)
     return TimestepViewer(render, ts[0], ts[-1], value=ts[-1], static_ts=static, label=label, scrub_ts=ts, budget=budget)
