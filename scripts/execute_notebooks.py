@@ -6,7 +6,7 @@
 Each runs in its own folder (notebooks/), in full mode unless DDPM_SMOKE=1. The widgets' state is
 stored (renderers without a kernel then draw training's finished progress bar), except for the
 slider viewers': their outputs carry a kernel-free version of their own, which renderers show only
-when the widget itself cannot be drawn.
+when the widget itself cannot be drawn. Cells keep no execution timestamps.
 """
 
 import argparse
@@ -38,6 +38,12 @@ def drop_viewer_state(nb: nbformat.NotebookNode) -> None:
         nb.metadata.pop("widgets", None)
 
 
+def drop_timestamps(nb: nbformat.NotebookNode) -> None:
+    """Remove each cell's execution timestamps: they change at every run and say nothing to a reader."""
+    for cell in nb.cells:
+        cell.get("metadata", {}).pop("execution", None)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("notebooks", nargs="*", type=Path, help="default: every notebook in notebooks/")
@@ -47,6 +53,7 @@ def main() -> None:
         nb = nbformat.read(path, as_version=4)
         NotebookClient(nb, timeout=None, resources={"metadata": {"path": str(path.parent)}}).execute()
         drop_viewer_state(nb)
+        drop_timestamps(nb)
         write_atomic(path, nbformat.writes(nb).encode() + b"\n")
         print(f"{path.name}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
 
