@@ -116,7 +116,9 @@ def check_q_posterior_mean(fn: Callable) -> bool:
         + a * (1 - a_bar_prev) / (1 - a_bar) * x_t,
         "the weight of x_t has (1 - alpha_bar_{t-1}) on top, not (1 - alpha_bar_t).": c1 * x0 + a.sqrt() * x_t,
         "the two weights are swapped: x0 gets sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t).": c2 * x0 + c1 * x_t,
-        "off by one step: t is 0-based, so read index t (alpha_bar_prev[t] is alpha_bar_{t-1}).": read(schedule.posterior_mean_coef1, t - 1)
+        "off by one step: t is a 0-based code index, so read index t itself (alpha_bar_prev[t] is alpha_bar[t - 1]).": read(
+            schedule.posterior_mean_coef1, t - 1
+        )
         * x0
         + read(schedule.posterior_mean_coef2, t - 1) * x_t,
     }

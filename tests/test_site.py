@@ -122,9 +122,3 @@ def test_the_committed_notebooks_carry_no_widget_state_for_the_sliders():
         sliders = [o["data"][view]["model_id"] for o in outputs if "ddpm-scrubber" in "".join(o["data"].get("text/html", ""))]
         assert not set(sliders) & set(state), path.name
         assert all(o["data"][view]["model_id"] in state for o in outputs if o["data"][view]["model_id"] not in sliders), path.name
-
-
-def test_every_notebook_is_under_2_mb_and_the_course_under_10_mb():
-    sizes = {path.name: path.stat().st_size for path in NOTEBOOKS}
-    assert all(size < 2_000_000 for size in sizes.values()), sizes
-    assert sum(sizes.values()) < 10_000_000, sizes
