@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import matplotlib.pyplot as plt
 import torch
+from matplotlib.ticker import ScalarFormatter
 
 from .classifier import MnistClassifier, predict
 from .diffusion import DiffusionConfig
@@ -178,8 +179,12 @@ def plot_sweep(rows: list[GuidedRow], floor: GuidedQuality) -> plt.Figure:
                 ax.plot([r.strength for r in mine], [value(r.guided) for r in mine], "o-", label=names[method])
         ax.axhline(floor_value, color="gray", ls="--", label="real training images")
         ax.set(xlabel="guidance strength (w or s)", ylabel=ylabel)
-        ax.set_xscale("symlog", linthresh=1)
+        ax.set_xscale("symlog", linthresh=0.5, linscale=0.5)  # 0 on the axis, and the strengths above it spaced evenly
+        strengths = sorted({r.strength for r in rows})
+        ax.set_xticks(strengths, [f"{s:g}" for s in strengths])
+        ax.set_xlim(-0.1, strengths[-1] * 1.25)  # no point on the frame
     axes[2].set_yscale("log")
+    axes[2].yaxis.set_major_formatter(ScalarFormatter())
     axes[0].legend(fontsize=8)
     n, steps = rows[0].guided.quality.n, rows[0].steps
     fig.suptitle(f"What guidance buys and costs: {n} DDIM-{steps} samples per point, an equal share per digit")

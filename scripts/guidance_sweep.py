@@ -40,7 +40,12 @@ def main() -> int:
     parser.add_argument("--num", type=int, default=1000, help="samples per strength")
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="the U-Net under bf16 autocast (auto: where fast) or fp32")
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="the U-Net under bf16 autocast or in fp32; auto: bf16 where fast, and rows cached in either precision are reused",
+    )
     parser.add_argument("--only", choices=("cfg", "classifier"), help="run one sweep only")
     parser.add_argument("--cache", default="docs/guidance.json")
     parser.add_argument("--markdown", default="docs/guidance.md")
@@ -53,7 +58,7 @@ def main() -> int:
     references, overall = class_references(judge, x_test, y_test), gaussian_stats(predict(judge, x_test)[0])
     floor = guided_floor(judge, x_train, y_train, references, overall, args.num, args.seed)
     bf16 = use_bf16(args.precision, torch.device("cpu"))
-    common = dict(n=args.num, steps=args.steps, seed=args.seed, cache=args.cache, bf16=bf16)
+    common = dict(n=args.num, steps=args.steps, seed=args.seed, cache=args.cache, bf16=bf16, any_precision=args.precision == "auto")
     print(f"{args.num} DDIM-{args.steps} samples per strength, U-Net in {'bf16' if bf16 else 'fp32'}, on {device_name('cpu')}")
 
     def report(row):
@@ -76,7 +81,8 @@ def main() -> int:
     header = (
         f"Measured by `scripts/guidance_sweep.py`: w on `{args.cfg_checkpoint}`, s on `{args.checkpoint}` with "
         f"`{args.classifier}`; {args.num} DDIM-{args.steps} samples per row ({args.num // 10} per digit), seed {args.seed}, "
-        f"U-Net in {'bf16 autocast' if bf16 else 'fp32'}, on {device_name('cpu')}. Judged by `{args.judge}`.\n\n"
+        f"U-Net in {' or '.join(sorted({'bf16 autocast' if r.bf16 else 'fp32' for r in rows}))}, on {device_name('cpu')}. "
+        f"Judged by `{args.judge}`.\n\n"
     )
     if args.only is None:
         with atomic_write(args.markdown) as tmp:
