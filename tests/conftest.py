@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from ddpm_lib.unet import UNetConfig
 
@@ -27,3 +28,13 @@ def seeded():
 @pytest.fixture
 def tiny_config() -> UNetConfig:
     return TINY
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """A folder of 12 random 12x12 RGB PNGs: a dataset for --dataset folder runs."""
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder

@@ -13,7 +13,6 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from ddpm_lib import cli, generate, resources, sampling
 from ddpm_lib.checkpoint import load_checkpoint, save_checkpoint
@@ -43,15 +42,6 @@ def assert_one_line_error(code, err, *fragments):
     assert err.count("\n") == 1 and "Traceback" not in err, err
     for fragment in fragments:
         assert fragment in err, err
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i in range(12):
-        Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    return folder
 
 
 @pytest.fixture(scope="module")

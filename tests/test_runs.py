@@ -1,22 +1,11 @@
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from ddpm_lib.checkpoint import load_checkpoint
 from ddpm_lib.runs import RESUMABLE, RunError, flag, new_run, resumed_run
 
 CPU = torch.device("cpu")
 TINY = {"base_channels": 8, "channel_mults": (1, 2), "num_res_blocks": 1, "T": 20, "batch_size": 4, "sample_every": 0}
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i in range(12):
-        Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    return folder
 
 
 def folder_run(images, **options):
