@@ -164,7 +164,8 @@ def guided(
 
     A class-conditional model uses the labels with classifier-free guidance of weight ``guidance``
     (w = 0: the plain conditional model; without labels it predicts for "no label"); a
-    ``classifier`` p(y | x_t, t) guides any model with scale ``classifier_scale``. ``clip`` clips
+    ``classifier`` p(y | x_t, t) guides any model with scale ``classifier_scale`` (at s = 0 it is
+    left out, so no gradient is taken: the plain model, at its plain cost). ``clip`` clips
     x0 to [-1, 1], as Ho et al.'s code does.
     """
     if labels is None and (guidance != 0 or classifier is not None):
@@ -176,6 +177,6 @@ def guided(
     result = denoiser
     if labels is not None and denoiser.num_classes:
         result = ClassifierFree(result, labels, guidance)
-    if classifier is not None:
+    if classifier is not None and classifier_scale != 0:
         result = ClassifierGuided(result, classifier, labels, classifier_scale, denoiser.batch_size)
     return Clipped(result) if clip else result

@@ -149,7 +149,7 @@ def markdown_table(rows: list[GuidedRow], floor: GuidedQuality) -> str:
     """The sweep as a Markdown table, the real-data floor first."""
     name = {"cfg": "w", "classifier": "s"}
     lines = [
-        "| guidance | label accuracy | confident | class-wise FD | FD (all digits) | class entropy | s / image |",
+        "| guidance | label accuracy | confident | class-wise FD | FD (all digits) | class entropy | cost per image |",
         "|---|---:|---:|---:|---:|---:|---:|",
         f"| real training images (floor) | {floor.label_accuracy:.1%} | {floor.quality.confident:.1%} | {floor.class_frechet:.2f} | "
         f"{floor.quality.frechet:.2f} | {floor.quality.entropy:.3f} | - |",
@@ -158,9 +158,22 @@ def markdown_table(rows: list[GuidedRow], floor: GuidedQuality) -> str:
         g = r.guided
         lines.append(
             f"| {name[r.method]} = {r.strength:g} | {g.label_accuracy:.1%} | {g.quality.confident:.1%} | {g.class_frechet:.2f} | "
-            f"{g.quality.frechet:.2f} | {g.quality.entropy:.3f} | {r.seconds_per_image:.3f} |"
+            f"{g.quality.frechet:.2f} | {g.quality.entropy:.3f} | {cost(r)} |"
         )
     return "\n".join(lines)
+
+
+def cost(row: GuidedRow) -> str:
+    """A row's sampling cost in network evaluations, which do not depend on the machine (its wall time does).
+
+    CFG with w != 0 evaluates the U-Net on 2B images a step (conditional and "no label"); classifier
+    guidance with s != 0 adds one gradient of the noisy classifier a step; at 0 both are the plain model.
+    """
+    if row.strength == 0:
+        return f"{row.steps} U-Net"
+    if row.method == "cfg":
+        return f"{2 * row.steps} U-Net"
+    return f"{row.steps} U-Net + {row.steps} classifier gradients"
 
 
 def plot_sweep(rows: list[GuidedRow], floor: GuidedQuality) -> plt.Figure:

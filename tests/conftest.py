@@ -1,9 +1,20 @@
+import atexit
+import os
+import shutil
+import tempfile
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from ddpm_lib.unet import UNetConfig
+
+# What ddpm_lib.classifier.predict caches on disk goes to one folder for the whole run, shared by the
+# tests, the processes they start and the notebooks' kernels (all inherit it), not to ~/.cache.
+if "DDPM_CACHE" not in os.environ:
+    os.environ["DDPM_CACHE"] = tempfile.mkdtemp(prefix="ddpm-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["DDPM_CACHE"], True)
 
 # A U-Net small enough to train in milliseconds: 1x8x8 images, 8 and 16 channels.
 TINY = UNetConfig(

@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ddpm_lib import classifier
 from ddpm_lib.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ddpm_lib.classifier import (
     FEATURE_DIM,
@@ -42,6 +43,26 @@ def test_shapes_and_size():
     assert features.shape == (3, FEATURE_DIM) and (features >= 0).all()
     torch.testing.assert_close(probs.sum(dim=1), torch.ones(3))
     assert count_parameters(model) * 4 < 2 * 2**20  # float32 weights under 2 MB
+
+
+def test_large_sets_are_predicted_once_and_read_back_only_for_the_same_weights_and_images(tmp_path, monkeypatch):
+    monkeypatch.setenv("DDPM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(classifier, "CACHE_MIN_IMAGES", 6)
+    model, x = MnistClassifier().eval(), torch.rand(6, 1, 28, 28) * 2 - 1
+    first = predict(model, x)
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+    monkeypatch.setattr(classifier, "_predict", lambda *a: pytest.fail("a cached prediction was computed again"))
+    assert all(torch.equal(a, b) for a, b in zip(predict(model, x), first, strict=True))
+    monkeypatch.undo()
+    monkeypatch.setenv("DDPM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(classifier, "CACHE_MIN_IMAGES", 6)
+    other = MnistClassifier().eval()  # other weights: not the cached result
+    assert not torch.allclose(predict(other, x)[1], first[1]) and len(list((tmp_path / "cache").iterdir())) == 2
+    x[0, 0, 0, 0] += 0.5  # one pixel changed: computed afresh
+    assert not torch.equal(predict(model, x)[0], first[0]) and len(list((tmp_path / "cache").iterdir())) == 3
+    (tmp_path / "a file").write_text("")
+    monkeypatch.setenv("DDPM_CACHE", str(tmp_path / "a file" / "cache"))  # a cache that cannot be written costs only the time
+    assert torch.equal(predict(model, x)[0], classifier._predict(model, x, 1000)[0])
 
 
 def test_augment_keeps_the_background_and_roughly_the_ink():

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import Subset
 from torchvision import datasets
 
 from ddpm_lib.data import DatasetNotFoundError, data_root, decoded, get_dataset
@@ -88,6 +89,20 @@ def test_mnist_from_the_data_root_is_in_minus_one_to_one():
     assert x.shape == (1, 28, 28) and x.min() == -1 and x.max() == 1 and 0 <= y <= 9
     assert torch.equal(get_dataset("mnist", download=False, in_memory=True)[0][0], x)  # decoded once, the same digit
     assert os.environ.get("CI") != "true" or len(train) == 23_797  # CI uses the offline copy
+
+
+@pytest.mark.skipif(not (data_root() / "MNIST" / "raw").is_dir(), reason="no MNIST copy under the data root (set DDPM_DATA)")
+def test_native_size_sets_are_converted_at_once_to_exactly_what_the_per_image_decode_gives():
+    mnist = get_dataset("mnist", train=False, download=False)
+    fast, slow = decoded(mnist), decoded(Subset(mnist, range(300)))  # a Subset takes the per-image path
+    assert len(fast) == 10_000 and fast.tensors[1].dtype == torch.long
+    assert torch.equal(fast.tensors[0][:300], slow.tensors[0]) and torch.equal(fast.tensors[1][:300], slow.tensors[1])
+    cifar = datasets.CIFAR10.__new__(datasets.CIFAR10)  # CIFAR-10's layout, (N, H, W, C) uint8 and a list of labels
+    cifar.data = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    cifar.targets, cifar.transform, cifar.target_transform = [3, 1, 4, 1, 5], mnist.transform, None
+    fast, slow = decoded(cifar), decoded(Subset(cifar, range(5)))
+    assert fast.tensors[0].shape == (5, 3, 32, 32) and torch.equal(fast.tensors[0], slow.tensors[0])
+    assert fast.tensors[1].tolist() == [3, 1, 4, 1, 5]
 
 
 @pytest.mark.skipif(not (data_root() / "FashionMNIST" / "raw").is_dir(), reason="no Fashion-MNIST copy under the data root (set DDPM_DATA)")

@@ -3,7 +3,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from ddpm_lib.denoiser import ClassifierFree, Denoiser, in_batches
+from ddpm_lib.denoiser import ClassifierFree, Denoiser, guided, in_batches
 from ddpm_lib.diffusion import DiffusionConfig, x0_from_eps
 from ddpm_lib.unet import UNet
 
@@ -51,3 +51,14 @@ def test_in_batches_splits_every_tensor_alike_and_joins_the_parts():
     assert torch.equal(in_batches(fn, 2, a, b, None), a + b)
     assert seen == [(2, 2, None), (2, 2, None), (1, 1, None)]
     assert torch.equal(in_batches(fn, None, a, b, None), a + b)
+
+
+def test_a_classifier_at_scale_zero_is_never_run(tiny_config):
+    class Refuses(nn.Linear):
+        def forward(self, x, t):
+            raise AssertionError("the classifier ran at s = 0")
+
+    den, x, y = conditional_denoiser(tiny_config), torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 1])
+    with torch.no_grad():
+        plain = guided(den, y, classifier=Refuses(1, 3), classifier_scale=0.0)(x, 500)
+        assert torch.equal(plain.eps, guided(den, y)(x, 500).eps)

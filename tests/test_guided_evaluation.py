@@ -86,10 +86,12 @@ def test_sweep_gives_a_row_per_strength_and_reads_its_cache_back(judge, data, ti
     monkeypatch.setattr(guided_evaluation, "draw", lambda *a, **k: pytest.fail("a cached row was drawn again"))
     assert guided_sweep(conditional, diffusion, judge, references, overall, "cfg", [0, 2], **args) == rows
     assert guided_sweep(conditional, diffusion, judge, references, overall, "cfg", [0, 2], **args, bf16=True, any_precision=True) == rows
-    assert "| w = 2 |" in markdown_table(rows, rows[0].guided)
+    table = markdown_table(rows, rows[0].guided)
+    assert "| w = 0 |" in table and table.count("| 2 U-Net |") == 1 and table.count("| 4 U-Net |") == 1  # w = 2: 2B images a step
     monkeypatch.undo()
     (row,) = guided_sweep(unconditional, diffusion, judge, references, overall, "classifier", [1.5], n=6, steps=2, classifier=classifier)
     assert (row.method, row.strength, row.guided.quality.n) == ("classifier", 1.5, 6)
+    assert markdown_table([row], rows[0].guided).endswith("| 2 U-Net + 2 classifier gradients |")
 
 
 def test_sweep_refuses_an_unknown_method_and_classifier_guidance_without_a_classifier(judge, data, tiny_models):
