@@ -6,7 +6,8 @@
 One page per notebook, in order, with previous and next links; an index page from the README's
 front matter (everything before its "Data" section); the docs as pages too. nbconvert renders
 everything, markdown included, with JupyterLab's own template, so the pages look like the notebooks
-and TeX is typeset by MathJax. Links between the project's files are rewritten to their pages;
+and TeX is typeset by MathJax 2.7.9, copied into the site from the pinned jupyter-server-mathjax
+package, so the site loads nothing from outside. Links between the project's files are rewritten to their pages;
 figures they point at are copied. The notebooks carry no widget state, so every slider shows its
 kernel-free version (see ddpm_lib.scrubber).
 """
@@ -20,11 +21,17 @@ import sys
 import tempfile
 from pathlib import Path
 
+import jupyter_server_mathjax
 import nbformat
 from nbconvert import HTMLExporter
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ["docs/cli.md", "docs/experiments.md", "docs/benchmarks.md", "docs/quality.md", "docs/guidance.md", "checkpoints/README.md"]
+# MathJax's own files that typeset TeX (the notebooks' input) into HTML-CSS: 7 of its 12 MB (no SVG output,
+# no MathML or AsciiMath input, no translations).
+MATHJAX = Path(jupyter_server_mathjax.__file__).parent / "static"
+MATHJAX_PARTS = ["MathJax.js", "config", "extensions", "jax/element", "jax/input/TeX", "jax/output/HTML-CSS", "fonts", "LICENSE"]
+MATHJAX_CONFIG = "TeX-AMS-MML_HTMLorMML-full,Safe"
 NAV_STYLE = (
     "<style>.ddpm-nav{display:flex;gap:1.5em;justify-content:space-between;max-width:1100px;margin:1em auto;"
     "padding:0.5em 1em;font-family:sans-serif;border-bottom:1px solid #ddd}.ddpm-nav.bottom{border-top:1px solid #ddd;"
@@ -103,7 +110,8 @@ def with_nav(page: str, top: str, bottom: str) -> str:
 
 def build(out: Path) -> list[Path]:
     """Write the site into ``out`` (replaced whole, only once it is complete); return its pages."""
-    exporter = HTMLExporter(template_name="lab", exclude_input_prompt=True, exclude_output_prompt=True)
+    template = dict(template_name="site", extra_template_basedirs=[str(ROOT / "scripts" / "site_template")])
+    exporter = HTMLExporter(**template, exclude_input_prompt=True, exclude_output_prompt=True)
     notebooks = sorted((ROOT / "notebooks").glob("*.ipynb"))
     if not notebooks:
         raise SystemExit("no notebooks in notebooks/: nothing to build")
@@ -121,6 +129,7 @@ def build(out: Path) -> list[Path]:
                 text = front_matter(text) + _more(sources) if source == "README.md" else text
                 nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell(text)])
                 title = "ddpm-notebooks" if source == "README.md" else title_of(nb)
+            exporter.mathjax_url = f"{relative('mathjax/MathJax.js', page_of(source))}?config={MATHJAX_CONFIG}"
             body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"name": title}})
             body = rewrite_links(body, source, pages, copies)
             links = nav_links(source, sources)
@@ -128,6 +137,10 @@ def build(out: Path) -> list[Path]:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(with_nav(body, nav(links), nav(links, bottom=True)))
             written.append(out / page_of(source))
+        for part in MATHJAX_PARTS:
+            copy = shutil.copytree if (MATHJAX / part).is_dir() else shutil.copy2
+            (tmp / "mathjax" / part).parent.mkdir(parents=True, exist_ok=True)
+            copy(MATHJAX / part, tmp / "mathjax" / part)
         for copy in sorted(copies):
             (tmp / copy).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / copy, tmp / copy)

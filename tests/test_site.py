@@ -26,7 +26,7 @@ class Page(HTMLParser):
 
     def __init__(self, text: str):
         super().__init__()
-        self.links, self.images, self.ids = [], [], set()
+        self.links, self.images, self.scripts, self.ids = [], [], [], set()
         self.feed(text)
         self.scrubbers = [re.split(r"</script>\s*</div>", part)[0] for part in text.split('<div class="ddpm-scrubber"')[1:]]
 
@@ -40,6 +40,7 @@ class Page(HTMLParser):
             self.links.append(attrs["href"])
         elif tag == "script" and attrs.get("src"):
             self.links.append(attrs["src"])
+            self.scripts.append(attrs["src"])
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +74,7 @@ def test_no_link_or_image_is_broken(site, pages):
         for link in page.links:
             parts = urlsplit(link)
             if parts.scheme or link.startswith("//"):
-                continue  # the web: MathJax and the like, fetched by the reader's browser
+                continue  # a link to the web (a paper, a project), followed only if the reader clicks it
             target = (site / name).parent / unquote(parts.path) if parts.path else site / name
             assert target.resolve().is_file(), f"{name}: broken link {link}"
             if parts.fragment and target.suffix == ".html":
@@ -87,10 +88,19 @@ def test_no_link_or_image_is_broken(site, pages):
                 assert ((site / name).parent / unquote(src)).is_file(), f"{name}: missing image {src}"
 
 
-def test_math_is_typeset_and_figures_are_inline(pages):
+def test_math_is_typeset_by_the_site_s_own_mathjax_and_figures_are_inline(site, pages):
     first = pages["notebooks/01_forward_process.html"]
-    assert any("mathjax" in link.lower() for link in first.links)
+    assert first.scripts[0] == f"../mathjax/MathJax.js?config={build_site.MATHJAX_CONFIG}"
+    assert pages["index.html"].scripts[0] == f"mathjax/MathJax.js?config={build_site.MATHJAX_CONFIG}"
+    for part in ("config/TeX-AMS-MML_HTMLorMML-full.js", "extensions/Safe.js", "fonts/HTML-CSS/STIX-Web/woff"):
+        assert (site / "mathjax" / part).exists(), part  # what that configuration loads (tests/test_browser.py watches it typeset)
     assert len([src for src in first.images if src.startswith("data:image/png")]) >= 3
+
+
+def test_no_page_loads_anything_from_outside_the_site(site, pages):
+    for name, page in pages.items():
+        assert all(not urlsplit(src).scheme and not src.startswith("//") for src in page.scripts), (name, page.scripts)
+        assert not re.search(r"""import\(\s*["']https?:|url\(\s*["']?https?:""", (site / name).read_text()), name  # nor from a script or CSS
 
 
 def test_every_slider_of_the_course_has_a_kernel_free_scrubber_of_about_a_megabyte(site, pages):
