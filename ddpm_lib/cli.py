@@ -30,6 +30,7 @@ from .files import OutputPathError, check_writable, exclusive_lock, write_atomic
 from .generate import BATCH, SampleRequest, prepare
 from .guidance import DEFAULT_CLASSIFIER_SCALE, DEFAULT_GUIDANCE
 from .likelihood import Bound, bound_table, variational_bound
+from .onnx_export import export_onnx, sidecar
 from .resources import format_bytes, require
 from .runs import RESUMABLE, flag, new_run, resumed_run
 from .sampling import VARIANCES
@@ -211,7 +212,13 @@ def build_parser() -> Parser:
 
     e = sub.add_parser("export", help="write only the configs and EMA weights of a training checkpoint, for sharing")
     e.add_argument("--checkpoint", required=True, help="a checkpoint written by train")
-    e.add_argument("--out", required=True, help="the small checkpoint to write (.pt)")
+    e.add_argument("--out", required=True, help="the small checkpoint to write (.pt), or model.onnx with --format onnx")
+    e.add_argument(
+        "--format",
+        choices=("pt", "onnx"),
+        default="pt",
+        help="pt: configs and EMA weights for PyTorch (the default); onnx: the EMA network as ONNX, its schedule as JSON beside it",
+    )
     e.add_argument("--force", action="store_true", help="replace --out if it exists")
 
     for name, helptext in (
@@ -380,6 +387,14 @@ def cmd_export(args: argparse.Namespace) -> None:
     with exclusive_lock(args.out):  # not while a training run writes there
         if Path(args.out).exists() and not args.force:
             raise UsageError(f"{args.out} exists (it may be another run's checkpoint); pass --force to replace it")
+        if args.format == "onnx":
+            try:
+                meta = export_onnx(args.checkpoint, args.out, overwrite=args.force)
+            except ImportError as e:
+                raise UsageError(str(e)) from e
+            size = Path(args.out).stat().st_size / 2**20
+            print(f"wrote {args.out} ({size:.1f} MiB) and {sidecar(args.out)} (EMA weights at step {meta['step']})", file=sys.stderr)
+            return
         state = export_ema(args.checkpoint, args.out, overwrite=args.force)
     print(f"wrote {args.out} (EMA weights at step {state['step']}, {Path(args.out).stat().st_size / 2**20:.1f} MiB)", file=sys.stderr)
 

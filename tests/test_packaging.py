@@ -19,7 +19,7 @@ def test_environment_yml_pins_the_same_dependencies_as_pyproject():
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
-    pip_deps = set(project["dependencies"] + extras["course"] + extras["test"])
+    pip_deps = set(project["dependencies"] + extras["course"] + extras["test"] + extras["onnx"])
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
     assert "-e .[course]" in pip_section  # the package itself, editable, with the course's extra
@@ -47,7 +47,7 @@ def test_the_library_installs_without_jupyterlab_and_the_course_installs_it():
     assert names.isdisjoint({"jupyterlab", "ipywidgets", "nbval", "notebook"})  # pip install . : the library and its CLI
     assert {"jupyterlab", "ipywidgets"} <= set(project["optional-dependencies"]["course"])
     makefile = (ROOT / "Makefile").read_text()
-    assert 'pip install --quiet -e ".[course,test]"' in makefile  # what make lab and make test set up
+    assert 'pip install --quiet -e ".[course,test,onnx]"' in makefile  # what make lab and make test set up
 
 
 def test_the_library_and_its_cli_run_without_jupyter_installed():

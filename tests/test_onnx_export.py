@@ -1,0 +1,108 @@
+"""The shipped networks as ONNX, run by onnxruntime: the same predictions and the same DDIM trajectories as PyTorch."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ddpm_lib.checkpoint import load_model
+from ddpm_lib.cli import main
+from ddpm_lib.denoiser import ClassifierFree, Denoiser, Prediction
+from ddpm_lib.diffusion import to_eps_x0
+from ddpm_lib.files import OutputPathError
+from ddpm_lib.onnx_export import export_onnx, sidecar
+from ddpm_lib.sampling import sample_loop
+from ddpm_lib.solvers import DDIM
+
+ort = pytest.importorskip("onnxruntime", reason="the onnx extra is not installed (pip install '.[onnx]')")
+pytest.importorskip("onnxscript", reason="the onnx extra is not installed (pip install '.[onnx]')")
+
+CHECKPOINTS = Path(__file__).parents[1] / "checkpoints"
+SHIPPED = ["mnist_ddpm.pt", "mnist_cfg.pt"]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """Each shipped checkpoint exported once, the unconditional one through the CLI:
+    name -> (onnxruntime session, metadata, PyTorch model, diffusion config, the .onnx path)."""
+    folder = tmp_path_factory.mktemp("onnx")
+    models = {}
+    for name in SHIPPED:
+        out = folder / name.replace(".pt", ".onnx")
+        if name == "mnist_ddpm.pt":
+            assert main(["export", "--format", "onnx", "--checkpoint", str(CHECKPOINTS / name), "--out", str(out)]) == 0
+        else:
+            export_onnx(CHECKPOINTS / name, out)
+        meta = json.loads(sidecar(out).read_text())
+        session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        models[name] = (session, meta, *load_model(CHECKPOINTS / name), out)
+    return models
+
+
+class OnnxDenoiser:
+    """The exported network behind the library's denoiser interface, so the library's own solvers drive it."""
+
+    batch_size, device = None, torch.device("cpu")
+
+    def __init__(self, session, meta: dict, schedule):
+        self.session, self.meta, self.schedule, self.num_classes = session, meta, schedule, meta["num_classes"]
+
+    def __call__(self, x_t: torch.Tensor, t: int, y: torch.Tensor | None = None) -> Prediction:
+        feeds = {"x": x_t.numpy(), "t": np.full(len(x_t), t, dtype=np.int64)}
+        if self.num_classes:
+            feeds["y"] = (y if y is not None else torch.full((len(x_t),), self.num_classes)).numpy().astype(np.int64)
+        output = torch.from_numpy(self.session.run(None, feeds)[0])
+        return Prediction(*to_eps_x0(output, x_t, t, self.schedule, self.meta["prediction"]))
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_onnxruntime_predicts_what_pytorch_predicts_at_every_t_and_label(exported, name):
+    session, meta, model, diffusion, _ = exported[name]
+    g = torch.Generator().manual_seed(0)
+    for batch, t in ((1, 0), (3, 250), (5, 999)):  # any batch size
+        x = torch.randn(batch, *meta["image_shape"], generator=g)
+        ts = torch.full((batch,), t)
+        feeds = {"x": x.numpy(), "t": ts.numpy()}
+        labels = None
+        if meta["num_classes"]:
+            labels = torch.arange(batch) % (meta["num_classes"] + 1)  # "no label" (K) too
+            feeds["y"] = labels.numpy()
+        with torch.no_grad():
+            expected = model(x, ts, labels)
+        got = session.run(None, feeds)[0]
+        assert got.shape == tuple(expected.shape) and np.abs(got - expected.numpy()).max() <= 1e-4, (name, t)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_a_ddim_20_trajectory_through_onnxruntime_matches_the_library_s(exported, name):
+    session, meta, model, diffusion, _ = exported[name]
+    schedule = diffusion.make_schedule()
+    assert meta["T"] == diffusion.T and meta["prediction"] == diffusion.prediction
+    assert np.array_equal(np.array(meta["alpha_bar"], dtype=np.float64), schedule.alpha_bar.numpy())  # float64, bit for bit
+    reference, onnx = Denoiser(model, diffusion), OnnxDenoiser(session, meta, schedule)
+    if meta["num_classes"]:  # classifier-free guidance: one batched pass of 2B, as the library does it
+        labels = torch.tensor([3, 7, 0, 9])
+        reference, onnx = ClassifierFree(reference, labels, 2.0), ClassifierFree(onnx, labels, 2.0)
+    x_T = torch.randn(4, *meta["image_shape"], generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected_steps, onnx_steps = (list(sample_loop(den, x_T.shape, DDIM(20), x_T=x_T)) for den in (reference, onnx))
+    pairs = list(zip(expected_steps, onnx_steps, strict=True))
+    assert len(pairs) == 21
+    for expected, got in pairs:
+        assert expected.t == got.t and (expected.x_t - got.x_t).abs().max() <= 1e-4, expected.t
+
+
+def test_an_export_never_replaces_a_file_and_is_named_onnx(exported, tmp_path, capsys):
+    out = exported["mnist_ddpm.pt"][-1]
+    assert out.stat().st_size > 1e6 and json.loads(sidecar(out).read_text())["num_classes"] == 0
+    before = out.read_bytes()
+    args = ["export", "--format", "onnx", "--checkpoint", str(CHECKPOINTS / "mnist_ddpm.pt"), "--out", str(out)]
+    assert main(args) == 2 and "pass --force" in capsys.readouterr().err and out.read_bytes() == before
+    lone = tmp_path / "lone.onnx"
+    sidecar(lone).write_text("{}")  # the metadata counts as much as the network
+    with pytest.raises(OutputPathError, match="lone.json exists"):
+        export_onnx(CHECKPOINTS / "mnist_ddpm.pt", lone)
+    assert not lone.exists() and sidecar(lone).read_text() == "{}"
+    assert main([*args[:-1], str(tmp_path / "model.pt")]) == 2 and "named *.onnx" in capsys.readouterr().err
