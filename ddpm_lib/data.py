@@ -2,25 +2,27 @@
 
 The data root is, in order: the ``root`` argument, the environment variable ``DDPM_DATA``,
 ``./data``. Standard datasets are downloaded into it when missing (when the network allows).
+torchvision is imported where a dataset is opened, not with the library: importing it costs
+about 2.5 s on 2 CPU cores, which every command that never reads a dataset (sample, export)
+would otherwise pay.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, TensorDataset
-from torchvision import datasets, transforms
-from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader
 
-# name -> (torchvision class, channels, native image size)
-DATASETS: dict[str, tuple[type | None, int, int | None]] = {
-    "mnist": (datasets.MNIST, 1, 28),
-    "fashion-mnist": (datasets.FashionMNIST, 1, 28),
-    "cifar10": (datasets.CIFAR10, 3, 32),
+# name -> (class in torchvision.datasets, channels, native image size)
+DATASETS: dict[str, tuple[str | None, int, int | None]] = {
+    "mnist": ("MNIST", 1, 28),
+    "fashion-mnist": ("FashionMNIST", 1, 28),
+    "cifar10": ("CIFAR10", 3, 32),
     "folder": (None, 3, None),  # any folder of images (searched recursively), RGB
 }
 
@@ -63,7 +65,9 @@ class ImageFiles(Dataset):
     :class:`DatasetNotFoundError`.
     """
 
-    def __init__(self, folder: Path, transform: transforms.Compose):
+    def __init__(self, folder: Path, transform: Callable):
+        from torchvision.datasets.folder import IMG_EXTENSIONS
+
         candidates = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS)
         self.files: list[Path] = []
         self.skipped: list[tuple[Path, str]] = []
@@ -83,11 +87,15 @@ class ImageFiles(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        from torchvision.datasets.folder import default_loader
+
         return self.transform(default_loader(str(self.files[i]))), 0
 
 
 def undecodable(path: Path) -> str | None:
     """Why the image file ``path`` cannot be used ("not a regular file", PIL's error, ...), or None if it decodes."""
+    from torchvision.datasets.folder import default_loader
+
     if not path.is_file():  # follows links; False for folders, pipes, devices and sockets
         return "not a regular file"
     try:
@@ -125,8 +133,11 @@ def get_dataset(
         if hflip:
             raise ValueError("in_memory decodes every image once, which would freeze the random flips of hflip; use one or the other")
         return decoded(get_dataset(name, root, train, image_size, hflip, download))
+    from torchvision import datasets, transforms
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
     dataset_info(name)  # validates the name
-    cls, _, native = DATASETS[name]
+    class_name, _, native = DATASETS[name]
     size = image_size or native
     if size is None:
         raise ValueError(f"dataset {name!r} needs an image_size")
@@ -138,12 +149,13 @@ def get_dataset(
     folder = data_root(root)
     hint = f"looked in {folder.resolve()}; set DDPM_DATA or pass the data root to point at a copy"
 
-    if cls is None:
+    if class_name is None:
         dataset = ImageFiles(folder, transform) if folder.is_dir() else None
         if not dataset:
             raise DatasetNotFoundError(f"dataset 'folder': no image files ({' '.join(IMG_EXTENSIONS)}) found ({hint})")
         return dataset
 
+    cls = getattr(datasets, class_name)
     try:
         return cls(str(folder), train=train, download=False, transform=transform)
     except RuntimeError:
@@ -167,6 +179,8 @@ def decoded(dataset: Dataset, batch_size: int = 1024) -> TensorDataset:
     CIFAR-10 at their native size skip the per-image decode: their uint8 array is converted at
     once, with the transform's own arithmetic, so the result is the same to the bit.
     """
+    from torchvision import datasets
+
     if isinstance(dataset, datasets.VisionDataset) and plain(dataset.transform):
         pixels = torch.as_tensor(dataset.data)  # (N, H, W) uint8 for the digits, (N, H, W, C) for CIFAR-10
         pixels = pixels[:, None] if pixels.ndim == 3 else pixels.permute(0, 3, 1, 2)  # (N, C, H, W)
@@ -177,5 +191,7 @@ def decoded(dataset: Dataset, batch_size: int = 1024) -> TensorDataset:
 
 def plain(transform) -> bool:
     """Whether ``transform`` is exactly get_dataset's at native size: ToTensor, then Normalize(0.5, 0.5)."""
+    from torchvision import transforms
+
     steps = getattr(transform, "transforms", [])
     return [type(s) for s in steps] == [transforms.ToTensor, transforms.Normalize] and steps[1].mean == steps[1].std == 0.5

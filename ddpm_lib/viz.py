@@ -17,7 +17,6 @@ from pathlib import Path
 import imageio.v3 as iio
 import numpy as np
 import torch
-from torchvision.utils import make_grid
 
 from .diffusion import q_posterior, q_sample
 from .files import write_atomic
@@ -36,6 +35,8 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 def image_grid(x: torch.Tensor, nrow: int | None = None, padding: int = 2, scale: int = 1) -> np.ndarray:
     """Tile a batch (B, C, H, W) in [-1, 1] into one uint8 image, ``nrow`` images a row
     (default: a square), each pixel repeated ``scale`` times in both directions."""
+    from torchvision.utils import make_grid  # imported here: torchvision is slow to import (see ddpm_lib.data)
+
     nrow = nrow or math.ceil(math.sqrt(len(x)))
     grid = make_grid(to_uint8(x.cpu()), nrow=nrow, padding=padding, pad_value=255)  # (3, H', W') uint8
     if scale > 1:

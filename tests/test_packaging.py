@@ -71,6 +71,13 @@ def test_the_library_and_its_cli_run_without_jupyter_installed():
     assert "train" in run.stdout and "sample" in run.stdout
 
 
+def test_the_command_line_starts_without_importing_torchvision():
+    # torchvision costs about 2.5 s to import; only reading a dataset or drawing a grid needs it (ddpm_lib.data)
+    code = "import sys, ddpm_lib.cli, ddpm_lib.generate, ddpm_lib.training; print('torchvision' in sys.modules)"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0 and run.stdout.strip() == "False", run.stdout + run.stderr
+
+
 @pytest.mark.parametrize("user_id, flag", [("0", True), ("1000", False)])
 def test_make_lab_allows_root_exactly_when_run_as_root(user_id, flag):
     run = subprocess.run(["make", "-n", "lab", f"USER_ID={user_id}"], capture_output=True, text=True, cwd=ROOT, check=True)
