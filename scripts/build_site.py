@@ -10,13 +10,21 @@ and TeX is typeset by MathJax 2.7.9, copied into the site from the pinned jupyte
 package, so the site loads nothing from outside. Links between the project's files are rewritten to their pages;
 figures they point at are copied. The notebooks carry no widget state, so every slider shows its
 kernel-free version (see ddpm_lib.scrubber).
+
+The live sampler (sampler.html) runs the shipped models in the reader's browser: they are exported to
+ONNX (cached in build/onnx by their SHA-256), and onnxruntime-web, pinned in scripts/site_npm, comes
+from the npm registry by ``npm ci`` into build/site-npm. Without npm or the registry the site is built
+without that page, and says so.
 """
 
 import argparse
+import hashlib
 import html
+import json
 import posixpath
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -26,6 +34,11 @@ import nbformat
 from nbconvert import HTMLExporter
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the library from this tree
+from ddpm_lib.onnx_export import export_onnx, sidecar  # noqa: E402
+
+SAMPLER_MODELS = ["mnist_ddpm", "mnist_cfg"]  # checkpoints/<name>.pt, sampled live on sampler.html
+RUNTIME = ["ort.wasm.min.js", "ort-wasm-simd-threaded.wasm", "ort-wasm-simd-threaded.mjs"]  # onnxruntime-web's plain WASM build
 DOCS = ["docs/cli.md", "docs/experiments.md", "docs/benchmarks.md", "docs/quality.md", "docs/guidance.md", "checkpoints/README.md"]
 # MathJax's own files that typeset TeX (the notebooks' input) into HTML-CSS: 7 of its 12 MB (no SVG output,
 # no MathML or AsciiMath input, no translations).
@@ -108,6 +121,51 @@ def with_nav(page: str, top: str, bottom: str) -> str:
     return page.replace("</body>", bottom + "</body>", 1)
 
 
+def runtime() -> Path | None:
+    """onnxruntime-web's dist folder, installed by ``npm ci`` from scripts/site_npm's lock file; None (with a
+    message) where npm or the registry cannot be had."""
+    folder = ROOT / "build" / "site-npm"
+    pinned = json.loads((ROOT / "scripts" / "site_npm" / "package.json").read_text())["dependencies"]["onnxruntime-web"]
+    installed = folder / "node_modules" / "onnxruntime-web"
+    if not (installed / "package.json").is_file() or json.loads((installed / "package.json").read_text())["version"] != pinned:
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in ("package.json", "package-lock.json"):
+            shutil.copy2(ROOT / "scripts" / "site_npm" / name, folder / name)
+        try:
+            subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--silent"], cwd=folder, check=True, capture_output=True, timeout=600)
+        except (OSError, subprocess.SubprocessError) as e:
+            print(f"the live sampler is left out: npm could not install onnxruntime-web {pinned} ({e})", file=sys.stderr)
+            return None
+    return installed / "dist"
+
+
+def exported_model(name: str) -> Path:
+    """checkpoints/<name>.pt as ONNX, exported once per version of the checkpoint (build/onnx/<name>-<sha>.onnx)."""
+    checkpoint = ROOT / "checkpoints" / f"{name}.pt"
+    digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()[:16]
+    out = ROOT / "build" / "onnx" / f"{name}-{digest}.onnx"
+    if not (out.is_file() and sidecar(out).is_file()):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        export_onnx(checkpoint, out, overwrite=True)
+    return out
+
+
+def add_sampler(tmp: Path, dist: Path) -> None:
+    """sampler.html, its scripts, the runtime and the models, into the site being built in ``tmp``."""
+    shutil.copytree(ROOT / "scripts" / "site_sampler", tmp / "sampler", ignore=shutil.ignore_patterns("*.html"))
+    (tmp / "ort").mkdir()
+    for name in RUNTIME:
+        shutil.copy2(dist / name, tmp / "ort" / name)
+    (tmp / "models").mkdir()
+    for name in SAMPLER_MODELS:
+        model = exported_model(name)
+        shutil.copy2(model, tmp / "models" / f"{name}.onnx")
+        shutil.copy2(sidecar(model), tmp / "models" / f"{name}.json")
+    page = (ROOT / "scripts" / "site_sampler" / "sampler.html").read_text()
+    links = [("ddpm-notebooks: the course", "index.html")]
+    (tmp / "sampler.html").write_text(with_nav(page, nav(links), nav(links, bottom=True)))
+
+
 def build(out: Path) -> list[Path]:
     """Write the site into ``out`` (replaced whole, only once it is complete); return its pages."""
     template = dict(template_name="site", extra_template_basedirs=[str(ROOT / "scripts" / "site_template")])
@@ -117,6 +175,7 @@ def build(out: Path) -> list[Path]:
         raise SystemExit("no notebooks in notebooks/: nothing to build")
     sources = ["README.md", *(f"notebooks/{p.name}" for p in notebooks), *DOCS]
     pages, copies = set(sources), set()
+    dist = runtime()
     tmp = Path(tempfile.mkdtemp(prefix=".site-", dir=out.parent))
     try:
         written = []
@@ -126,7 +185,7 @@ def build(out: Path) -> list[Path]:
                 title = title_of(nb)
             else:
                 text = (ROOT / source).read_text()
-                text = front_matter(text) + _more(sources) if source == "README.md" else text
+                text = front_matter(text) + _more(sources, dist is not None) if source == "README.md" else text
                 nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell(text)])
                 title = "ddpm-notebooks" if source == "README.md" else title_of(nb)
             exporter.mathjax_url = f"{relative('mathjax/MathJax.js', page_of(source))}?config={MATHJAX_CONFIG}"
@@ -137,6 +196,9 @@ def build(out: Path) -> list[Path]:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(with_nav(body, nav(links), nav(links, bottom=True)))
             written.append(out / page_of(source))
+        if dist is not None:
+            add_sampler(tmp, dist)
+            written.append(out / "sampler.html")
         for part in MATHJAX_PARTS:
             copy = shutil.copytree if (MATHJAX / part).is_dir() else shutil.copy2
             (tmp / "mathjax" / part).parent.mkdir(parents=True, exist_ok=True)
@@ -152,10 +214,14 @@ def build(out: Path) -> list[Path]:
     return written
 
 
-def _more(sources: list[str]) -> str:
+def _more(sources: list[str], live: bool) -> str:
     docs = [s for s in sources if s.endswith(".md") and s != "README.md"]
     items = "\n".join(f"- [{s}]({s})" for s in docs)
-    return f"\n## Reference\n\nThe command line, the experiments and measurements behind the course, and the shipped models:\n\n{items}\n"
+    more = "\n## Sample the models in your browser\n\n" if live else ""
+    if live:
+        more += "[The live sampler](sampler.html) draws digits with the course's shipped models, in your browser.\n"
+    reference = "The command line, the experiments and measurements behind the course, and the shipped models:"
+    return f"{more}\n## Reference\n\n{reference}\n\n{items}\n"
 
 
 def main() -> None:

@@ -24,8 +24,14 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
+from ddpm_lib.checkpoint import load_model
+from ddpm_lib.classifier import load_classifier, predict
+from ddpm_lib.denoiser import Denoiser, guided
+from ddpm_lib.sampling import sample
 from ddpm_lib.scrubber import read_scrubber
+from ddpm_lib.solvers import DDIM
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -278,3 +284,74 @@ def test_a_kernel_free_scrubber_on_the_site(browser, site_server, notebook, keys
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     root.screenshot(path=SCREENSHOTS / f"site_{notebook}.png")
     page.close()
+
+
+# --- The live sampler: the shipped models in the browser (onnxruntime-web, a web worker, DDIM in JavaScript) ---
+
+
+@pytest.fixture(scope="module")
+def sampler_page(browser, site_server):
+    """The served sampler page, offline; yields (page, requests that left 127.0.0.1)."""
+    base, site = site_server
+    if not (site / "sampler.html").is_file():
+        pytest.skip("the site was built without the live sampler: npm could not install onnxruntime-web (see make site's message)")
+    page = offline_page(browser, base)
+    outside = []
+    page.on("request", lambda r: None if r.url.startswith((base, "data:", "about:", "blob:")) else outside.append(r.url))
+    page.goto(f"{base}/sampler.html")
+    yield page, outside
+    page.close()
+
+
+def judged(values: list[float], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The course's classifier on n browser samples (flat, [-1, 1]): (top probability, digit), each (n,)."""
+    x = torch.tensor(values, dtype=torch.float32).reshape(n, 1, 28, 28)
+    probs = predict(load_classifier(ROOT / "checkpoints" / "mnist_classifier.pt"), x)[1]
+    return probs.max(dim=1)
+
+
+def press_sample(page, timeout_s: float = 120) -> list[float]:
+    page.evaluate("() => { document.body.dataset.state = 'running'; }")
+    page.click("#sample")
+    page.wait_for_function("() => document.body.dataset.state !== 'running'", timeout=timeout_s * 1000)
+    assert page.evaluate("() => document.body.dataset.state") == "done", page.inner_text("#progress")
+    return page.evaluate("() => Array.from(window.ddpmSampler.frames().at(-1).x_t)")
+
+
+def test_the_live_sampler_draws_digits_offline_and_its_slider_scrubs_them(sampler_page):
+    page, outside = sampler_page
+    values = press_sample(page)
+    top, _ = judged(values, 16)
+    assert (top >= 0.9).sum() >= 10, top  # digits, as the course's classifier sees them (DDIM-20: 87% confident)
+    assert "16 digits, 20 DDIM steps" in page.inner_text("#progress")
+    picture = page.locator("#x0").screenshot()
+    slider = page.locator("#t-slider")
+    slider.focus()
+    for _ in range(15):
+        page.keyboard.press("ArrowLeft")  # back toward the noise
+    assert page.inner_text("#t-readout").startswith("t = ") and page.locator("#x0").screenshot() != picture
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=SCREENSHOTS / "site_sampler.png", full_page=True)
+    assert outside == [], outside
+
+
+def test_the_live_sampler_asks_the_cfg_model_for_a_digit(sampler_page):
+    page, outside = sampler_page
+    page.select_option("#model", "mnist_cfg")
+    page.select_option("#digit", "7")
+    page.fill("#w", "1")
+    _, digit = judged(press_sample(page), 16)
+    assert (digit == 7).sum() >= 14, digit  # w = 1: 99% drawn as asked (notebook 8)
+    assert outside == [], outside
+
+
+@pytest.mark.parametrize("model, labels, w", [("mnist_ddpm", None, 0.0), ("mnist_cfg", [3, 7, 0, 9], 2.0)])
+def test_the_browser_draws_what_the_python_sampler_draws_from_the_same_noise(sampler_page, model, labels, w):
+    page, _ = sampler_page
+    unet, diffusion = load_model(ROOT / "checkpoints" / f"{model}.pt")
+    x_T = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    asked = None if labels is None else torch.tensor(labels)
+    expected = sample(guided(Denoiser(unet, diffusion), asked, guidance=w), x_T.shape, DDIM(20), x_T=x_T)
+    options = {"model": model, "xT": x_T.flatten().tolist(), "labels": labels, "w": w, "steps": 20}
+    got = torch.tensor(page.evaluate("async (o) => Array.from(await window.ddpmSampler.run(o))", options)).reshape(x_T.shape)
+    assert (got - expected).abs().max() <= 1e-3, (got - expected).abs().max()

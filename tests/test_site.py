@@ -100,7 +100,9 @@ def test_math_is_typeset_by_the_site_s_own_mathjax_and_figures_are_inline(site, 
 def test_no_page_loads_anything_from_outside_the_site(site, pages):
     for name, page in pages.items():
         assert all(not urlsplit(src).scheme and not src.startswith("//") for src in page.scripts), (name, page.scripts)
-        assert not re.search(r"""import\(\s*["']https?:|url\(\s*["']?https?:""", (site / name).read_text()), name  # nor from a script or CSS
+        assert not re.search(r"""import\(\s*["']https?:|url\(\s*["']?https?:""", (site / name).read_text()), (
+            name
+        )  # nor from a script or CSS
 
 
 def test_every_slider_of_the_course_has_a_kernel_free_scrubber_of_about_a_megabyte(site, pages):
@@ -119,7 +121,9 @@ def test_every_slider_of_the_course_has_a_kernel_free_scrubber_of_about_a_megaby
             scrubber = read_scrubber(html)
             assert len(html) <= OUTPUT_BUDGET and len(scrubber.frames) >= 5, stem
     size = sum(f.stat().st_size for f in site.rglob("*") if f.is_file())
-    assert size < 40 * 2**20, f"the site takes {size / 2**20:.1f} MiB"
+    live = sum(f.stat().st_size for folder in ("ort", "models") if (site / folder).is_dir() for f in (site / folder).rglob("*"))
+    assert live < 22 * 2**20, f"the live sampler's runtime and models take {live / 2**20:.1f} MiB"  # 14 MB of WASM, two 3.4 MB models
+    assert size - live < 40 * 2**20, f"the site takes {(size - live) / 2**20:.1f} MiB besides the live sampler"
 
 
 def test_the_committed_notebooks_carry_no_widget_state_for_the_sliders():
