@@ -42,6 +42,7 @@ guidance: $(VENV)/.installed
 # Speed: training, sampling, sliders, GIF export and the nbval run (docs/benchmarks.md): about 10 minutes on 2 CPU cores.
 benchmark: $(VENV)/.installed
 	$(BIN)/python scripts/benchmark.py
+	$(BIN)/python scripts/benchmark.py --browser
 
 # The GPU check (docs/benchmarks.md, GPU section): about 6 minutes on one H100 or H200. It runs with the
 # machine's own python3 and the library from this tree, not .venv. make gpu-prepare first, where there is

@@ -2,6 +2,7 @@
 
     DDPM_DATA=../shared/data python scripts/benchmark.py [--skip-nbval] [--out docs/benchmarks.md]
     python scripts/benchmark.py --solvers      # only the cost of each solver, in its own section
+    python scripts/benchmark.py --browser      # only the live sampler in headless Chromium, in its own section
 
 Prints a table and writes it, with the machine it was measured on, to docs/benchmarks.md, above
 the file's sections (the solvers', gpu_check's), which it keeps. The targets (2 CPU cores) are in
@@ -9,6 +10,7 @@ the last column. With a CUDA GPU, training and sampling are measured on it too.
 """
 
 import argparse
+import json
 import os
 import random
 import statistics
@@ -97,6 +99,58 @@ def solver_costs(checkpoint: str, out: Path) -> int:
     return 0
 
 
+BROWSER_RUNS = [  # what the live sampler's page is timed on: (what, its run() options)
+    ("16 digits, 20 DDIM steps, mnist_ddpm", {"model": "mnist_ddpm", "steps": 20}),
+    (
+        "16 digits of one class, 20 DDIM steps, mnist_cfg, w = 1 (2 x 16 images a step)",
+        {"model": "mnist_cfg", "steps": 20, "labels": [7] * 16, "w": 1.0},
+    ),
+]
+
+
+def browser_seconds(out: Path) -> int:
+    """Time the live sampler (scripts/site_sampler) in headless Chromium; write the "browser" section of ``out``.
+
+    Builds the site, serves it on 127.0.0.1 and runs each of BROWSER_RUNS three times after a warm-up
+    (which loads the runtime and the model); the median goes in the table, which make site puts on the page.
+    """
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import build_site
+    from headless import ARGS, CHROMIUM, served
+    from playwright.sync_api import sync_playwright
+
+    with tempfile.TemporaryDirectory() as tmp:
+        site = Path(tmp) / "site"
+        build_site.build(site)
+        if not (site / "sampler.html").is_file():
+            print("the site has no live sampler (npm could not install onnxruntime-web): nothing to time", file=sys.stderr)
+            return 1
+        pinned = json.loads((ROOT / "scripts" / "site_npm" / "package.json").read_text())["dependencies"]["onnxruntime-web"]
+        lines = [
+            "## The live sampler in the browser",
+            "",
+            f"Measured by `scripts/benchmark.py --browser` on {time.strftime('%Y-%m-%d')}: {device_name('cpu')}, headless Chromium, "
+            f"onnxruntime-web {pinned} (plain WASM, one thread); the median of three runs after a warm-up.",
+            "",
+            "| what | seconds |",
+            "|---|---:|",
+        ]
+        with served(site) as base, sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+            page = browser.new_page()
+            page.goto(f"{base}/sampler.html")
+            timed = """async (o) => { const xT = window.ddpmSampler.gaussian(0, 16 * 784); const start = performance.now();
+                await window.ddpmSampler.run({...o, xT}); return (performance.now() - start) / 1000; }"""
+            for what, options in BROWSER_RUNS:
+                seconds = [page.evaluate(timed, options) for _ in range(4)][1:]
+                lines.append(f"| {what} | {statistics.median(seconds):.1f} |")
+                print(lines[-1], flush=True)
+            browser.close()
+    write_section(out, "browser", "\n".join(lines))
+    print(f"wrote its section of {out}")
+    return 0
+
+
 def guided_settings(labels: torch.Tensor, device: str) -> list[tuple[str, torch.nn.Module, dict]]:
     """Guided DDIM-50 beside unguided: the class-conditional model at w = 0 (one pass) and w = 2 (a batched pair),
     and the unconditional model with and without the noisy classifier's gradient."""
@@ -152,10 +206,13 @@ def main() -> int:
     parser.add_argument("--checkpoint", default="checkpoints/mnist_ddpm.pt")
     parser.add_argument("--skip-nbval", action="store_true", help="do not time the nbval run (about 4 minutes)")
     parser.add_argument("--solvers", action="store_true", help="measure only each solver's cost, into its section of --out")
+    parser.add_argument("--browser", action="store_true", help="time only the site's live sampler in headless Chromium, into its section")
     parser.add_argument("--out", default="docs/benchmarks.md")
     args = parser.parse_args()
     if args.solvers:
         return solver_costs(args.checkpoint, Path(args.out))
+    if args.browser:
+        return browser_seconds(Path(args.out))
     rng = random.Random(0)
     torch.manual_seed(0)
     model, diffusion = load_model(args.checkpoint)

@@ -38,6 +38,10 @@ sys.path.insert(0, str(ROOT))  # the library from this tree
 from ddpm_lib.onnx_export import export_onnx, sidecar  # noqa: E402
 
 SAMPLER_MODELS = ["mnist_ddpm", "mnist_cfg"]  # checkpoints/<name>.pt, sampled live on sampler.html
+SAMPLER_PAGES = {  # the notebooks whose pages point at the live sampler, and what it lets their reader do there
+    "notebooks/06_sampling.ipynb": "draw digits with DDIM from the shipped model, live in your browser, and scrub their trajectory",
+    "notebooks/08_guidance.ipynb": "ask the class-conditional model for a digit, with the guidance weight w you choose, in your browser",
+}
 RUNTIME = ["ort.wasm.min.js", "ort-wasm-simd-threaded.wasm", "ort-wasm-simd-threaded.mjs"]  # onnxruntime-web's plain WASM build
 DOCS = ["docs/cli.md", "docs/experiments.md", "docs/benchmarks.md", "docs/quality.md", "docs/guidance.md", "checkpoints/README.md"]
 # MathJax's own files that typeset TeX (the notebooks' input) into HTML-CSS: 7 of its 12 MB (no SVG output,
@@ -48,7 +52,8 @@ MATHJAX_CONFIG = "TeX-AMS-MML_HTMLorMML-full,Safe"
 NAV_STYLE = (
     "<style>.ddpm-nav{display:flex;gap:1.5em;justify-content:space-between;max-width:1100px;margin:1em auto;"
     "padding:0.5em 1em;font-family:sans-serif;border-bottom:1px solid #ddd}.ddpm-nav.bottom{border-top:1px solid #ddd;"
-    "border-bottom:none}</style>"
+    "border-bottom:none}.ddpm-live{max-width:1100px;margin:1em auto;padding:0.6em 1em;font-family:sans-serif;"
+    "background:#eef5ff;border-left:4px solid #1e88e5}</style>"
 )
 
 
@@ -150,6 +155,20 @@ def exported_model(name: str) -> Path:
     return out
 
 
+def measured_speed() -> str:
+    """The "browser" section of docs/benchmarks.md (make benchmark) as HTML for the sampler page; "" before it exists."""
+    text = (ROOT / "docs" / "benchmarks.md").read_text()
+    begin, end = "<!-- browser: begin -->", "<!-- browser: end -->"
+    if begin not in text or end not in text:
+        return ""
+    lines = text[text.index(begin) + len(begin) : text.index(end)].strip().splitlines()
+    intro = next(line for line in lines if line.startswith("Measured by"))
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines if line.startswith("| ") and "---" not in line]
+    cells = "".join(f"<tr><td>{html.escape(a)}</td><td>{html.escape(b)} s</td></tr>" for a, b in rows[1:])
+    intro = re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(intro, quote=False))
+    return f'<h2>How fast</h2><p class="measured">{intro}</p><table class="measured">{cells}</table>'
+
+
 def add_sampler(tmp: Path, dist: Path) -> None:
     """sampler.html, its scripts, the runtime and the models, into the site being built in ``tmp``."""
     shutil.copytree(ROOT / "scripts" / "site_sampler", tmp / "sampler", ignore=shutil.ignore_patterns("*.html"))
@@ -161,7 +180,7 @@ def add_sampler(tmp: Path, dist: Path) -> None:
         model = exported_model(name)
         shutil.copy2(model, tmp / "models" / f"{name}.onnx")
         shutil.copy2(sidecar(model), tmp / "models" / f"{name}.json")
-    page = (ROOT / "scripts" / "site_sampler" / "sampler.html").read_text()
+    page = (ROOT / "scripts" / "site_sampler" / "sampler.html").read_text().replace("<!-- measured -->", measured_speed())
     links = [("ddpm-notebooks: the course", "index.html")]
     (tmp / "sampler.html").write_text(with_nav(page, nav(links), nav(links, bottom=True)))
 
@@ -194,7 +213,11 @@ def build(out: Path) -> list[Path]:
             links = nav_links(source, sources)
             path = tmp / page_of(source)
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(with_nav(body, nav(links), nav(links, bottom=True)))
+            top = nav(links)
+            if dist is not None and source in SAMPLER_PAGES:
+                href = relative("sampler.html", page_of(source))
+                top += f'<p class="ddpm-live"><a href="{href}">The live sampler</a>: {SAMPLER_PAGES[source]}.</p>'
+            path.write_text(with_nav(body, top, nav(links, bottom=True)))
             written.append(out / page_of(source))
         if dist is not None:
             add_sampler(tmp, dist)

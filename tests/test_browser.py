@@ -9,8 +9,6 @@ build/screenshots/.
 """
 
 import base64
-import functools
-import http.server
 import os
 import secrets
 import shutil
@@ -18,7 +16,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -34,11 +31,9 @@ from ddpm_lib.scrubber import read_scrubber
 from ddpm_lib.solvers import DDIM
 
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOTS = ROOT / "build" / "screenshots"
-# The last three keep Chromium from calling home, which floods a closed network.
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--no-first-run"]
 sys.path.insert(0, str(ROOT / "scripts"))
+from headless import ARGS, CHROMIUM, served  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -218,11 +213,6 @@ def test_a_timestep_slider_in_jupyterlab(browser, lab, notebook, through, name, 
     page.close()
 
 
-class QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture(scope="module")
 def site_server(tmp_path_factory):
     """The built site served on 127.0.0.1, with no kernel anywhere."""
@@ -230,15 +220,8 @@ def site_server(tmp_path_factory):
 
     site = tmp_path_factory.mktemp("served") / "site"
     build_site.build(site)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(site)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", site
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
+    with served(site) as base:
+        yield base, site
 
 
 def test_the_site_typesets_its_math_with_nothing_from_outside(browser, site_server):

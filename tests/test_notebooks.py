@@ -38,3 +38,9 @@ def test_the_notation_check_catches_what_it_names():
 def test_no_notebook_shows_the_reader_project_plumbing(path):
     text = path.read_text()
     assert "NBVAL_" not in text and "make gpu-check" not in text
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_every_notebook_opens_with_its_running_time_on_2_cpu_cores(path):
+    first = "".join(json.loads(path.read_text())["cells"][0]["source"])
+    assert re.search(r"\*Running time: (under a minute|about \d+ minutes?) on 2 CPU cores", first), first[:300]

@@ -97,6 +97,16 @@ def test_math_is_typeset_by_the_site_s_own_mathjax_and_figures_are_inline(site, 
     assert len([src for src in first.images if src.startswith("data:image/png")]) >= 3
 
 
+def test_the_index_and_the_sampling_and_guidance_pages_point_at_the_live_sampler(site, pages):
+    if not (site / "sampler.html").is_file():
+        pytest.skip("the site was built without the live sampler: npm could not install onnxruntime-web")
+    assert "sampler.html" in pages["index.html"].links
+    for stem in ("06_sampling", "08_guidance"):
+        assert "../sampler.html" in pages[f"notebooks/{stem}.html"].links, stem
+    assert "../sampler.html" not in pages["notebooks/01_forward_process.html"].links
+    assert re.search(r"16 digits, 20 DDIM steps, mnist_ddpm</td><td>[0-9.]+ s", (site / "sampler.html").read_text())  # make benchmark's
+
+
 def test_no_page_loads_anything_from_outside_the_site(site, pages):
     for name, page in pages.items():
         assert all(not urlsplit(src).scheme and not src.startswith("//") for src in page.scripts), (name, page.scripts)
