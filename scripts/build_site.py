@@ -38,9 +38,9 @@ sys.path.insert(0, str(ROOT))  # the library from this tree
 from ddpm_lib.onnx_export import export_onnx, sidecar  # noqa: E402
 
 SAMPLER_MODELS = ["mnist_ddpm", "mnist_cfg"]  # checkpoints/<name>.pt, sampled live on sampler.html
-SAMPLER_PAGES = {  # the notebooks whose pages point at the live sampler, and what it lets their reader do there
-    "notebooks/06_sampling.ipynb": "draw digits with DDIM from the shipped model, live in your browser, and scrub their trajectory",
-    "notebooks/08_guidance.ipynb": "ask the class-conditional model for a digit, with the guidance weight w you choose, in your browser",
+SAMPLER_PAGES = {  # the notebooks whose pages embed the live sampler (before their summary): its model there, and what it offers
+    "notebooks/06_sampling.ipynb": ("mnist_ddpm", "draw digits with DDIM or DPM-Solver++ and scrub their trajectory"),
+    "notebooks/08_guidance.ipynb": ("mnist_cfg", "ask the class-conditional model for a digit, with the guidance weight w you choose"),
 }
 RUNTIME = ["ort.wasm.min.js", "ort-wasm-simd-threaded.wasm", "ort-wasm-simd-threaded.mjs"]  # onnxruntime-web's plain WASM build
 DOCS = ["docs/cli.md", "docs/experiments.md", "docs/benchmarks.md", "docs/quality.md", "docs/guidance.md", "checkpoints/README.md"]
@@ -118,6 +118,18 @@ def nav_links(source: str, sources: list[str]) -> list[tuple[str, str]]:
 def nav(links: list[tuple[str, str]], bottom: bool = False) -> str:
     items = "".join(f'<a href="{html.escape(href)}">{html.escape(text)}</a>' if href else "<span></span>" for text, href in links)
     return f'<nav class="ddpm-nav{" bottom" if bottom else ""}">{items}</nav>'
+
+
+def with_sampler(page: str, href: str, model: str, offers: str) -> str:
+    """``page`` with the live sampler embedded before its summary (at the top if it has none)."""
+    frame = (
+        f'<div class="ddpm-live"><p><b>Try it in your browser.</b> The live sampler: {offers}. '
+        f'<a href="{href}">Open it on its own page</a>.</p><iframe src="{href}?embed&amp;model={model}" title="The live sampler" '
+        'loading="lazy" style="width:100%;height:760px;border:0"></iframe></div>'
+    )
+    summary = re.search(r'<h2 id="Summary"', page)
+    at = summary.start() if summary else page.index("<body") + page[page.index("<body") :].index(">") + 1
+    return page[:at] + frame + page[at:]
 
 
 def with_nav(page: str, top: str, bottom: str) -> str:
@@ -213,11 +225,9 @@ def build(out: Path) -> list[Path]:
             links = nav_links(source, sources)
             path = tmp / page_of(source)
             path.parent.mkdir(parents=True, exist_ok=True)
-            top = nav(links)
             if dist is not None and source in SAMPLER_PAGES:
-                href = relative("sampler.html", page_of(source))
-                top += f'<p class="ddpm-live"><a href="{href}">The live sampler</a>: {SAMPLER_PAGES[source]}.</p>'
-            path.write_text(with_nav(body, top, nav(links, bottom=True)))
+                body = with_sampler(body, relative("sampler.html", page_of(source)), *SAMPLER_PAGES[source])
+            path.write_text(with_nav(body, nav(links), nav(links, bottom=True)))
             written.append(out / page_of(source))
         if dist is not None:
             add_sampler(tmp, dist)

@@ -28,7 +28,7 @@ from ddpm_lib.classifier import load_classifier, predict
 from ddpm_lib.denoiser import Denoiser, guided
 from ddpm_lib.sampling import sample
 from ddpm_lib.scrubber import read_scrubber
-from ddpm_lib.solvers import DDIM
+from ddpm_lib.solvers import SOLVERS
 
 ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOTS = ROOT / "build" / "screenshots"
@@ -328,13 +328,34 @@ def test_the_live_sampler_asks_the_cfg_model_for_a_digit(sampler_page):
     assert outside == [], outside
 
 
-@pytest.mark.parametrize("model, labels, w", [("mnist_ddpm", None, 0.0), ("mnist_cfg", [3, 7, 0, 9], 2.0)])
-def test_the_browser_draws_what_the_python_sampler_draws_from_the_same_noise(sampler_page, model, labels, w):
+def test_the_guidance_page_embeds_the_sampler_with_the_class_conditional_model(browser, site_server):
+    base, site = site_server
+    if not (site / "sampler.html").is_file():
+        pytest.skip("the site was built without the live sampler: npm could not install onnxruntime-web (see make site's message)")
+    page = offline_page(browser, base)
+    page.goto(f"{base}/notebooks/08_guidance.html")
+    page.locator("iframe").first.scroll_into_view_if_needed()  # it loads lazily
+    frame = page.frame_locator("iframe").first
+    assert frame.locator("#model").input_value(timeout=30_000) == "mnist_cfg" and frame.locator("#digit").is_visible()
+    assert not frame.locator("h1").is_visible()  # embedded: the page's own heading and navigation stay out
+    page.close()
+
+
+@pytest.mark.parametrize(
+    "model, labels, w, solver, steps",
+    [
+        ("mnist_ddpm", None, 0.0, "ddim", 20),
+        ("mnist_cfg", [3, 7, 0, 9], 2.0, "ddim", 20),
+        ("mnist_ddpm", None, 0.0, "dpmpp2m", 10),
+        ("mnist_cfg", [1, 4, 4, 8], 1.0, "dpmpp3m", 10),  # order 1, 2, 3, and 2 again on the second-to-last step
+    ],
+)
+def test_the_browser_draws_what_the_python_sampler_draws_from_the_same_noise(sampler_page, model, labels, w, solver, steps):
     page, _ = sampler_page
     unet, diffusion = load_model(ROOT / "checkpoints" / f"{model}.pt")
     x_T = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     asked = None if labels is None else torch.tensor(labels)
-    expected = sample(guided(Denoiser(unet, diffusion), asked, guidance=w), x_T.shape, DDIM(20), x_T=x_T)
-    options = {"model": model, "xT": x_T.flatten().tolist(), "labels": labels, "w": w, "steps": 20}
+    expected = sample(guided(Denoiser(unet, diffusion), asked, guidance=w), x_T.shape, SOLVERS[solver](steps), x_T=x_T)
+    options = {"model": model, "xT": x_T.flatten().tolist(), "labels": labels, "w": w, "steps": steps, "solver": solver}
     got = torch.tensor(page.evaluate("async (o) => Array.from(await window.ddpmSampler.run(o))", options)).reshape(x_T.shape)
     assert (got - expected).abs().max() <= 1e-3, (got - expected).abs().max()

@@ -38,6 +38,8 @@ class Page(HTMLParser):
             self.images.append(attrs.get("src", ""))
         elif tag in ("a", "link") and attrs.get("href"):
             self.links.append(attrs["href"])
+        elif tag == "iframe" and attrs.get("src"):
+            self.links.append(attrs["src"])
         elif tag == "script" and attrs.get("src"):
             self.links.append(attrs["src"])
             self.scripts.append(attrs["src"])
@@ -101,8 +103,9 @@ def test_the_index_and_the_sampling_and_guidance_pages_point_at_the_live_sampler
     if not (site / "sampler.html").is_file():
         pytest.skip("the site was built without the live sampler: npm could not install onnxruntime-web")
     assert "sampler.html" in pages["index.html"].links
-    for stem in ("06_sampling", "08_guidance"):
+    for stem, model in (("06_sampling", "mnist_ddpm"), ("08_guidance", "mnist_cfg")):
         assert "../sampler.html" in pages[f"notebooks/{stem}.html"].links, stem
+        assert f"../sampler.html?embed&model={model}" in pages[f"notebooks/{stem}.html"].links, stem  # embedded, with its model
     assert "../sampler.html" not in pages["notebooks/01_forward_process.html"].links
     assert re.search(r"16 digits, 20 DDIM steps, mnist_ddpm</td><td>[0-9.]+ s", (site / "sampler.html").read_text())  # make benchmark's
 

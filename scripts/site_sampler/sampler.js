@@ -80,7 +80,9 @@
     $("t-readout").textContent = frame.t >= 0 ? `t = ${frame.t}` : "the sample";
   }
 
-  async function run({ model, xT, labels = null, w = 0, steps = 20, onStep = null }) {
+  const SOLVER_NAMES = { ddim: "DDIM", dpmpp2m: "DPM-Solver++(2M)", dpmpp3m: "DPM-Solver++(3M)" };
+
+  async function run({ model, xT, labels = null, w = 0, steps = 20, solver = "ddim", onStep = null }) {
     const { worker, meta } = await load(model);
     const shape = meta.image_shape;
     return new Promise((resolve, reject) => {
@@ -90,7 +92,7 @@
         else if (m.type === "done") resolve(m.x);
         else if (m.type === "error") reject(new Error(m.message));
       };
-      worker.postMessage({ type: "sample", xT: Float32Array.from(xT), labels, w, steps });
+      worker.postMessage({ type: "sample", xT: Float32Array.from(xT), labels, w, steps, solver });
     });
   }
 
@@ -108,10 +110,11 @@
       const xT = gaussian(seed, n * meta.image_shape.reduce((a, b) => a * b, 1));
       const labels = conditional ? Array(n).fill(parseInt($("digit").value, 10)) : null;
       const w = conditional ? parseFloat($("w").value) || 0 : 0;
+      const solver = $("solver").value;
       frames = [];
       const start = performance.now();
       const x = await run({
-        model, xT, labels, w, steps,
+        model, xT, labels, w, steps, solver,
         onStep: (m) => {
           frames.push({ t: m.t, x_t: m.x_t, x0: m.x0, shape: m.shape });
           show(frames.length - 1);
@@ -122,7 +125,8 @@
       show(frames.length - 1);
       const seconds = (performance.now() - start) / 1000;
       const evaluations = steps * (conditional && w !== 0 ? 2 : 1);
-      $("progress").textContent = `${n} digits, ${steps} DDIM steps (${evaluations} network evaluations of the batch) in ${seconds.toFixed(1)} s`;
+      const name = SOLVER_NAMES[solver];
+      $("progress").textContent = `${n} digits, ${steps} ${name} steps (${evaluations} network evaluations of the batch) in ${seconds.toFixed(1)} s`;
       const slider = $("t-slider");
       slider.max = String(frames.length - 1);
       slider.value = slider.max;
@@ -138,6 +142,10 @@
 
   window.ddpmSampler = { run, gaussian, frames: () => frames };
   window.addEventListener("DOMContentLoaded", () => {
+    const params = new URLSearchParams(location.search);
+    if (params.has("embed")) document.body.classList.add("embedded"); // inside a notebook's page
+    if (params.get("model")) $("model").value = params.get("model");
+    $("cfg-controls").hidden = $("model").value !== "mnist_cfg";
     if (location.protocol === "file:") {
       $("progress").textContent =
         "This browser does not run the sampler from a file: serve the site with `python -m http.server -d site` and open http://localhost:8000/sampler.html.";

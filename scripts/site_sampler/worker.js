@@ -1,8 +1,8 @@
-// The live sampler's worker: onnxruntime-web runs the exported U-Net, and DDIM (Song et al. 2021, Eq. 12)
-// runs here in JavaScript, step for step as ddpm_lib's sampler does it (ddpm_lib/solvers.py, denoiser.py):
-// eps and x0 from the network's output, classifier-free guidance from one batched pass of 2B images
-// (Ho & Salimans, Eq. 6), x0 clipped to [-1, 1] and the eps it implies, then the DDIM update.
-// Messages in: {type: "load", model, meta} and {type: "sample", xT, labels, w, steps}; out: "ready",
+// The live sampler's worker: onnxruntime-web runs the exported U-Net, and the solvers run here in
+// JavaScript, step for step as ddpm_lib's do (ddpm_lib/solvers.py, denoiser.py): eps and x0 from the
+// network's output, classifier-free guidance from one batched pass of 2B images (Ho & Salimans, Eq. 6),
+// x0 clipped to [-1, 1] and the eps it implies, then a DDIM or DPM-Solver++(2M, 3M) step.
+// Messages in: {type: "load", model, meta} and {type: "sample", xT, labels, w, steps, solver}; out: "ready",
 // "step" (t, x_t, x0 after each network evaluation), "done" (the sample) and "error".
 importScripts("../ort/ort.wasm.min.js");
 ort.env.wasm.wasmPaths = new URL("../ort/", self.location.href).href;
@@ -59,50 +59,121 @@ function epsX0(output, x, aBar) {
   return { eps, x0 };
 }
 
-async function sample({ xT, labels, w, steps }) {
-  const [C, H, W] = meta.image_shape;
-  const size = C * H * W;
-  const B = xT.length / size;
+// eps and x0 at (x, t), as ddpm_lib's guided(...) gives them: classifier-free guidance toward the labels
+// with weight w (one batched pass of 2B), then x0 clipped to [-1, 1] and the eps it implies (Clipped).
+async function denoise(x, t, labels, w, B) {
+  const aBar = meta.alpha_bar[t];
   const guide = meta.num_classes > 0 && labels;
-  const timesteps = ddimTimesteps(meta.T, steps);
+  let eps, x0;
+  if (guide && w !== 0) {
+    const both = new Float32Array(2 * x.length);
+    both.set(x);
+    both.set(x, x.length);
+    const ys = [...labels, ...labels.map(() => meta.num_classes)]; // then "no label"
+    const out = await network(both, t, ys, 2 * B);
+    const c = epsX0(out.subarray(0, x.length), x, aBar);
+    const u = epsX0(out.subarray(x.length), x, aBar);
+    eps = new Float32Array(x.length);
+    x0 = new Float32Array(x.length);
+    for (let i = 0; i < x.length; i++) {
+      eps[i] = (1 + w) * c.eps[i] - w * u.eps[i];
+      x0[i] = (1 + w) * c.x0[i] - w * u.x0[i];
+    }
+  } else {
+    const ys = guide ? labels : Array(B).fill(meta.num_classes);
+    ({ eps, x0 } = epsX0(await network(x, t, ys, B), x, aBar));
+  }
+  const s = Math.fround(Math.sqrt(aBar));
+  const n = Math.fround(Math.sqrt(1 - aBar));
+  for (let i = 0; i < x.length; i++) {
+    x0[i] = Math.min(1, Math.max(-1, x0[i]));
+    eps[i] = (x[i] - s * x0[i]) / n;
+  }
+  return { eps, x0 };
+}
+
+// (lambda, alpha, sigma) at t; t = -1 is the data (ddpm_lib.solvers.lambda_alpha_sigma).
+function lambdaAlphaSigma(t) {
+  if (t < 0) return [Infinity, 1, 0];
+  const alpha = Math.sqrt(meta.alpha_bar[t]);
+  const sigma = Math.sqrt(1 - meta.alpha_bar[t]);
+  return [Math.log(alpha / sigma), alpha, sigma];
+}
+
+// The data-prediction part of a DPM-Solver++ step of order 1, 2 or 3 (ddpm_lib.solvers.multistep_update).
+function multistepUpdate(x0s, lams, lamNext, alphaNext, order) {
+  const h = lamNext - lams[lams.length - 1];
+  const phi1 = Math.expm1(-h);
+  const m0 = x0s[x0s.length - 1];
+  const out = new Float64Array(m0.length);
+  for (let i = 0; i < m0.length; i++) out[i] = -alphaNext * phi1 * m0[i];
+  if (order === 2) {
+    const r0 = (lams[lams.length - 1] - lams[lams.length - 2]) / h;
+    const m1 = x0s[x0s.length - 2];
+    for (let i = 0; i < m0.length; i++) out[i] -= (0.5 * alphaNext * phi1 * (m0[i] - m1[i])) / r0;
+  } else if (order === 3) {
+    const n = lams.length;
+    const r0 = (lams[n - 1] - lams[n - 2]) / h;
+    const r1 = (lams[n - 2] - lams[n - 3]) / h;
+    const m1 = x0s[x0s.length - 2];
+    const m2 = x0s[x0s.length - 3];
+    for (let i = 0; i < m0.length; i++) {
+      const d10 = (m0[i] - m1[i]) / r0;
+      const d11 = (m1[i] - m2[i]) / r1;
+      const d1 = d10 + (r0 / (r0 + r1)) * (d10 - d11);
+      const d2 = (d10 - d11) / (r0 + r1);
+      out[i] += alphaNext * (phi1 / h + 1) * d1 - alphaNext * ((phi1 + h) / (h * h) - 0.5) * d2;
+    }
+  }
+  return out;
+}
+
+// The order of DPM-Solver++ step i of n: limited by the history; (3M) drops to 2 on the second-to-last
+// step when n < 15, as ddpm_lib and diffusers do.
+function stepOrder(solver, i, n) {
+  const order = solver === "dpmpp3m" ? (n < 15 && i === n - 2 ? 2 : 3) : 2;
+  return Math.min(order, i + 1);
+}
+
+const SOLVERS = ["ddim", "dpmpp2m", "dpmpp3m"];
+
+async function sample({ xT, labels, w, steps, solver = "ddim" }) {
+  if (!SOLVERS.includes(solver)) throw new Error(`unknown solver ${solver}; valid: ${SOLVERS.join(", ")}`);
+  const [C, H, W] = meta.image_shape;
+  const B = xT.length / (C * H * W);
+  const timesteps = ddimTimesteps(meta.T, steps); // every solver here uses the same trailing grid
   let x = Float32Array.from(xT);
+  const x0s = [];
+  const lams = [];
   for (let k = 0; k < timesteps.length; k++) {
     const t = timesteps[k];
-    const tPrev = k + 1 < timesteps.length ? timesteps[k + 1] : -1;
-    const aBar = meta.alpha_bar[t];
-    const aBarPrev = tPrev >= 0 ? meta.alpha_bar[tPrev] : 1.0;
-    let eps, x0;
-    if (guide && w !== 0) {
-      const both = new Float32Array(2 * x.length);
-      both.set(x);
-      both.set(x, x.length);
-      const ys = [...labels, ...labels.map(() => meta.num_classes)]; // then "no label"
-      const out = await network(both, t, ys, 2 * B);
-      const c = epsX0(out.subarray(0, x.length), x, aBar);
-      const u = epsX0(out.subarray(x.length), x, aBar);
-      eps = new Float32Array(x.length);
-      x0 = new Float32Array(x.length);
-      for (let i = 0; i < x.length; i++) {
-        eps[i] = (1 + w) * c.eps[i] - w * u.eps[i];
-        x0[i] = (1 + w) * c.x0[i] - w * u.x0[i];
-      }
-    } else {
-      const ys = guide ? labels : Array(B).fill(meta.num_classes);
-      ({ eps, x0 } = epsX0(await network(x, t, ys, B), x, aBar));
-    }
-    // x0 clipped to the data range, and the eps it implies (ddpm_lib.denoiser.Clipped)
-    const s = Math.fround(Math.sqrt(aBar));
-    const n = Math.fround(Math.sqrt(1 - aBar));
-    for (let i = 0; i < x.length; i++) {
-      x0[i] = Math.min(1, Math.max(-1, x0[i]));
-      eps[i] = (x[i] - s * x0[i]) / n;
-    }
+    const tNext = k + 1 < timesteps.length ? timesteps[k + 1] : -1;
+    const { eps, x0 } = await denoise(x, t, labels, w, B);
     self.postMessage({ type: "step", t, index: k, steps: timesteps.length, x_t: x, x0 });
-    // DDIM, eta = 0 (Eq. 12): x_{t_prev} = sqrt(alpha_bar_prev) x0 + sqrt(1 - alpha_bar_prev) eps
-    const a = Math.sqrt(aBarPrev);
-    const b = Math.sqrt(Math.max(1 - aBarPrev, 0));
     const next = new Float32Array(x.length);
-    for (let i = 0; i < x.length; i++) next[i] = a * x0[i] + b * eps[i];
+    if (solver === "ddim") {
+      // DDIM, eta = 0 (Eq. 12): x_{t_next} = sqrt(alpha_bar_next) x0 + sqrt(1 - alpha_bar_next) eps
+      const aBarNext = tNext >= 0 ? meta.alpha_bar[tNext] : 1.0;
+      const a = Math.sqrt(aBarNext);
+      const b = Math.sqrt(Math.max(1 - aBarNext, 0));
+      for (let i = 0; i < x.length; i++) next[i] = a * x0[i] + b * eps[i];
+    } else {
+      // DPM-Solver++ (Lu et al. 2022, Alg. 2): the linear part exactly, x0 a polynomial in lambda
+      const [lam, , sigma] = lambdaAlphaSigma(t);
+      x0s.push(x0);
+      lams.push(lam);
+      if (x0s.length > 3) {
+        x0s.shift();
+        lams.shift();
+      }
+      if (tNext < 0) {
+        x = x0; // to the data: the last prediction (first order)
+        break;
+      }
+      const [lamNext, alphaNext, sigmaNext] = lambdaAlphaSigma(tNext);
+      const update = multistepUpdate(x0s, lams, lamNext, alphaNext, stepOrder(solver, k, timesteps.length));
+      for (let i = 0; i < x.length; i++) next[i] = (sigmaNext / sigma) * x[i] + update[i];
+    }
     x = next;
   }
   self.postMessage({ type: "done", x });
