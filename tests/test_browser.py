@@ -341,6 +341,16 @@ def test_the_guidance_page_embeds_the_sampler_with_the_class_conditional_model(b
     page.close()
 
 
+def test_opened_as_a_file_the_sampler_page_says_how_to_serve_it(browser, site_server):
+    _, site = site_server
+    if not (site / "sampler.html").is_file():
+        pytest.skip("the site was built without the live sampler: npm could not install onnxruntime-web (see make site's message)")
+    page = browser.new_page()  # file:// is not the network: nothing to block
+    page.goto((site / "sampler.html").as_uri())
+    assert "python -m http.server -d site" in page.inner_text("#progress")  # Chromium runs no worker from a file
+    page.close()
+
+
 @pytest.mark.parametrize(
     "model, labels, w, solver, steps",
     [
