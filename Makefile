@@ -19,11 +19,12 @@ test: $(VENV)/.installed
 	$(BIN)/ruff format --check .
 	DDPM_SMOKE=1 $(BIN)/python -m pytest --durations=20 tests $(if $(NOTEBOOKS),--nbval-lax notebooks)
 
-# Re-run every notebook in full mode and save it with its outputs, as committed: about 20 minutes on 2 CPU cores.
+# Re-run every notebook in full mode and save it with its outputs, as committed: about 30 minutes on 2 CPU cores.
 notebooks: $(VENV)/.installed
 	$(BIN)/python scripts/execute_notebooks.py
 
-# The static course site in site/, from the committed notebooks (not re-executed): open site/index.html.
+# The static course site in site/, from the committed notebooks (not re-executed), with the live sampler (npm fetches
+# onnxruntime-web, pinned): serve it with python -m http.server -d site.
 site: $(VENV)/.installed
 	$(BIN)/python scripts/build_site.py
 
