@@ -336,7 +336,8 @@ def test_the_guidance_page_embeds_the_sampler_with_the_class_conditional_model(b
     page.goto(f"{base}/notebooks/08_guidance.html")
     page.locator("iframe").first.scroll_into_view_if_needed()  # it loads lazily
     frame = page.frame_locator("iframe").first
-    assert frame.locator("#model").input_value(timeout=30_000) == "mnist_cfg" and frame.locator("#digit").is_visible()
+    frame.locator("body[data-state=idle]").wait_for(timeout=30_000)  # the page's script has read its parameters
+    assert frame.locator("#model").input_value() == "mnist_cfg" and frame.locator("#digit").is_visible()
     assert not frame.locator("h1").is_visible()  # embedded: the page's own heading and navigation stay out
     page.close()
 
