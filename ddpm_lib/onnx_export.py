@@ -23,23 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from .checkpoint import load_checkpoint, model_from_state
 from .files import OutputPathError, check_writable, write_atomic
 
 OPSET = 18  # the ONNX operator set: onnxruntime and onnxruntime-web both run it
-
-
-class Network(nn.Module):
-    """The U-Net with the labels as a plain input: (x, t) or (x, t, y) -> prediction, what the ONNX graph computes."""
-
-    def __init__(self, unet: nn.Module):
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        return self.unet(x, t, y)
 
 
 def sidecar(path: str | os.PathLike) -> Path:
@@ -73,7 +61,7 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, overwrite
         with warnings.catch_warnings():  # x, t and y share one batch axis, on purpose
             warnings.filterwarnings("ignore", message="# The axis name: batch will not be used")
             program = torch.onnx.export(
-                Network(unet).eval(),
+                unet,  # in eval mode: (x, t) or (x, t, y) -> prediction
                 args,
                 input_names=names,
                 output_names=["prediction"],

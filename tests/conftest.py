@@ -42,10 +42,11 @@ def tiny_config() -> UNetConfig:
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    """A folder of 12 random 12x12 RGB PNGs: a dataset for --dataset folder runs."""
+def images(request, tmp_path_factory):
+    """A folder of random RGB PNGs, a dataset for --dataset folder runs: 12 of 12x12, or the module's IMAGES (count, size)."""
+    count, size = getattr(request.module, "IMAGES", (12, 12))
     folder = tmp_path_factory.mktemp("images")
     rng = np.random.default_rng(0)
-    for i in range(12):
-        Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     return folder

@@ -9,12 +9,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from PIL import Image
 from torch.utils.data import TensorDataset
 
 from ddpm_lib.cli import main
@@ -27,6 +25,7 @@ MODEL = UNetConfig(
     in_channels=1, image_size=8, base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(4,), num_groups=4
 )
 CONFIG = TrainConfig(batch_size=8, steps=3, precision="fp32", sample_every=0, checkpoint_every=0, warmup_steps=0)
+IMAGES = (16, 8)  # conftest's images fixture: 16 images of 8x8, which batches of 4 split over 2 ranks
 TINY_MODEL = ["--base-channels", "8", "--channel-mults", "1,2", "--num-res-blocks", "1", "--attention-resolutions", "4"]
 
 
@@ -109,15 +108,6 @@ def test_the_rank_comes_from_torchrun_s_environment(monkeypatch):
 
 
 # --- The command line under torchrun ---
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i in range(16):
-        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    return folder
 
 
 def train_args(images, out, *extra) -> list[str]:

@@ -38,53 +38,43 @@ async function network(x, t, labels, batch) {
   return out.prediction.data;
 }
 
-// eps and x0 of one image's worth of values from the network's output (ddpm_lib.diffusion.to_eps_x0).
-function epsX0(output, x, aBar) {
+// x0 from the network's output for x at alpha_bar (ddpm_lib.diffusion.to_eps_x0; its eps is not needed,
+// since the clipped x0 below decides it).
+function x0Of(output, x, aBar) {
   const s = Math.fround(Math.sqrt(aBar));
   const n = Math.fround(Math.sqrt(1 - aBar));
-  const eps = new Float32Array(x.length);
   const x0 = new Float32Array(x.length);
   for (let i = 0; i < x.length; i++) {
-    if (meta.prediction === "eps") {
-      eps[i] = output[i];
-      x0[i] = (x[i] - n * output[i]) / s;
-    } else if (meta.prediction === "x0") {
-      x0[i] = output[i];
-      eps[i] = (x[i] - s * output[i]) / n;
-    } else {
-      x0[i] = s * x[i] - n * output[i];
-      eps[i] = (x[i] - s * x0[i]) / n;
-    }
+    if (meta.prediction === "eps") x0[i] = (x[i] - n * output[i]) / s;
+    else if (meta.prediction === "x0") x0[i] = output[i];
+    else x0[i] = s * x[i] - n * output[i]; // v
   }
-  return { eps, x0 };
+  return x0;
 }
 
 // eps and x0 at (x, t), as ddpm_lib's guided(...) gives them: classifier-free guidance toward the labels
-// with weight w (one batched pass of 2B), then x0 clipped to [-1, 1] and the eps it implies (Clipped).
+// with weight w (one batched pass of 2B; x0 combined as eps is, both being affine in the output), then
+// x0 clipped to [-1, 1] and the eps it implies (Clipped).
 async function denoise(x, t, labels, w, B) {
   const aBar = meta.alpha_bar[t];
   const guide = meta.num_classes > 0 && labels;
-  let eps, x0;
+  let x0;
   if (guide && w !== 0) {
     const both = new Float32Array(2 * x.length);
     both.set(x);
     both.set(x, x.length);
     const ys = [...labels, ...labels.map(() => meta.num_classes)]; // then "no label"
     const out = await network(both, t, ys, 2 * B);
-    const c = epsX0(out.subarray(0, x.length), x, aBar);
-    const u = epsX0(out.subarray(x.length), x, aBar);
-    eps = new Float32Array(x.length);
-    x0 = new Float32Array(x.length);
-    for (let i = 0; i < x.length; i++) {
-      eps[i] = (1 + w) * c.eps[i] - w * u.eps[i];
-      x0[i] = (1 + w) * c.x0[i] - w * u.x0[i];
-    }
+    const c = x0Of(out.subarray(0, x.length), x, aBar);
+    const u = x0Of(out.subarray(x.length), x, aBar);
+    x0 = c.map((v, i) => (1 + w) * v - w * u[i]);
   } else {
     const ys = guide ? labels : Array(B).fill(meta.num_classes);
-    ({ eps, x0 } = epsX0(await network(x, t, ys, B), x, aBar));
+    x0 = x0Of(await network(x, t, ys, B), x, aBar);
   }
   const s = Math.fround(Math.sqrt(aBar));
   const n = Math.fround(Math.sqrt(1 - aBar));
+  const eps = new Float32Array(x.length);
   for (let i = 0; i < x.length; i++) {
     x0[i] = Math.min(1, Math.max(-1, x0[i]));
     eps[i] = (x[i] - s * x0[i]) / n;
