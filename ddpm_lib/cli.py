@@ -3,7 +3,8 @@
 Every failure a user can cause (a bad argument, a missing or corrupt checkpoint, an
 unwritable output, a device this machine lacks) ends with a one-line message on stderr and exit
 status 2, before any long work, and no traceback. A training run that diverges stops with exit
-status 3, and Ctrl-C saves the checkpoint and exits with 130 (see docs/cli.md).
+status 3, a torchrun run whose other rank died with 4, and Ctrl-C saves the checkpoint and exits with
+130 (see docs/cli.md).
 """
 
 from __future__ import annotations
@@ -55,7 +56,11 @@ class Diverged(Exception):
 
 
 class Interrupted(Exception):
-    """Ctrl-C; the message says what was saved (exit status 130)."""
+    """Ctrl-C, or under torchrun its SIGTERM or its death; the message says what was saved (exit status 130)."""
+
+
+class RankLost(Exception):
+    """Under torchrun, another rank died (killed, or a crash) mid-run; the message says what was kept (exit status 4)."""
 
 
 class Parser(argparse.ArgumentParser):
@@ -137,9 +142,9 @@ def int_tuple(text: str) -> tuple[int, ...]:
 
 TRAIN_EPILOG = (
     "Exit status: 0 done; 2 a bad input, with a one-line message before any work; 3 training blew up (the last "
-    "checkpoint, written before it, is kept); 130 Ctrl-C (saved). Under torchrun every rank ends so, but torchrun itself "
-    "exits 1 and prints its own report, whose 'exitcode' and 'traceback' lines give each rank's status and message "
-    "(docs/cli.md, 'Under torchrun')."
+    "checkpoint, written before it, is kept); 4 under torchrun, another rank died; 130 Ctrl-C, or torchrun killed (saved). "
+    "Under torchrun every rank ends so, but torchrun itself exits 1 and prints its own report, whose 'exitcode' and "
+    "'traceback' lines give each rank's status and message (docs/cli.md, 'Under torchrun')."
 )
 
 
@@ -312,21 +317,31 @@ def train(args: argparse.Namespace, out: Path, rank: distributed.Rank, device: t
     try:
         trainer.fit(steps, checkpoint_path=out, on_sample=save_samples)
     except DivergenceError as e:
-        if trainer.saved_step is None:
-            kept = f"{out} was not written"
-        elif trainer.saved_step == start:
-            kept = f"{out} is unchanged (step {start})"
-        else:
-            kept = f"{out} holds step {trainer.saved_step}, its last checkpoint before that"
         fp32 = " or --precision fp32" if trainer.bf16 else ""
-        raise Diverged(f"{e}; {kept}; try a lower --lr (this run: {trainer.config.lr:g}){fp32}, then --resume") from None
-    except KeyboardInterrupt:
-        if trainer.saved_step == trainer.step:
-            raise Interrupted(f"interrupted at step {trainer.step}: saved {out}; continue with --resume") from None
-        kept = f"{out} holds step {trainer.saved_step}" if trainer.saved_step is not None else f"{out} was not written"
-        raise Interrupted(f"interrupted again while saving, at step {trainer.step}: {kept}") from None
+        what = f"try a lower --lr (this run: {trainer.config.lr:g}){fp32}, then --resume"
+        raise Diverged(f"{e}; {kept(trainer, out, start)}; {what}") from None
+    except KeyboardInterrupt as e:
+        if trainer.saved_step != trainer.step:
+            raise Interrupted(f"interrupted again while saving, at step {trainer.step}: {kept(trainer, out, start)}") from None
+        why = "torchrun, which started this rank, is gone; stopped" if isinstance(e, distributed.LauncherGone) else "interrupted"
+        raise Interrupted(f"{why} at step {trainer.step}: saved {out}; continue with --resume") from None
+    except RuntimeError as e:
+        what = distributed.lost_rank(e) if rank.distributed else None
+        if what is None:
+            raise
+        where = f"lost contact with another rank at step {trainer.step + 1} ({what})"
+        raise RankLost(f"{where}; {kept(trainer, out, start)}; continue with --resume") from None
     if rank.is_main:
         print(f"wrote {out} (step {trainer.step}, last loss {trainer.losses[-1]:.4f})", file=sys.stderr)
+
+
+def kept(trainer, out: Path, start: int) -> str:
+    """What --out holds after a run stopped early: "run.pt holds step 400, its last checkpoint", ..."""
+    if trainer.saved_step is None:
+        return f"{out} was not written"
+    if trainer.saved_step == start:
+        return f"{out} is unchanged (step {start})"
+    return f"{out} holds step {trainer.saved_step}, its last checkpoint"
 
 
 def sample_request(args: argparse.Namespace, suffixes: tuple[str, ...]) -> SampleRequest:
@@ -437,6 +452,8 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"{prefix}: error: {e}", 2)
     except Diverged as e:
         return fail(f"{prefix}: error: {e}", 3)
+    except RankLost as e:
+        return fail(f"{prefix}: error: {e}", 4)
     except Interrupted as e:
         return fail(f"{prefix}: {e}", 130)
     except KeyboardInterrupt:
@@ -446,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def fail(message: str, status: int) -> int:
     """Print the one-line ``message`` (and, under torchrun, leave it for torchrun's report); return ``status``."""
+    distributed.ending()
     print(message, file=sys.stderr)
     distributed.record_error(f"{message} (exit status {status})")
     return status

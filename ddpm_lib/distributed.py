@@ -7,6 +7,11 @@ nothing here starts a process group.
 The batch is global: a run with batch B on N ranks has each rank take B / N images of every batch
 a single process would take, and draw t and eps for all B images (keeping its own share), so that
 N ranks train on exactly the data and noise one process would, and a checkpoint resumes on any N.
+
+A rank never dies of SIGTERM, which torchrun sends to the ranks still running once one has exited
+(and passes on when it is itself told to stop): :func:`start` makes it a request to stop at the next
+step, as after Ctrl-C, so every rank ends with its own status and one-line message. A rank whose
+launcher is gone (``kill -9`` of torchrun) stops the same way (:func:`stop_requested`).
 """
 
 from __future__ import annotations
@@ -15,6 +20,9 @@ import gc
 import json
 import os
 import pickle
+import re
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -68,12 +76,27 @@ def current() -> Rank:
     return Rank()
 
 
+class LauncherGone(KeyboardInterrupt):
+    """The launcher that started this rank died; the run stopped and saved, as after Ctrl-C."""
+
+
+_launcher: int | None = None  # the pid of the process that started this rank (torchrun), once start ran
+_terminated: list[int] = []  # the SIGTERMs this rank received
+
+
 def start(device: torch.device) -> tuple[Rank, torch.device]:
     """Join the process group torchrun described (if any) and return this rank and its device:
-    with CUDA, GPU LOCAL_RANK of this machine; on CPUs, ``device`` itself."""
+    with CUDA, GPU LOCAL_RANK of this machine; on CPUs, ``device`` itself.
+
+    From here on, SIGTERM only asks the rank to stop (:func:`stop_requested`).
+    """
+    global _launcher
     rank = from_env()
     if not rank.distributed:
         return rank, device
+    _launcher = os.getppid()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: _terminated.append(signum))
     if device.type == "cuda":
         if rank.local_rank >= torch.cuda.device_count():
             raise ValueError(f"LOCAL_RANK {rank.local_rank} has no GPU: this machine has {torch.cuda.device_count()}")
@@ -84,6 +107,34 @@ def start(device: torch.device) -> tuple[Rank, torch.device]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
     return rank, device
+
+
+def launcher_gone() -> bool:
+    """Whether the process that started this rank has died (``kill -9`` of torchrun): the rank's parent changed."""
+    return _launcher is not None and os.getppid() != _launcher
+
+
+def stop_requested() -> bool:
+    """Whether this rank should stop at the next step and save, as after Ctrl-C: torchrun sent SIGTERM (another
+    rank exited, or torchrun was told to stop), or the launcher is gone and nothing would supervise the run."""
+    return bool(_terminated) or launcher_gone()
+
+
+def ending() -> None:
+    """This rank's status is decided: ignore SIGTERM for the rest of its life (its interpreter's shutdown
+    included, where Python resets the handler of :func:`start` to the default), so it ends with that status."""
+    if _launcher is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def lost_rank(error: BaseException) -> str | None:
+    """If ``error`` says that a collective failed because another rank is gone (killed, or crashed), what it
+    says, in one line; else None. NCCL raises DistError; gloo a plain RuntimeError from its TCP transport."""
+    text = " ".join(str(error).split())
+    if not isinstance(error, dist.DistError) and not (isinstance(error, RuntimeError) and "gloo/transport" in text):
+        return None
+    text = re.sub(r"^\[[^\]]*\]\s*", "", text)  # gloo's [source file:line] prefix
+    return text.split(". ")[0] or type(error).__name__
 
 
 def record_error(message: str) -> None:

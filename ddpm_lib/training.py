@@ -92,9 +92,9 @@ class TrainConfig:
 
 
 @contextmanager
-def deferred_interrupt(signals: tuple[int, ...] = (signal.SIGINT,)) -> Iterator[Callable[[], bool]]:
-    """Within the body, a first Ctrl-C (SIGINT, or any of ``signals``) only sets a flag, which the yielded
-    function reads, so a loop can stop between two steps; a second one raises KeyboardInterrupt at once.
+def deferred_interrupt() -> Iterator[Callable[[], bool]]:
+    """Within the body, a first Ctrl-C (SIGINT) only sets a flag, which the yielded function reads, so a
+    loop can stop between two steps; a second one raises KeyboardInterrupt at once.
 
     Outside the main thread (where Python cannot catch signals) Ctrl-C is left as it is.
     """
@@ -108,13 +108,11 @@ def deferred_interrupt(signals: tuple[int, ...] = (signal.SIGINT,)) -> Iterator[
             raise KeyboardInterrupt
         pressed.append(True)
 
-    previous = {s: signal.signal(s, handler) for s in signals}
+    previous = signal.signal(signal.SIGINT, handler)
     try:
         yield lambda: bool(pressed)
     finally:
-        for s, handler_before in previous.items():
-            default = signal.default_int_handler if s == signal.SIGINT else signal.SIG_DFL
-            signal.signal(s, handler_before if handler_before is not None else default)
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -333,7 +331,8 @@ class Trainer:
         gradient or weight, a loss spike or a jump of the weights) raises :class:`DivergenceError`
         at its step and leaves the checkpoint (and snapshots) as they were. A first Ctrl-C stops
         the run between two steps, saves the checkpoint and raises KeyboardInterrupt; a second one
-        leaves at once (the checkpoint then stays as it was).
+        leaves at once (the checkpoint then stays as it was). Under torchrun, its SIGTERM stops a rank
+        the same way, and a rank whose launcher died saves and raises :class:`distributed.LauncherGone`.
 
         On several ranks every rank calls ``fit``: they stop at the same step (after a Ctrl-C on
         any of them, or a divergence), and only rank 0 draws samples, shows progress and writes files.
@@ -356,12 +355,13 @@ class Trainer:
         machine = device_name(self.device)
         offset = self.machine_seconds.get(machine, 0.0) - self.train_seconds  # offset + train_seconds: time on this machine
         written = None  # the step last written to checkpoint_path
-        # Under torchrun a Ctrl-C reaches the launcher, which passes it on to the ranks as SIGTERM.
-        stop_on = (signal.SIGINT, signal.SIGTERM) if self.rank.distributed else (signal.SIGINT,)
-        with deferred_interrupt(stop_on) as interrupted, self._own_rng(), bar:
+        with deferred_interrupt() as interrupted, self._own_rng(), bar:
             batches = iter(loader)
             # Checked before fetching (after Ctrl-C, workers may be gone), and agreed: all ranks stop at one step.
-            while self.step < until and not (stopping := distributed.any_rank(interrupted(), self.rank, self.device)):
+            # Under torchrun, the launcher's SIGTERM and its death stop a rank too (distributed.stop_requested).
+            while self.step < until and not (
+                stopping := distributed.any_rank(interrupted() or distributed.stop_requested(), self.rank, self.device)
+            ):
                 x0, y = next(batches)
                 loss = self.train_step(x0.to(self.device, non_blocking=True), y)
                 bar.update(1)
@@ -380,7 +380,7 @@ class Trainer:
             if checkpoint_path is not None and written != self.step:
                 self._checkpoint(checkpoint_path)
             if stopping:
-                raise KeyboardInterrupt
+                raise distributed.LauncherGone if distributed.launcher_gone() else KeyboardInterrupt
 
     def _checkpoint(self, path: str | os.PathLike) -> None:
         """Every rank: gather the ranks' random streams; rank 0: write the full checkpoint with them."""

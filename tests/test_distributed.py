@@ -250,3 +250,54 @@ def test_ctrl_c_on_torchrun_saves_once_at_the_step_every_rank_reached(images, tm
     assert torch.load(out, weights_only=True)["step"] == int(said[0]) > 0
     code, err = finish(torchrun(*train_args(images, out, "--steps", str(int(said[0]) + 4), "--resume")))
     assert code == 0, err
+
+
+def started(run: subprocess.Popen, tmp_path: Path) -> list[int]:
+    """Wait until rank 0 of ``run`` has set up (the lock file beside --out) and a few steps ran; its ranks' pids."""
+    while not list(tmp_path.glob(".*.lock")) and run.poll() is None:
+        time.sleep(0.05)
+    time.sleep(3)
+    return descendants(run.pid)
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, ended but not yet reaped by its new parent, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_gone(pids: list[int], timeout: float = 60) -> None:
+    end = time.monotonic() + timeout
+    while any(alive(pid) for pid in pids):
+        if time.monotonic() > end:
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
+            raise AssertionError("the ranks outlived their launcher by a minute")
+        time.sleep(0.1)
+
+
+def test_ranks_whose_torchrun_is_killed_save_release_the_lock_and_exit(images, tmp_path):
+    out = tmp_path / "run.pt"
+    run = torchrun(*train_args(images, out, "--steps", "100000", "--checkpoint-every", "100000"))
+    ranks_ = started(run, tmp_path)
+    os.kill(run.pid, signal.SIGKILL)  # the launcher alone: its ranks are orphans now
+    wait_gone(ranks_)
+    _, err = run.communicate(timeout=60)  # the ranks held torchrun's stderr
+    said = re.findall(r"torchrun, which started this rank, is gone; stopped at step (\d+): saved", err)
+    assert len(said) == 2 and said[0] == said[1], err
+    assert torch.load(out, weights_only=True)["step"] == int(said[0]) > 0
+    code, err = finish(torchrun(*train_args(images, out, "--steps", str(int(said[0]) + 2), "--resume")))  # the lock is free
+    assert code == 0, err
+
+
+def test_when_a_rank_is_killed_the_other_stops_with_one_line_and_status_4(images, tmp_path):
+    out = tmp_path / "run.pt"
+    run = torchrun(*train_args(images, out, "--steps", "100000", "--checkpoint-every", "20"))
+    ranks_ = started(run, tmp_path)
+    os.kill(max(ranks_), signal.SIGKILL)  # rank 1, started second
+    code, err = finish(run)
+    assert code == 1
+    line = re.search(r"python -m ddpm_lib train: error: lost contact with another rank at step \d+ \(.*\); .* holds step \d+.*", err)
+    assert line and "]: Traceback" not in err and err.count("exitcode  : 4 (pid") == 1, err  # no rank's traceback
