@@ -28,9 +28,11 @@ from typing import Any
 
 import torch
 
+from .denoiser import Denoiser
 from .diffusion import DiffusionConfig
-from .files import OutputPathError, check_writable, write_atomic
+from .files import OutputPathError, check_writable, same_file, write_atomic
 from .resources import require_model
+from .sampling import check_network
 from .unet import UNet, UNetConfig
 
 FORMAT, VERSION = "ddpm_lib", 1
@@ -196,10 +198,28 @@ def model_from_state(state: dict[str, Any], path: str | os.PathLike) -> tuple[UN
     return model.eval(), diffusion
 
 
+def sound_model(state: dict[str, Any], path: str | os.PathLike) -> tuple[UNet, DiffusionConfig]:
+    """:func:`model_from_state`, and its network's predictions checked (``sampling.check_network``): a run
+    that blew up with finite weights, or a network that predicts the same for every input, is refused."""
+    model, diffusion = model_from_state(state, path)
+    check_network(Denoiser(model, diffusion), (model.config.in_channels, model.config.image_size, model.config.image_size))
+    return model, diffusion
+
+
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[UNet, DiffusionConfig]:
     """The EMA model of a checkpoint, in eval mode on ``device``, and its diffusion config."""
     model, diffusion = model_from_state(load_checkpoint(path), path)
     return model.to(device), diffusion
+
+
+def check_output(source: str | os.PathLike, out: str | os.PathLike, overwrite: bool) -> None:
+    """Before an export of ``source``: ``out`` can be written, is not ``source`` itself (by any name, link
+    or hard link), and is replaced only if ``overwrite``; an :class:`OutputPathError` says which fails."""
+    out = check_writable(out)
+    if same_file(source, out):
+        raise OutputPathError(f"{out} is the checkpoint being exported; an export never replaces its source")
+    if out.exists() and not overwrite:
+        raise OutputPathError(f"{out} exists (it may be another run's checkpoint); pass --force (overwrite=True) to replace it")
 
 
 SHARED_KEYS = ("model_config", "diffusion_config", "train_config", "ema", "step")
@@ -213,14 +233,12 @@ def export_ema(source: str | os.PathLike, out: str | os.PathLike, overwrite: boo
     (it may be another run's training state); the model is checked to load before anything
     is written. Returns what was written.
     """
-    if Path(out).exists() and not overwrite:
-        raise OutputPathError(f"{out} exists; export never replaces a file unless told to (overwrite=True, the CLI's --force)")
-    check_writable(out)
+    check_output(source, out, overwrite)
     state = load_checkpoint(source)
     missing = [k for k in SHARED_KEYS if k not in state]
     if missing:
         raise CheckpointError(f"{source} lacks {', '.join(missing)}; it is not a training checkpoint")
-    model_from_state(state, source)  # usable: the configs and weights fit together and are finite
+    sound_model(state, source)  # usable: the configs and weights fit together, are finite and predict sound values
     kept = (*SHARED_KEYS, "losses", "train_seconds", "machine_seconds")  # the loss history is small: keep it
     shared = {k: state[k] for k in kept if k in state}
     save_checkpoint(out, shared)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from . import distributed
-from .checkpoint import CheckpointError, export_ema, load_checkpoint, model_from_state
+from .checkpoint import CheckpointError, check_output, export_ema, load_checkpoint, sound_model
 from .data import DATASETS, DatasetNotFoundError, ImageFiles, get_dataset, skipped_summary
 from .devices import device_name, resolve_device
 from .diffusion import PREDICTIONS, DiffusionConfig
@@ -31,18 +31,13 @@ from .files import OutputPathError, check_writable, exclusive_lock, write_atomic
 from .generate import BATCH, SampleRequest, prepare
 from .guidance import DEFAULT_CLASSIFIER_SCALE, DEFAULT_GUIDANCE
 from .likelihood import Bound, bound_table, variational_bound
-from .onnx_export import export_onnx, sidecar
+from .onnx_export import export_onnx
 from .resources import format_bytes, require
 from .runs import RESUMABLE, flag, new_run, resumed_run
 from .sampling import VARIANCES
 from .schedules import SCHEDULES
 from .solvers import SOLVERS
-from .training import (
-    LOSS_WEIGHTINGS,
-    LR_SCHEDULES,
-    PRECISIONS,
-    TrainConfig,
-)
+from .training import LOSS_WEIGHTINGS, LR_SCHEDULES, PRECISIONS, TrainConfig, snapshot_path
 from .unet import UNetConfig
 from .viz import GIF_MAX_MS, auto_scale, check_levels, save_grid, save_trajectory_gif, to_uint8
 
@@ -222,7 +217,7 @@ def build_parser() -> Parser:
         "--format",
         choices=("pt", "onnx"),
         default="pt",
-        help="pt: configs and EMA weights for PyTorch (the default); onnx: the EMA network as ONNX, its schedule as JSON beside it",
+        help="pt: configs and EMA weights for PyTorch (the default); onnx: the EMA network as ONNX, its schedule inside the file",
     )
     e.add_argument("--force", action="store_true", help="replace --out if it exists")
 
@@ -301,6 +296,17 @@ def train(args: argparse.Namespace, out: Path, rank: distributed.Rank, device: t
             if out.exists() and not args.resume:
                 raise UsageError(f"{out} exists; pass --resume to continue that run, or choose another --out")
         trainer = resumed_run(out, vars(args), device) if args.resume else new_run(vars(args), device)
+        if rank.is_main:  # the files written beside --out, whose names are longer than its own
+            cfg = trainer.config
+            for every, name, path in (
+                (cfg.sample_every, "--sample-every", grid_path(out, 0)),
+                (cfg.snapshot_every, "--snapshot-every", snapshot_path(out, 0)),
+            ):
+                if every:
+                    try:
+                        check_writable(path)
+                    except OutputPathError as e:
+                        raise UsageError(f"{e}: choose a shorter --out, or pass {name} 0") from None
     start, steps = trainer.step, trainer.config.steps
     where = f"{trainer.device} ({device_name(trainer.device)})"
     if rank.distributed:
@@ -312,7 +318,7 @@ def train(args: argparse.Namespace, out: Path, rank: distributed.Rank, device: t
             print(f"skipped {skipped_summary(trainer.dataset.skipped)} (they do not decode as images)", file=sys.stderr)
 
     def save_samples(step: int, grid: torch.Tensor) -> None:
-        save_grid(grid, out.with_name(f"{out.stem}_samples_{step:07d}.png"))
+        save_grid(grid, grid_path(out, step))
 
     try:
         trainer.fit(steps, checkpoint_path=out, on_sample=save_samples)
@@ -333,6 +339,11 @@ def train(args: argparse.Namespace, out: Path, rank: distributed.Rank, device: t
         raise RankLost(f"{where}; {kept(trainer, out, start)}; continue with --resume") from None
     if rank.is_main:
         print(f"wrote {out} (step {trainer.step}, last loss {trainer.losses[-1]:.4f})", file=sys.stderr)
+
+
+def grid_path(out: Path, step: int) -> Path:
+    """Where train writes the sample grid of ``step``: runs/mnist.pt -> runs/mnist_samples_0001000.png."""
+    return out.with_name(f"{out.stem}_samples_{step:07d}.png")
 
 
 def kept(trainer, out: Path, start: int) -> str:
@@ -397,18 +408,17 @@ def cmd_gif(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    if Path(args.out).resolve() == Path(args.checkpoint).resolve():
-        raise UsageError("--out must differ from --checkpoint: export never replaces the training state")
-    with exclusive_lock(args.out):  # not while a training run writes there
-        if Path(args.out).exists() and not args.force:
-            raise UsageError(f"{args.out} exists (it may be another run's checkpoint); pass --force to replace it")
+    if args.format == "onnx" and Path(args.out).suffix != ".onnx":
+        raise UsageError(f"--out {args.out}: an ONNX export is named *.onnx")
+    check_output(args.checkpoint, args.out, args.force)  # the path first: nothing is locked or made for an output that cannot be
+    with exclusive_lock(args.out, tidy=True):  # not while a training run writes there
         if args.format == "onnx":
             try:
                 meta = export_onnx(args.checkpoint, args.out, overwrite=args.force)
             except ImportError as e:
                 raise UsageError(str(e)) from e
             size = Path(args.out).stat().st_size / 2**20
-            print(f"wrote {args.out} ({size:.1f} MiB) and {sidecar(args.out)} (EMA weights at step {meta['step']})", file=sys.stderr)
+            print(f"wrote {args.out} ({size:.1f} MiB, EMA weights at step {meta['step']}, with its schedule inside)", file=sys.stderr)
             return
         state = export_ema(args.checkpoint, args.out, overwrite=args.force)
     print(f"wrote {args.out} (EMA weights at step {state['step']}, {Path(args.out).stat().st_size / 2**20:.1f} MiB)", file=sys.stderr)
@@ -417,7 +427,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_nll(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     state = load_checkpoint(args.checkpoint)
-    model, diffusion = model_from_state(state, args.checkpoint)
+    model, diffusion = sound_model(state, args.checkpoint)  # a blown-up network is refused before T passes per image
     saved = state.get("train_config")
     name = args.dataset or (saved.get("dataset") if isinstance(saved, dict) else None) or "mnist"
     if name == "folder":
@@ -435,6 +445,11 @@ def cmd_nll(args: argparse.Namespace) -> None:
     bounds = [variational_bound(model, batch, schedule, diffusion.prediction, generator) for batch in x0.split(BATCH)]
     bound = Bound(*(torch.cat(parts) for parts in zip(*bounds, strict=True)))
     seconds = time.perf_counter() - started
+    if not torch.isfinite(bound.total).all():  # never "bits/dim: nan" with status 0
+        bad = (~torch.isfinite(bound.total)).sum().item()
+        raise CheckpointError(
+            f"the bound of {bad} of the {args.num} images is NaN or infinite: {args.checkpoint}'s network is unsound there"
+        )
     print(f"{args.num} images in {seconds:.0f} s ({seconds / args.num:.2f} s each) on {device} ({device_name(device)})", file=sys.stderr)
     print(f"variational bound on the first {args.num} {name} test images (seed {args.seed}), bits/dim, 0-based t:")
     for label, bits in bound_table(bound):

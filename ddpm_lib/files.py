@@ -9,6 +9,8 @@
   that was killed is removed by the next write to the same target.
 * :func:`exclusive_lock` holds an OS lock on ``.<name>.lock`` beside a path, so two training
   runs cannot write one checkpoint; the OS releases it when its process dies, however it dies.
+* Any name the file system takes works: where ``<name>`` would make those helper names too long,
+  they use a shortened name with a digest of the whole one instead (:func:`helper_stem`).
 
 Every failure is an :class:`OutputPathError` (an ``OSError``) whose message names the path.
 """
@@ -16,6 +18,7 @@ Every failure is an :class:`OutputPathError` (an ``OSError``) whose message name
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import re
 import tempfile
@@ -34,8 +37,28 @@ class PathInUseError(OutputPathError):
     """Another process holds the lock on an output path."""
 
 
+HELPER_SUFFIX = len(".ddpm-4294967295-abcdefgh.tmp")  # the longest a temporary or lock name adds to ".<name>"
+
+
+def name_limit(folder: Path) -> int:
+    """The longest file name, in bytes, that the file system of ``folder`` takes (255 almost everywhere)."""
+    try:
+        return os.pathconf(folder if folder.is_dir() else ".", "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
+def helper_stem(path: Path) -> str:
+    """The ``<name>`` of the temporary and lock files beside ``path``: its name, or, where the file system's
+    limit on a name would then be passed, its first 40 characters and 16 hex digits of its SHA-256."""
+    name = path.name
+    if len(os.fsencode(name)) + 1 + HELPER_SUFFIX <= name_limit(path.parent):
+        return name
+    return f"{name[:40]}~{hashlib.sha256(os.fsencode(name)).hexdigest()[:16]}"
+
+
 def _temp_prefix(path: Path) -> str:
-    return f".{path.name}.ddpm-{os.getpid()}-"
+    return f".{helper_stem(path)}.ddpm-{os.getpid()}-"
 
 
 def _new_temp(path: Path) -> Path:
@@ -60,6 +83,9 @@ def check_writable(path: str | os.PathLike) -> Path:
         raise OutputPathError(f"cannot write {path}: folder {parent} does not exist")
     if path.is_dir():
         raise OutputPathError(f"cannot write {path}: it is a folder")
+    size, limit = len(os.fsencode(path.name)), name_limit(parent)
+    if size > limit:
+        raise OutputPathError(f"cannot write {path}: its name has {size} bytes, more than the {limit} a file name may have here")
     if path.exists() and not os.access(path, os.W_OK):
         raise OutputPathError(f"cannot write {path}: the file is read-only")
     try:
@@ -67,6 +93,14 @@ def check_writable(path: str | os.PathLike) -> Path:
     except OSError as e:
         raise OutputPathError(f"cannot write {path}: {_reason(e)}") from e
     return path
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether ``a`` and ``b`` name one file: the same path, a symbolic or a hard link (False if either is missing)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _process_alive(pid: int) -> bool:
@@ -88,9 +122,10 @@ def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
     path = Path(path)
     if os.name != "posix":  # os.kill(pid, 0) would not be a harmless question elsewhere
         return []
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.ddpm-(\d+)-[a-z0-9_]{{8}}\.tmp")
+    stem = helper_stem(path)
+    pattern = re.compile(rf"\.{re.escape(stem)}\.ddpm-(\d+)-[a-z0-9_]{{8}}\.tmp")
     removed = []
-    for candidate in path.parent.glob(f".{glob.escape(path.name)}.ddpm-*.tmp"):
+    for candidate in path.parent.glob(f".{glob.escape(stem)}.ddpm-*.tmp"):
         match = pattern.fullmatch(candidate.name)
         if match and int(match[1]) != os.getpid() and not _process_alive(int(match[1])):
             candidate.unlink(missing_ok=True)
@@ -139,18 +174,24 @@ def write_atomic(path: str | os.PathLike, data: bytes | memoryview) -> Path:
 def lock_path(path: str | os.PathLike) -> Path:
     """The lock file of ``path``: runs/mnist.pt -> runs/.mnist.pt.lock."""
     path = Path(path)
-    return path.with_name(f".{path.name}.lock")
+    return path.with_name(f".{helper_stem(path)}.lock")
 
 
 @contextmanager
-def exclusive_lock(path: str | os.PathLike) -> Iterator[None]:
+def exclusive_lock(path: str | os.PathLike, tidy: bool = False) -> Iterator[None]:
     """Hold an exclusive OS file lock on :func:`lock_path` of ``path`` for the body, or fail at once.
 
     A second holder, in this process or another, gets a :class:`PathInUseError` immediately. The
     OS drops the lock when its process ends, so a killed run never blocks the next one. The small
-    lock file stays (removing it would race with a process about to lock it).
+    lock file stays, unless ``tidy`` and this call created it: it is then removed while still held
+    (short jobs such as an export; nobody waits on a lock, so a process that opens it meanwhile is
+    refused as it would be anyway). ``path``'s folder must exist: the lock never creates one.
     """
-    lock = filelock.FileLock(lock_path(path), timeout=0)
+    lock_file = lock_path(path)
+    if not lock_file.parent.is_dir():
+        raise OutputPathError(f"cannot lock {path}: folder {lock_file.parent} does not exist")
+    created = tidy and not lock_file.exists()
+    lock = filelock.FileLock(lock_file, timeout=0)
     try:
         lock.acquire()
     except filelock.Timeout:
@@ -160,6 +201,8 @@ def exclusive_lock(path: str | os.PathLike) -> Iterator[None]:
     try:
         yield
     finally:
+        if created:
+            lock_file.unlink(missing_ok=True)
         lock.release()
 
 

@@ -1,17 +1,24 @@
 """A checkpoint's network as ONNX, for runtimes without PyTorch (onnxruntime; onnxruntime-web on the site).
 
-:func:`export_onnx` writes two files, each atomically:
+:func:`export_onnx` writes one file, atomically: ``model.onnx``, the EMA network and what a sampler needs besides it.
 
-* ``out`` (``model.onnx``): the EMA network. Inputs ``x`` (B, C, H, W) float32, the noisy image x_t in
-  [-1, 1]-scaled units as the network sees it, and ``t`` (B,) int64, 0-based timesteps; a
-  class-conditional network also takes ``y`` (B,) int64 labels 0 ... K-1, K meaning "no label"
-  (classifier-free guidance batches both, as :class:`ddpm_lib.denoiser.ClassifierFree` does). Output
-  ``prediction`` (B, C, H, W): the raw network output in the checkpoint's parametrization.
-* ``out`` with ``.json`` (``model.json``): what a sampler needs besides the network: T, the
+* The network. Inputs ``x`` (B, C, H, W) float32, the noisy image x_t in [-1, 1]-scaled units as the
+  network sees it, and ``t`` (B,) int64, 0-based timesteps; a class-conditional network also takes
+  ``y`` (B,) int64 labels 0 ... K-1, K meaning "no label" (classifier-free guidance batches both, as
+  :class:`ddpm_lib.denoiser.ClassifierFree` does). Output ``prediction`` (B, C, H, W): the raw network
+  output in the checkpoint's parametrization. The batch size is free.
+* The metadata, as JSON in the model's ``metadata_props`` under the key :data:`METADATA_KEY`: T, the
   parametrization, the class count, the image shape and the schedule's alpha_bar (float64, index t).
+  :func:`read_metadata` reads it; onnxruntime gives it as ``session.get_modelmeta().custom_metadata_map``.
 
-The batch size is free. Needs the ``onnx`` extra (``pip install ".[onnx]"``): onnx and onnxscript
-for torch's exporter, onnxruntime to run the result.
+Why inside the file rather than in a JSON file beside it: one file is replaced by one atomic rename,
+so a failed export can never leave a network beside another network's schedule, and an export writes
+nothing but the path it was given. onnxruntime in Python, C++, C# and Java reads ``metadata_props``;
+onnxruntime-web has no API for it (microsoft/onnxruntime#16547), so ``make site`` copies it into a JSON
+file for the page when it builds the site.
+
+Needs the ``onnx`` extra (``pip install ".[onnx]"``): onnx and onnxscript for torch's exporter,
+onnxruntime to run the result.
 """
 
 from __future__ import annotations
@@ -24,32 +31,27 @@ from typing import Any
 
 import torch
 
-from .checkpoint import load_checkpoint, model_from_state
-from .files import OutputPathError, check_writable, write_atomic
+from .checkpoint import check_output, load_checkpoint, sound_model
+from .files import OutputPathError, write_atomic
 
 OPSET = 18  # the ONNX operator set: onnxruntime and onnxruntime-web both run it
-
-
-def sidecar(path: str | os.PathLike) -> Path:
-    """Where the metadata of ``path`` goes: model.onnx -> model.json."""
-    return Path(path).with_suffix(".json")
+METADATA_KEY = "ddpm_lib"  # the metadata_props entry that holds the metadata as JSON
+FORMAT = "ddpm-notebooks onnx export 2"  # 1 wrote the metadata beside the model, as model.json
 
 
 def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> dict[str, Any]:
-    """Write the EMA network of ``checkpoint`` as ONNX to ``out``, and its metadata beside it (see the module doc).
+    """Write the EMA network of ``checkpoint``, with its metadata, as ONNX to ``out`` (see the module doc).
 
-    Refuses to replace either file unless ``overwrite``; checks that both can be written, and
-    that the checkpoint loads, before anything is written. Returns the metadata.
+    Refuses to replace ``out`` unless ``overwrite``, and ``out`` is never the checkpoint itself; checks
+    that it can be written, that the checkpoint loads and that its network makes sound predictions
+    (a blown-up run is refused) before anything is written. Returns the metadata.
     """
-    out, meta_path = Path(out), sidecar(out)
+    out = Path(out)
     if out.suffix != ".onnx":
-        raise OutputPathError(f"{out}: an ONNX export is named *.onnx (its metadata goes beside it as {meta_path.name})")
-    for path in (out, meta_path):
-        if path.exists() and not overwrite:
-            raise OutputPathError(f"{path} exists; export never replaces a file unless told to (overwrite=True, the CLI's --force)")
-        check_writable(path)
+        raise OutputPathError(f"{out}: an ONNX export is named *.onnx")
+    check_output(checkpoint, out, overwrite)
     state = load_checkpoint(checkpoint)
-    unet, diffusion = model_from_state(state, checkpoint)
+    unet, diffusion = sound_model(state, checkpoint)
     config = unet.config
     B = 2  # an example batch; the exported graph takes any
     x = torch.randn(B, config.in_channels, config.image_size, config.image_size)
@@ -72,9 +74,8 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, overwrite
             )
     except ImportError as e:  # torch's exporter imports onnx and onnxscript only now
         raise ImportError(f"ONNX export needs the onnx extra: pip install '.[onnx]' ({e})") from e
-    model_bytes = program.model_proto.SerializeToString()  # weights included: a few MB
     meta = {
-        "format": "ddpm-notebooks onnx export 1",
+        "format": FORMAT,
         "inputs": names,
         "T": diffusion.T,
         "schedule": diffusion.schedule,
@@ -84,6 +85,22 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, overwrite
         "alpha_bar": diffusion.make_schedule().alpha_bar.tolist(),
         "step": state.get("step"),
     }
-    write_atomic(out, model_bytes)
-    write_atomic(meta_path, json.dumps(meta).encode())
+    model = program.model_proto
+    entry = model.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, json.dumps(meta)
+    write_atomic(out, model.SerializeToString())  # weights included: a few MB
     return meta
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata :func:`export_onnx` wrote into the ONNX file ``path``; a ValueError for any other file."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError, OSError, ...
+        raise ValueError(f"{path} is not a readable ONNX file: {' '.join(str(e).split())}") from e
+    found = {entry.key: entry.value for entry in model.metadata_props}
+    if METADATA_KEY not in found:
+        raise ValueError(f"{path} is an ONNX file without ddpm_lib's metadata; export it with python -m ddpm_lib export --format onnx")
+    return json.loads(found[METADATA_KEY])

@@ -35,7 +35,7 @@ from nbconvert import HTMLExporter
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the library from this tree
-from ddpm_lib.onnx_export import export_onnx, sidecar  # noqa: E402
+from ddpm_lib.onnx_export import FORMAT, export_onnx, read_metadata  # noqa: E402
 
 SAMPLER_MODELS = ["mnist_ddpm", "mnist_cfg"]  # checkpoints/<name>.pt, sampled live on sampler.html
 SAMPLER_PAGES = {  # the notebooks whose pages embed the live sampler (before their summary): its model there, and what it offers
@@ -161,9 +161,13 @@ def exported_model(name: str) -> Path:
     checkpoint = ROOT / "checkpoints" / f"{name}.pt"
     digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()[:16]
     out = ROOT / "build" / "onnx" / f"{name}-{digest}.onnx"
-    if not (out.is_file() and sidecar(out).is_file()):
-        out.parent.mkdir(parents=True, exist_ok=True)
-        export_onnx(checkpoint, out, overwrite=True)
+    try:
+        if read_metadata(out)["format"] == FORMAT:
+            return out
+    except (OSError, ValueError):
+        pass  # not exported yet, or by an older ddpm_lib
+    out.parent.mkdir(parents=True, exist_ok=True)
+    export_onnx(checkpoint, out, overwrite=True)
     return out
 
 
@@ -191,7 +195,8 @@ def add_sampler(tmp: Path, dist: Path) -> None:
     for name in SAMPLER_MODELS:
         model = exported_model(name)
         shutil.copy2(model, tmp / "models" / f"{name}.onnx")
-        shutil.copy2(sidecar(model), tmp / "models" / f"{name}.json")
+        # onnxruntime-web cannot read the metadata inside the model (microsoft/onnxruntime#16547): the page reads this copy
+        (tmp / "models" / f"{name}.json").write_text(json.dumps(read_metadata(model)))
     page = (ROOT / "scripts" / "site_sampler" / "sampler.html").read_text().replace("<!-- measured -->", measured_speed())
     links = [("ddpm-notebooks: the course", "index.html")]
     (tmp / "sampler.html").write_text(with_nav(page, nav(links), nav(links, bottom=True)))

@@ -1,6 +1,8 @@
 """The shipped networks as ONNX, run by onnxruntime: the same predictions and the same DDIM trajectories as PyTorch."""
 
+import errno
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -13,7 +15,7 @@ from ddpm_lib.cli import main
 from ddpm_lib.denoiser import ClassifierFree, Denoiser, Prediction
 from ddpm_lib.diffusion import to_eps_x0
 from ddpm_lib.files import OutputPathError
-from ddpm_lib.onnx_export import export_onnx, sidecar
+from ddpm_lib.onnx_export import METADATA_KEY, export_onnx, read_metadata
 from ddpm_lib.sampling import sample_loop
 from ddpm_lib.solvers import DDIM
 
@@ -39,8 +41,9 @@ def exported(tmp_path_factory):
             assert main(["export", "--format", "onnx", "--checkpoint", str(CHECKPOINTS / name), "--out", str(out)]) == 0
         else:  # export_onnx through make site's cache of it: the export the site bundles, made once a test run
             out = build_site.exported_model(name.removesuffix(".pt"))
-        meta = json.loads(sidecar(out).read_text())
         session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        meta = json.loads(session.get_modelmeta().custom_metadata_map[METADATA_KEY])  # as onnxruntime in any language reads it
+        assert read_metadata(out) == meta
         models[name] = (session, meta, *load_model(CHECKPOINTS / name), out)
     return models
 
@@ -100,13 +103,43 @@ def test_a_ddim_20_trajectory_through_onnxruntime_matches_the_library_s(exported
 
 def test_an_export_never_replaces_a_file_and_is_named_onnx(exported, tmp_path, capsys):
     out = exported["mnist_ddpm.pt"][-1]
-    assert out.stat().st_size > 1e6 and json.loads(sidecar(out).read_text())["num_classes"] == 0
+    assert out.stat().st_size > 1e6 and read_metadata(out)["num_classes"] == 0
+    assert sorted(p.name for p in out.parent.iterdir()) == ["mnist_ddpm.onnx"]  # one file: no metadata beside it, no lock left
     before = out.read_bytes()
     args = ["export", "--format", "onnx", "--checkpoint", str(CHECKPOINTS / "mnist_ddpm.pt"), "--out", str(out)]
     assert main(args) == 2 and "pass --force" in capsys.readouterr().err and out.read_bytes() == before
-    lone = tmp_path / "lone.onnx"
-    sidecar(lone).write_text("{}")  # the metadata counts as much as the network
-    with pytest.raises(OutputPathError, match="lone.json exists"):
-        export_onnx(CHECKPOINTS / "mnist_ddpm.pt", lone)
-    assert not lone.exists() and sidecar(lone).read_text() == "{}"
     assert main([*args[:-1], str(tmp_path / "model.pt")]) == 2 and "named *.onnx" in capsys.readouterr().err
+
+
+def test_an_export_never_writes_over_its_checkpoint_or_a_file_beside_it(tmp_path, capsys):
+    """The probe's case: a checkpoint named run.json, exported to run.onnx with --force, became the metadata."""
+    source = tmp_path / "run.json"
+    source.write_bytes((CHECKPOINTS / "mnist_ddpm.pt").read_bytes())
+    notes = tmp_path / "run.txt"
+    notes.write_text("the user's own file")
+    before = source.read_bytes()
+    args = ["export", "--format", "onnx", "--checkpoint", str(source), "--force"]
+    assert main([*args, "--out", str(tmp_path / "run.onnx")]) == 0
+    assert source.read_bytes() == before and notes.read_text() == "the user's own file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json", "run.onnx", "run.txt"]
+    os.link(source, tmp_path / "same.onnx")  # the checkpoint itself under an .onnx name: refused even with --force
+    assert main([*args, "--out", str(tmp_path / "same.onnx")]) == 2
+    assert "is the checkpoint being exported" in capsys.readouterr().err and source.read_bytes() == before
+
+
+def test_a_failed_export_leaves_the_old_file_whole(exported, tmp_path, capsys, monkeypatch):
+    """The probe's case: on a full disk the network was new and its metadata old. One file is replaced whole or not at all."""
+    out = tmp_path / "m.onnx"
+    out.write_bytes(exported["mnist_cfg.pt"][-1].read_bytes())
+    before = out.read_bytes()
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    args = ["export", "--format", "onnx", "--checkpoint", str(CHECKPOINTS / "mnist_ddpm.pt"), "--out", str(out), "--force"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "no space left on device" in err and "unchanged" in err and err.count("\n") == 1, err
+    assert out.read_bytes() == before and read_metadata(out)["num_classes"] == 10  # still the conditional model, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]  # no temporary file, no lock file
