@@ -37,7 +37,7 @@ from .runs import RESUMABLE, flag, new_run, resumed_run
 from .sampling import VARIANCES
 from .schedules import SCHEDULES
 from .solvers import SOLVERS
-from .training import LOSS_WEIGHTINGS, LR_SCHEDULES, PRECISIONS, TrainConfig, snapshot_path
+from .training import LOSS_WEIGHTINGS, LR_SCHEDULES, PRECISIONS, TrainConfig, max_workers, snapshot_path
 from .unet import UNetConfig
 from .viz import GIF_MAX_MS, auto_scale, check_levels, save_grid, save_trajectory_gif, to_uint8
 
@@ -85,6 +85,10 @@ def positive_int(text: str) -> int:
 
 def nonnegative_int(text: str) -> int:
     return whole_number(text, 0)
+
+
+def worker_count(text: str) -> int:
+    return whole_number(text, 0, max_workers())
 
 
 def image_count(text: str) -> int:
@@ -205,7 +209,11 @@ def build_parser() -> Parser:
         "--checkpoint-every", type=nonnegative_int, help=f"steps between checkpoints, 0: at the end (default: {c.checkpoint_every})"
     )
     t.add_argument("--snapshot-every", type=nonnegative_int, help="steps between EMA-only snapshots beside --out, 0: never (the default)")
-    t.add_argument("--num-workers", type=nonnegative_int, help=f"data-loading processes (default: {c.num_workers})")
+    t.add_argument(
+        "--num-workers",
+        type=worker_count,
+        help=f"data-loading processes, at most this machine's {max_workers()} cores (default: {c.num_workers})",
+    )
     t.add_argument("--out", required=True, help="checkpoint to write (.pt)")
     t.add_argument("--resume", action="store_true", help=f"continue the run saved in --out; only {resumable} may change")
     t.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")

@@ -81,11 +81,11 @@ def check_writable(path: str | os.PathLike) -> Path:
     parent = path.parent
     if not parent.is_dir():
         raise OutputPathError(f"cannot write {path}: folder {parent} does not exist")
-    if path.is_dir():
-        raise OutputPathError(f"cannot write {path}: it is a folder")
     size, limit = len(os.fsencode(path.name)), name_limit(parent)
     if size > limit:
         raise OutputPathError(f"cannot write {path}: its name has {size} bytes, more than the {limit} a file name may have here")
+    if path.is_dir():
+        raise OutputPathError(f"cannot write {path}: it is a folder")
     if path.exists() and not os.access(path, os.W_OK):
         raise OutputPathError(f"cannot write {path}: the file is read-only")
     try:

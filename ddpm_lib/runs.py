@@ -21,7 +21,7 @@ import torch
 from .checkpoint import load_checkpoint, model_from_state
 from .data import dataset_info, get_dataset, num_classes
 from .diffusion import DiffusionConfig
-from .training import TrainConfig, Trainer, epochs_to_steps, saved_configs
+from .training import TrainConfig, Trainer, epochs_to_steps, max_workers, saved_configs
 from .unet import UNetConfig
 
 # options a resumed run may change (the rest are fixed by the saved run); besides these: steps, epochs, device, data_root
@@ -106,7 +106,11 @@ def resumed_run(out: str | Path, options: Mapping[str, Any], device: str | torch
     if options.get("init"):
         raise RunError("--init starts a new run; --resume continues the one in --out (drop --init)")
     state = load_checkpoint(out)
-    saved = saved_configs(state, out)
+    workers = state["train_config"].get("num_workers") if isinstance(state.get("train_config"), dict) else None
+    most = max_workers()
+    if options.get("num_workers") is None and isinstance(workers, int) and workers > most:
+        raise RunError(f"{out} was saved with --num-workers {workers:,}, more than the {most} cores here; pass --num-workers 0 ... {most}")
+    saved = saved_configs(state, out, {name: options[name] for name in RESUMABLE if options.get(name) is not None})
     fixed = {**given(options, TrainConfig), **given(options, DiffusionConfig), **given(options, UNetConfig)}
     differ = []
     for name, value in fixed.items():

@@ -35,6 +35,13 @@ from .unet import UNet, UNetConfig
 NETWORKS = {UNetConfig: UNet, MLPConfig: MLP}  # the network each model config builds
 
 PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def max_workers() -> int:
+    """The most DataLoader worker processes a run may start: the CPU cores this process may use (more only compete)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 LR_SCHEDULES = ("cosine", "constant")
 LOSS_WEIGHTINGS = ("min_snr", "uniform")
 
@@ -59,7 +66,7 @@ class TrainConfig:
     sample_every: int = 1000  # steps between sample grids of the EMA model (0: never)
     checkpoint_every: int = 1000  # steps between checkpoints when training to a file (0: only at the end)
     snapshot_every: int = 0  # steps between EMA-only snapshots saved beside that file, name_step0001000.pt (0: never)
-    num_workers: int = 0  # DataLoader worker processes
+    num_workers: int = 0  # DataLoader worker processes, at most max_workers(): this machine's CPU cores
     label_dropout: float = 0.1  # class-conditional models: share of labels replaced by "no label" (Ho & Salimans 2021: 0.1-0.2)
     init: str = ""  # the checkpoint whose EMA weights the run started from ("": random weights)
 
@@ -80,6 +87,8 @@ class TrainConfig:
         for name in ("warmup_steps", "sample_every", "checkpoint_every", "snapshot_every", "num_workers"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be a whole number >= 0, got {getattr(self, name)!r}")
+        if self.num_workers > max_workers():  # a checkpoint saying 10^9 once forked until the OS refused
+            raise ValueError(f"num_workers must be at most {max_workers()} (this machine's CPU cores), got {self.num_workers}")
         for name in ("lr", "grad_clip", "min_snr_gamma"):
             if not math.isfinite(getattr(self, name)) or getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}")
@@ -467,8 +476,8 @@ class Trainer:
         **overrides,
     ) -> Trainer:
         """:meth:`from_checkpoint` for a checkpoint already read with ``load_checkpoint(path)``."""
-        model_config, diffusion_config, train_config = saved_configs(state, path)
-        trainer = cls(model_config, diffusion_config, dataclasses.replace(train_config, **overrides), dataset, device, data_root)
+        model_config, diffusion_config, train_config = saved_configs(state, path, overrides)
+        trainer = cls(model_config, diffusion_config, train_config, dataset, device, data_root)
         try:
             trainer._load_training_state(state)
         except KeyError as e:
@@ -509,15 +518,17 @@ class Trainer:
         self.generator.set_state(rng["noise"].cpu())
 
 
-def saved_configs(state: dict, path: str | os.PathLike) -> tuple[UNetConfig, DiffusionConfig, TrainConfig]:
-    """The three configs of a training checkpoint read with ``load_checkpoint(path)``, or a CheckpointError."""
+def saved_configs(state: dict, path: str | os.PathLike, overrides: dict | None = None) -> tuple[UNetConfig, DiffusionConfig, TrainConfig]:
+    """The three configs of a training checkpoint read with ``load_checkpoint(path)``, or a CheckpointError; ``overrides``
+    replace TrainConfig fields before it is checked (a saved value this machine refuses, such as num_workers, can be changed)."""
     if "optimizer" not in state:
         raise CheckpointError(f"{path} holds only EMA weights, not a training state; it cannot be resumed")
     try:
+        saved = state["train_config"]
         return (
             config_from_dict(UNetConfig, state["model_config"]),
             config_from_dict(DiffusionConfig, state["diffusion_config"]),
-            config_from_dict(TrainConfig, state["train_config"]),
+            config_from_dict(TrainConfig, {**saved, **(overrides or {})} if isinstance(saved, dict) else saved),
         )
     except KeyError as e:
         raise CheckpointError(f"{path} is not a complete training state: it lacks {e}") from e

@@ -19,6 +19,7 @@ MAX_LEVELS = 10
 LIMITS = {
     "in_channels": 64,
     "image_size": 4096,
+    "patch_size": 4096,
     "base_channels": 4096,
     "channel_mults": 64,
     "num_res_blocks": 64,
@@ -43,10 +44,13 @@ class UNetConfig:
     num_classes: int = 0  # class labels the U-Net is conditioned on (0: unconditional); label num_classes means "no label"
 
     def __post_init__(self) -> None:
+        for name in ("channel_mults", "attention_resolutions"):  # a checkpoint's config is untrusted: types first
+            if not isinstance(getattr(self, name), tuple) or not all(isinstance(v, int) for v in getattr(self, name)):
+                raise ValueError(f"{name} must be a tuple of whole numbers, got {getattr(self, name)!r}")
         levels = len(self.channel_mults)
         if not 1 <= levels <= MAX_LEVELS:
             raise ValueError(f"channel_mults must name 1 to {MAX_LEVELS} resolutions, got {levels}")
-        for name in ("in_channels", "image_size", "base_channels", "num_res_blocks", "num_groups", "num_heads"):
+        for name in ("in_channels", "image_size", "patch_size", "base_channels", "num_res_blocks", "num_groups", "num_heads"):
             if not isinstance(getattr(self, name), int) or not 1 <= getattr(self, name) <= LIMITS[name]:
                 raise ValueError(f"{name} must be a whole number from 1 to {LIMITS[name]:,}, got {getattr(self, name)!r}")
         if not isinstance(self.num_classes, int) or not 0 <= self.num_classes <= LIMITS["num_classes"]:
@@ -55,9 +59,9 @@ class UNetConfig:
             )
         if not all(isinstance(m, int) and 1 <= m <= LIMITS["channel_mults"] for m in self.channel_mults):
             raise ValueError(f"channel_mults must be whole numbers from 1 to {LIMITS['channel_mults']}, got {self.channel_mults}")
-        if not 0 <= self.dropout < 1:  # also refuses NaN
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.patch_size < 1 or self.image_size % self.patch_size:
+        if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:  # also refuses NaN
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.image_size % self.patch_size:
             raise ValueError(f"patch_size must be a positive divisor of image_size {self.image_size}, got {self.patch_size}")
         if (self.image_size // self.patch_size) % 2 ** (levels - 1):
             raise ValueError(

@@ -212,6 +212,8 @@ def save_trajectory_gif(
         raise ValueError("the trajectory is empty")
     durations = [duration_ms] * (len(images) - 1) + [max(duration_ms, hold_ms)]
     images, durations = merge_repeats(images, durations)
+    if len(images) == 1:  # one frame (--frames 1, or all alike): Pillow writes a still image and takes one duration
+        return write_atomic(path, iio.imwrite("<bytes>", images[0], extension=".gif", duration=durations[0], loop=loop))
     return write_atomic(path, iio.imwrite("<bytes>", np.stack(images), extension=".gif", duration=durations, loop=loop))
 
 

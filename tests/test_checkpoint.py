@@ -8,6 +8,7 @@ import torch
 
 from ddpm_lib.checkpoint import CheckpointError, export_ema, load_checkpoint, load_model, save_checkpoint
 from ddpm_lib.files import OutputPathError
+from ddpm_lib.sampling import DegenerateModelError
 from ddpm_lib.unet import UNet
 
 
@@ -184,16 +185,26 @@ def test_weights_with_nan_or_inf_are_never_saved_and_never_loaded(tmp_path, tiny
         ({"diffusion_config": [1000]}, "DiffusionConfig is a list, not a dict"),
         ({"ema": {"stem.weight": torch.zeros(3)}}, "Missing key"),
         ({"ema": "weights"}, "does not hold a usable model"),
+        # the probe's case: a string field once failed as "'<' not supported ...", naming no field
+        ({"model_config": {"patch_size": "2"}}, "patch_size must be a whole number from 1 to 4,096, got '2'"),
+        ({"model_config": {"dropout": "0.1"}}, "dropout must be in \\[0, 1\\), got '0.1'"),
+        ({"model_config": {"channel_mults": 4}}, "channel_mults must be a tuple of whole numbers, got 4"),
+        ({"model_config": {"attention_resolutions": ["7"]}}, "attention_resolutions must be a tuple of whole numbers"),
     ],
 )
 def test_a_checkpoint_that_loads_but_is_wrong_inside_is_one_clear_error(tmp_path, tiny_config, changes, says):
-    save_checkpoint(tmp_path / "m.pt", model_state(tiny_config, **changes))
+    state = model_state(tiny_config)
+    if isinstance(changes.get("model_config"), dict):  # one field changed
+        changes = {"model_config": {**state["model_config"], **changes["model_config"]}}
+    save_checkpoint(tmp_path / "m.pt", {**state, **changes})
     with pytest.raises(CheckpointError, match=says):
         load_model(tmp_path / "m.pt")
 
 
 def test_export_refuses_an_existing_file_and_an_unusable_model(tmp_path, tiny_config):
     state = model_state(tiny_config, train_config={}, step=3)
+    # A fresh U-Net's zero output layer predicts 0 for every input, which export refuses as untrained: perturb it.
+    state["ema"] = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in state["ema"].items()}
     save_checkpoint(tmp_path / "run.pt", state)
     (tmp_path / "other.pt").write_bytes(b"another run's training state")
     with pytest.raises(OutputPathError, match="exists"):
@@ -204,4 +215,10 @@ def test_export_refuses_an_existing_file_and_an_unusable_model(tmp_path, tiny_co
     save_checkpoint(tmp_path / "mismatch.pt", {**state, "model_config": {**state["model_config"], "base_channels": 16}})
     with pytest.raises(CheckpointError, match="does not hold a usable model"):
         export_ema(tmp_path / "mismatch.pt", tmp_path / "small.pt")
+    save_checkpoint(tmp_path / "blown.pt", {**state, "ema": {k: v * 1e29 for k, v in state["ema"].items()}})  # finite, blown up
+    with pytest.raises(DegenerateModelError, match="the training run blew up"):
+        export_ema(tmp_path / "blown.pt", tmp_path / "small.pt")
     assert not (tmp_path / "small.pt").exists()
+    with pytest.raises(OutputPathError, match="is the checkpoint being exported"):  # even with overwrite, by another name
+        export_ema(tmp_path / "run.pt", tmp_path / "." / "run.pt", overwrite=True)
+    assert load_checkpoint(tmp_path / "run.pt")["step"] == 3

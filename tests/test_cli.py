@@ -21,7 +21,7 @@ from ddpm_lib.data import data_root
 from ddpm_lib.denoiser import Denoiser
 from ddpm_lib.diffusion import DiffusionConfig
 from ddpm_lib.noisy_classifier import NoisyClassifier, NoisyClassifierConfig, save_noisy_classifier
-from ddpm_lib.training import Trainer
+from ddpm_lib.training import Trainer, max_workers
 from ddpm_lib.unet import UNet, UNetConfig
 
 TINY_MODEL = ["--base-channels", "8", "--channel-mults", "1,2", "--num-res-blocks", "1", "--attention-resolutions", "4"]
@@ -149,7 +149,7 @@ def test_export_keeps_configs_and_ema_weights_only(checkpoint, capsys, tmp_path)
     )
     assert code == 0, err
     code, err = run(capsys, "export", "--checkpoint", checkpoint, "--out", checkpoint)
-    assert_one_line_error(code, err, "must differ")
+    assert_one_line_error(code, err, "is the checkpoint being exported")
 
 
 @pytest.mark.parametrize(
@@ -413,6 +413,7 @@ def test_a_write_that_fails_at_the_end_is_one_line_and_keeps_the_file_there(chec
         (["--snapshot-every", "-2"], "--snapshot-every: must be a whole number >= 0"),
         (["--channel-mults", "1,0"], "--channel-mults: must be a whole number >= 1, got '0'"),
         (["--dropout", "1"], "dropout must be in [0, 1)"),
+        (["--num-workers", str(10**9)], f"--num-workers: must be at most {max_workers()}, got 1000000000"),  # was a fork storm
     ],
 )
 def test_out_of_range_training_values_are_refused_in_one_line(images, capsys, tmp_path, no_work, args, says):
@@ -436,6 +437,56 @@ def test_export_refuses_an_existing_out_unless_forced(checkpoint, capsys, tmp_pa
     code, err = run(capsys, "export", "--checkpoint", checkpoint, "--out", other_run, "--force")
     assert code == 0, err
     assert "optimizer" not in load_checkpoint(other_run)
+
+
+@pytest.mark.parametrize(
+    "out, says",
+    [
+        ("/proc/x.pt", "cannot write /proc/x.pt"),  # was "in use by another run": the lock came first
+        ("{tmp}/missing/x.pt", "folder {tmp}/missing does not exist"),  # was created silently, and left with a lock file
+        ("{tmp}", "it is a folder"),  # was "exists ... pass --force"
+    ],
+)
+def test_export_checks_its_output_path_before_it_locks_or_creates_anything(checkpoint, capsys, tmp_path, out, says):
+    out, says = out.format(tmp=tmp_path), says.format(tmp=tmp_path)
+    for force in ([], ["--force"]):
+        code, err = run(capsys, "export", "--checkpoint", checkpoint, "--out", out, *force)
+        assert_one_line_error(code, err, says)
+        assert "in use" not in err and sorted(tmp_path.iterdir()) == []
+
+
+def test_export_of_a_blown_up_model_and_its_bound_are_refused(checkpoint, capsys, tmp_path):
+    bad = scaled_ema(checkpoint, tmp_path / "bad.pt", 1e29)
+    code, err = run(capsys, "export", "--checkpoint", bad, "--out", tmp_path / "small.pt")
+    assert_one_line_error(code, err, "the training run blew up")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pt"]
+    code, err = run(capsys, "nll", "--checkpoint", bad, "--dataset", "mnist", "--num", 1)  # refused before the data is read
+    assert_one_line_error(code, err, "the training run blew up")
+
+
+def test_any_legal_output_name_works(checkpoint, capsys, tmp_path):
+    """The probe's case: a 250-character name was refused as "file name too long" (its temporary and lock names are longer)."""
+    long = tmp_path / ("d" * 246 + ".pt")
+    code, err = run(capsys, "export", "--checkpoint", checkpoint, "--out", long)
+    assert code == 0, err
+    assert load_checkpoint(long)["step"] == 3 and sorted(p.name for p in tmp_path.iterdir()) == [long.name]
+    code, err = run(
+        capsys, "sample", "--checkpoint", checkpoint, "--num", 2, "--sampler", "ddim", "--steps", 2, "--out", long.with_suffix(".png")
+    )
+    assert code == 0, err
+    code, err = run(capsys, "export", "--checkpoint", checkpoint, "--out", tmp_path / ("d" * 256 + ".pt"))  # not legal: said so
+    assert_one_line_error(code, err, "its name has 259 bytes, more than the 255 a file name may have here")
+
+
+def test_train_refuses_an_out_whose_grids_or_snapshots_would_need_too_long_a_name(images, capsys, tmp_path):
+    out = tmp_path / ("r" * 246 + ".pt")  # legal, but run_samples_0001000.png is not
+    code, err = run(capsys, *tiny_train(images, out, "--steps", "2", "--sample-every", "1"))
+    assert_one_line_error(code, err, "more than the 255", "choose a shorter --out, or pass --sample-every 0")
+    code, err = run(capsys, *tiny_train(images, out, "--steps", "2", "--snapshot-every", "1"))
+    assert_one_line_error(code, err, "choose a shorter --out, or pass --snapshot-every 0")
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == []
+    code, err = run(capsys, *tiny_train(images, out, "--steps", "2"))  # --sample-every 0: the name itself works
+    assert code == 0, err
 
 
 def test_resume_applies_the_flags_it_may_change_and_refuses_the_rest(checkpoint, images, capsys, tmp_path):
@@ -515,9 +566,8 @@ def test_gif_runs_the_network_in_batches_and_draws_the_same_digits(checkpoint, c
 def test_nll_prints_the_terms_and_ends_with_the_bound(capsys, tmp_path):
     config = UNetConfig(base_channels=8, channel_mults=(1, 2), attention_resolutions=(), num_groups=4, num_heads=2)
     diffusion = {"schedule": "linear", "T": 12, "prediction": "eps"}
-    save_checkpoint(
-        tmp_path / "m.pt", {"model_config": dataclasses.asdict(config), "diffusion_config": diffusion, "ema": UNet(config).state_dict()}
-    )
+    ema = {k: v + 0.01 * torch.randn_like(v) for k, v in UNet(config).state_dict().items()}  # a zero output layer is refused
+    save_checkpoint(tmp_path / "m.pt", {"model_config": dataclasses.asdict(config), "diffusion_config": diffusion, "ema": ema})
     capsys.readouterr()
     assert main(["nll", "--checkpoint", str(tmp_path / "m.pt"), "--num", "3", "--seed", "0"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()

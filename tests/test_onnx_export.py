@@ -14,8 +14,7 @@ from ddpm_lib.checkpoint import load_model
 from ddpm_lib.cli import main
 from ddpm_lib.denoiser import ClassifierFree, Denoiser, Prediction
 from ddpm_lib.diffusion import to_eps_x0
-from ddpm_lib.files import OutputPathError
-from ddpm_lib.onnx_export import METADATA_KEY, export_onnx, read_metadata
+from ddpm_lib.onnx_export import METADATA_KEY, read_metadata
 from ddpm_lib.sampling import sample_loop
 from ddpm_lib.solvers import DDIM
 

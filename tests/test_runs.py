@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from ddpm_lib.checkpoint import load_checkpoint
+from ddpm_lib.checkpoint import load_checkpoint, save_checkpoint
 from ddpm_lib.runs import RESUMABLE, RunError, flag, new_run, resumed_run
+from ddpm_lib.training import max_workers
 
 CPU = torch.device("cpu")
 TINY = {"base_channels": 8, "channel_mults": (1, 2), "num_res_blocks": 1, "T": 20, "batch_size": 4, "sample_every": 0}
@@ -80,3 +81,16 @@ def test_every_resumable_option_is_a_training_setting_with_a_flag():
     from ddpm_lib.training import TrainConfig
 
     assert set(RESUMABLE) <= {f for f in TrainConfig.__dataclass_fields__}
+
+
+def test_a_saved_fork_storm_is_refused_in_one_line_and_can_be_overridden(images, saved, tmp_path):
+    """The probe's case: a checkpoint whose train_config says num_workers = 10^9 forked DataLoader workers until the OS refused."""
+    state = load_checkpoint(saved)
+    state["train_config"]["num_workers"] = 10**9
+    save_checkpoint(tmp_path / "storm.pt", state)
+    with pytest.raises(RunError, match=f"saved with --num-workers 1,000,000,000, more than the {max_workers()} cores here"):
+        resumed_run(tmp_path / "storm.pt", {"steps": 3, "data_root": str(images)}, CPU)
+    trainer = resumed_run(tmp_path / "storm.pt", {"steps": 3, "data_root": str(images), "num_workers": 0}, CPU)
+    assert trainer.config.num_workers == 0 and trainer.step == 2
+    with pytest.raises(ValueError, match=f"num_workers must be at most {max_workers()}"):
+        new_run(folder_run(images, num_workers=max_workers() + 1), CPU)

@@ -112,6 +112,17 @@ def test_repeated_frames_merge_and_no_frame_outlasts_the_gif_limit(tmp_path):
     assert durations == [GIF_MAX_MS] * 4  # the four repeats as one frame, capped: GIF's delay has 16 bits
 
 
+def test_a_one_frame_gif_is_the_finished_sample(tmp_path):
+    """The probe's case: gif --frames 1 crashed in the GIF writer after all the sampling, and wrote nothing."""
+    steps = fake_trajectory()
+    for name, trajectory, frames, ms in (("one.gif", steps, 1, 700), ("alike.gif", [steps[-1]] * 5, 5, 4 * 80 + 700)):  # alike: merged
+        path = save_trajectory_gif(trajectory, tmp_path / name, frames=frames, duration_ms=80, hold_ms=700, scale=3, levels=256)
+        with Image.open(path) as im:
+            assert im.n_frames == 1 and im.info["duration"] == ms
+        (frame,) = iio.imread(path, index=None)  # (1, H, W, 3)
+        assert np.array_equal(frame[..., 0], trajectory_frame(steps[-1], 2, 3))
+
+
 def test_posterize_keeps_levels_evenly_spaced_grey_values_and_256_keeps_all():
     image = np.arange(256, dtype=np.uint8).reshape(16, 16)
     assert np.array_equal(posterize(image, 256), image)
