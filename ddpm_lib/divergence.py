@@ -9,6 +9,11 @@ model that draws black images. So :class:`DivergenceGuard` checks every step twi
    spike far above its recent median;
 2. after it: the weights are finite and their global norm did not jump.
 
+A slow blow-up passes both: a learning rate far too high can grow the weights 10% a step, never a
+jump, and a checkpoint every step would then replace the good file with ever worse ones. So before a
+checkpoint is written, :meth:`DivergenceGuard.check_drift` also compares the weights' norm with that
+of an earlier checkpoint, at least :attr:`DivergenceGuard.window` steps older where there is one.
+
 Its thresholds are far from anything a healthy run does (docs/experiments.md, section 4): over
 the 30,000 steps of the shipped MNIST recipe (``checkpoints/mnist_ddpm.pt``'s loss history) the
 largest loss over the median of the 100 steps before it is 2.17 (1.85 over the CFG fine-tune's
@@ -56,12 +61,13 @@ class DivergenceGuard:
     loss_spike: float = 20.0  # a loss this many times that median is a blow-up ...
     loss_floor: float = 2.0  # ... if it also exceeds this: twice what predicting zero noise costs (L_simple = 1)
     weight_jump: float = 2.0  # the weights' global norm may not grow or shrink by this factor in one step
+    checkpoint_drift: float = 4.0  # ... nor by this factor between an earlier checkpoint and the one about to be written
 
     def __post_init__(self) -> None:
         for name in ("window", "min_history"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive whole number, got {getattr(self, name)!r}")
-        for name in ("loss_spike", "weight_jump"):
+        for name in ("loss_spike", "weight_jump", "checkpoint_drift"):
             if not getattr(self, name) > 1:  # also refuses NaN
                 raise ValueError(f"{name} must be a number > 1, got {getattr(self, name)}")
 
@@ -85,3 +91,18 @@ class DivergenceGuard:
             raise DivergenceError(step, "the weights hold NaN or inf after the optimizer step")
         if norm_before > 0 and not 1 / self.weight_jump < norm_after / norm_before < self.weight_jump:
             raise DivergenceError(step, f"the weights' norm jumped from {norm_before:.4g} to {norm_after:.4g} in one optimizer step")
+
+    def reference(self, saved: Sequence[tuple[int, float]], step: int) -> tuple[int, float] | None:
+        """The (step, norm) that a checkpoint at ``step`` is compared with, from the run's earlier checkpoints ``saved``
+        (oldest first): the latest at least :attr:`window` steps older, else the oldest; None before the first."""
+        older = [entry for entry in saved if entry[0] <= step - self.window]
+        return older[-1] if older else (saved[0] if saved else None)
+
+    def check_drift(self, step: int, saved: Sequence[tuple[int, float]], norm: float) -> None:
+        """Before the checkpoint of ``step``: raise :class:`DivergenceError` if the weights' norm ``norm`` grew or shrank by
+        :attr:`checkpoint_drift` or more from that of :meth:`reference`."""
+        ref = self.reference(saved, step)
+        if ref is not None and ref[1] > 0 and not 1 / self.checkpoint_drift < norm / ref[1] < self.checkpoint_drift:
+            raise DivergenceError(
+                step, f"the weights' norm went from {ref[1]:.4g} at the checkpoint of step {ref[0]} to {norm:.4g}, a slow blow-up"
+            )

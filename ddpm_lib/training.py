@@ -210,6 +210,7 @@ class Trainer:
         self.diverged: DivergenceError | None = None  # set when a step left blown-up weights behind: they are never saved
         self.step = 0
         self.saved_step: int | None = None  # the step of the last full checkpoint written or loaded (None: none yet)
+        self.saved_norms: list[tuple[int, float]] = []  # (step, weights' norm) of each checkpoint written or loaded, oldest first
         self.train_seconds = 0.0  # wall time spent in fit, over every resumed part of the run
         self.machine_seconds: dict[str, float] = {}  # that time split by device_name: resumes may run elsewhere
         self.losses: list[float] = []  # training loss of every step
@@ -364,6 +365,7 @@ class Trainer:
         machine = device_name(self.device)
         offset = self.machine_seconds.get(machine, 0.0) - self.train_seconds  # offset + train_seconds: time on this machine
         written = None  # the step last written to checkpoint_path
+        stopping = False  # the loop below may not run at all: a run already at ``until`` only checkpoints
         with deferred_interrupt() as interrupted, self._own_rng(), bar:
             batches = iter(loader)
             # Checked before fetching (after Ctrl-C, workers may be gone), and agreed: all ranks stop at one step.
@@ -392,7 +394,14 @@ class Trainer:
                 raise distributed.LauncherGone if distributed.launcher_gone() else KeyboardInterrupt
 
     def _checkpoint(self, path: str | os.PathLike) -> None:
-        """Every rank: gather the ranks' random streams; rank 0: write the full checkpoint with them."""
+        """Every rank: check the weights against an earlier checkpoint (identical on every rank, so all stop alike) and
+        gather the ranks' random streams; rank 0: write the full checkpoint with them."""
+        norm = weight_norm(self.model.parameters())
+        try:
+            self.guard.check_drift(self.step, self.saved_norms, norm)
+        except DivergenceError as e:
+            self.diverged = e
+            raise
         if self.rank.distributed:
             self._store_rng()
             self.rank_rng = distributed.gather({"cpu": self.rng_state, "cuda": self.cuda_rng_state}, self.rank)
@@ -400,6 +409,7 @@ class Trainer:
             self.save(path)
         else:
             self.saved_step = self.step
+        self.saved_norms.append((self.step, norm))
 
     def sample_grid(self, n: int = 16, steps: int = 50, seed: int = 0) -> torch.Tensor:
         """n DDIM samples of the EMA model, always from the same seed so grids compare across steps.
@@ -501,6 +511,7 @@ class Trainer:
         if not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be a whole number >= 0, got {step!r}")
         self.step = self.saved_step = step
+        self.saved_norms = [(step, weight_norm(self.model.parameters()))]
         self.train_seconds = float(state.get("train_seconds", 0.0))
         self.machine_seconds = {str(k): float(v) for k, v in state.get("machine_seconds", {}).items()}
         self.losses = state["losses"].tolist()

@@ -20,6 +20,7 @@ from ddpm_lib.cli import main
 from ddpm_lib.data import data_root
 from ddpm_lib.denoiser import Denoiser
 from ddpm_lib.diffusion import DiffusionConfig
+from ddpm_lib.divergence import weight_norm
 from ddpm_lib.noisy_classifier import NoisyClassifier, NoisyClassifierConfig, save_noisy_classifier
 from ddpm_lib.training import Trainer, max_workers
 from ddpm_lib.unet import UNet, UNetConfig
@@ -270,6 +271,21 @@ def test_a_blow_up_before_nan_saves_nothing_and_names_a_good_checkpoint(checkpoi
     assert sorted(p.name for p in tmp_path.iterdir()) == [".run.pt.lock", "run.pt"]  # no snapshot of the blown-up step
     code, err = run(capsys, "sample", "--checkpoint", run_file, "--num", 4, "--sampler", "ddim", "--steps", 5, "--out", tmp_path / "ok.png")
     assert code == 0, err  # the state the message names samples
+
+
+def test_a_slow_blow_up_never_creeps_into_the_checkpoint(checkpoint, images, capsys, tmp_path):
+    """The probe's case: a constant high lr grew the weights 17x in 31 steps, no step reaching the 2x jump, while
+    --checkpoint-every 1 replaced the checkpoint with every worse state."""
+    run_file = tmp_path / "run.pt"
+    run_file.write_bytes(checkpoint.read_bytes())
+    args = ("--resume", "--lr", "0.2", "--lr-schedule", "constant", "--warmup-steps", "0", "--steps", "100", "--checkpoint-every", "1")
+    code, err = run(capsys, *tiny_train(images, run_file, *args))
+    last = err.strip().splitlines()[-1]
+    assert code == 3 and "the weights' norm went from" in last and "at the checkpoint of step 3" in last and "a slow blow-up" in last, err
+    held = int(re.search(r"holds step (\d+), its last checkpoint", last)[1])
+    norm = weight_norm(load_checkpoint(run_file)["model"].values())
+    start = weight_norm(load_checkpoint(checkpoint)["model"].values())
+    assert 3 < held < 100 and load_checkpoint(run_file)["step"] == held and 1 / 4 < norm / start < 4
 
 
 def scaled_ema(checkpoint, path, factor):
