@@ -23,7 +23,7 @@ import torch
 
 from . import distributed
 from .checkpoint import CheckpointError, check_output, export_ema, load_checkpoint, sound_model
-from .data import DATASETS, DatasetNotFoundError, ImageFiles, get_dataset, skipped_summary
+from .data import DATASETS, DatasetNotFoundError, ImageChanged, ImageFiles, get_dataset, skipped_summary
 from .devices import device_name, resolve_device
 from .diffusion import PREDICTIONS, DiffusionConfig
 from .divergence import DivergenceError
@@ -339,6 +339,9 @@ def train(args: argparse.Namespace, out: Path, rank: distributed.Rank, device: t
             raise Interrupted(f"interrupted again while saving, at step {trainer.step}: {kept(trainer, out, start)}") from None
         why = "torchrun, which started this rank, is gone; stopped" if isinstance(e, distributed.LauncherGone) else "interrupted"
         raise Interrupted(f"{why} at step {trainer.step}: saved {out}; continue with --resume") from None
+    except ImageChanged as e:
+        saved = f"saved {out}" if trainer.saved_step == trainer.step else kept(trainer, out, start)
+        raise UsageError(f"{e}; stopped at step {trainer.step}: {saved}; repair or remove the file, then --resume") from None
     except RuntimeError as e:
         what = distributed.lost_rank(e) if rank.distributed else None
         if what is None:

@@ -87,9 +87,24 @@ class ImageFiles(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        """Image ``i`` (C, H, W) in [-1, 1] and label 0; :class:`ImageChanged` if the file no longer decodes."""
         from torchvision.datasets.folder import default_loader
 
-        return self.transform(default_loader(str(self.files[i]))), 0
+        try:
+            return self.transform(default_loader(str(self.files[i]))), 0
+        except Exception as e:  # changed on disk since it was checked: the same kinds as in undecodable
+            raise ImageChanged(f"{self.files[i]} decoded before training but no longer does: {' '.join(str(e).split())}") from e
+
+
+class ImageChanged(DatasetNotFoundError):
+    """An image of a folder dataset that decoded before training no longer does (overwritten, truncated, removed)."""
+
+    @classmethod
+    def clean(cls, error: ImageChanged) -> ImageChanged:
+        """``error`` with its own one-line message, also when a DataLoader worker raised it (the loader prefixes the
+        worker's traceback, whose last line is the original error)."""
+        last = str(error).strip().splitlines()[-1]
+        return cls(last.split(f"{cls.__name__}: ", 1)[-1])
 
 
 def undecodable(path: Path) -> str | None:

@@ -212,13 +212,13 @@ def all_mean(values: torch.Tensor, rank: Rank) -> torch.Tensor:
     return values / rank.world_size
 
 
-def any_rank(flag: bool, rank: Rank, device: torch.device) -> bool:
-    """Whether ``flag`` is true on any rank (True on all ranks alike)."""
+def max_over_ranks(value: int, rank: Rank, device: torch.device) -> int:
+    """The largest ``value`` over the ranks (the same on all ranks): 0 unless some rank has a reason to stop."""
     if not rank.distributed:
-        return flag
-    value = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+        return value
+    tensor = torch.tensor([value], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
 
 
 def gather(obj: object, rank: Rank) -> list:

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .checkpoint import CheckpointError, check_finite, config_from_dict, load_checkpoint, nonfinite_tensors, save_checkpoint
-from .data import dataset_info, get_dataset
+from .data import ImageChanged, dataset_info, get_dataset
 from .denoiser import Denoiser, guided
 from .devices import device_name, resolve_device, use_bf16
 from .diffusion import DiffusionConfig, loss_simple, min_snr_weight
@@ -33,6 +33,7 @@ from .solvers import DDIM
 from .unet import UNet, UNetConfig
 
 NETWORKS = {UNetConfig: UNet, MLPConfig: MLP}  # the network each model config builds
+STOPPED, BROKEN_IMAGE = 1, 2  # why fit stops before its last step (see Trainer.fit); the larger wins when ranks differ
 
 PRECISIONS = ("auto", "bf16", "fp32")
 
@@ -343,6 +344,8 @@ class Trainer:
         the run between two steps, saves the checkpoint and raises KeyboardInterrupt; a second one
         leaves at once (the checkpoint then stays as it was). Under torchrun, its SIGTERM stops a rank
         the same way, and a rank whose launcher died saves and raises :class:`distributed.LauncherGone`.
+        A folder image that decoded before training but no longer does stops the run the same way
+        (the checkpoint of the last finished step), raising :class:`~ddpm_lib.data.ImageChanged`.
 
         On several ranks every rank calls ``fit``: they stop at the same step (after a Ctrl-C on
         any of them, or a divergence), and only rank 0 draws samples, shows progress and writes files.
@@ -365,15 +368,20 @@ class Trainer:
         machine = device_name(self.device)
         offset = self.machine_seconds.get(machine, 0.0) - self.train_seconds  # offset + train_seconds: time on this machine
         written = None  # the step last written to checkpoint_path
-        stopping = False  # the loop below may not run at all: a run already at ``until`` only checkpoints
+        stop = 0  # why the loop stopped early: 0 it did not, STOPPED (Ctrl-C, torchrun's SIGTERM or death) or BROKEN_IMAGE
         with deferred_interrupt() as interrupted, self._own_rng(), bar:
             batches = iter(loader)
-            # Checked before fetching (after Ctrl-C, workers may be gone), and agreed: all ranks stop at one step.
-            # Under torchrun, the launcher's SIGTERM and its death stop a rank too (distributed.stop_requested).
-            while self.step < until and not (
-                stopping := distributed.any_rank(interrupted() or distributed.stop_requested(), self.rank, self.device)
-            ):
-                x0, y = next(batches)
+            while self.step < until:
+                batch, broken = None, None
+                if not interrupted():  # after Ctrl-C the loader's workers may be gone: fetch nothing
+                    try:
+                        batch = next(batches)
+                    except ImageChanged as e:  # a folder image that decoded before training no longer does
+                        broken = ImageChanged.clean(e)
+                why = BROKEN_IMAGE if broken else STOPPED if interrupted() or distributed.stop_requested() else 0
+                if stop := distributed.max_over_ranks(why, self.rank, self.device):  # agreed: all ranks stop at one step
+                    break
+                x0, y = batch
                 loss = self.train_step(x0.to(self.device, non_blocking=True), y)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
@@ -390,7 +398,9 @@ class Trainer:
                     written = self.step
             if checkpoint_path is not None and written != self.step:
                 self._checkpoint(checkpoint_path)
-            if stopping:
+            if stop == BROKEN_IMAGE:  # every rank: the message of the first rank whose image broke
+                raise ImageChanged(next(m for m in distributed.gather(broken and str(broken), self.rank) if m))
+            if stop:
                 raise distributed.LauncherGone if distributed.launcher_gone() else KeyboardInterrupt
 
     def _checkpoint(self, path: str | os.PathLike) -> None:

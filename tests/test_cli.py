@@ -3,6 +3,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import torch
 from ddpm_lib import cli, generate, resources, sampling
 from ddpm_lib.checkpoint import load_checkpoint, save_checkpoint
 from ddpm_lib.cli import main
-from ddpm_lib.data import data_root
+from ddpm_lib.data import ImageFiles, data_root
 from ddpm_lib.denoiser import Denoiser
 from ddpm_lib.diffusion import DiffusionConfig
 from ddpm_lib.divergence import weight_norm
@@ -286,6 +287,34 @@ def test_a_slow_blow_up_never_creeps_into_the_checkpoint(checkpoint, images, cap
     norm = weight_norm(load_checkpoint(run_file)["model"].values())
     start = weight_norm(load_checkpoint(checkpoint)["model"].values())
     assert 3 < held < 100 and load_checkpoint(run_file)["step"] == held and 1 / 4 < norm / start < 4
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_an_image_that_goes_bad_mid_run_stops_it_as_ctrl_c_does(images, capsys, tmp_path, monkeypatch, workers):
+    """The probe's case: a folder image that broke after the check before training crashed the run with a traceback,
+    losing the steps since the last checkpoint."""
+    folder = tmp_path / "images"
+    shutil.copytree(images, folder)
+    victim, calls = folder / "5.png", []
+    real = ImageFiles.__getitem__
+
+    def truncating(self, i):  # the 40th image read (in step 10) finds 5.png cut short, as a disk or a user might leave it
+        calls.append(i)
+        if len(calls) == 40:
+            victim.write_bytes(victim.read_bytes()[:60])
+        return real(self, i)
+
+    monkeypatch.setattr(ImageFiles, "__getitem__", truncating)
+    out = tmp_path / "run.pt"
+    code, err = run(capsys, *tiny_train(folder, out, "--steps", "100", "--checkpoint-every", "1000", "--num-workers", workers))
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and "Traceback" not in err, err
+    assert f"{victim} decoded before training but no longer does" in last and "repair or remove the file, then --resume" in last, last
+    step = int(re.search(r"stopped at step (\d+): saved", last)[1])
+    assert 5 <= step <= 10 and load_checkpoint(out)["step"] == step  # the steps trained so far are kept
+    victim.unlink()
+    code, err = run(capsys, *tiny_train(folder, out, "--steps", str(step + 2), "--resume"))
+    assert code == 0, err
 
 
 def scaled_ema(checkpoint, path, factor):
