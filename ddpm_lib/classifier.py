@@ -7,12 +7,8 @@ model's samples; labels are the digits 0-9.
 
 from __future__ import annotations
 
-import hashlib
-import io
 import math
 import os
-import pickle
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import get_dataset
-from .files import write_atomic
+from .prediction_cache import cache_path, cached
 
 FEATURE_DIM = 128  # the width of the features the Frechet distance compares
 
@@ -105,40 +101,18 @@ def train_classifier(
 CACHE_MIN_IMAGES = 5000  # predictions for sets at least this large (the MNIST test set: 12 s on 2 CPU cores) are kept on disk
 
 
-def cache_dir() -> Path:
-    """Where :func:`predict` keeps the predictions of large image sets: $DDPM_CACHE, else ~/.cache/ddpm_lib."""
-    return Path(os.environ.get("DDPM_CACHE") or Path.home() / ".cache" / "ddpm_lib")
-
-
 def predict(model: MnistClassifier, images: torch.Tensor, batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
     """Features (N, 128) and class probabilities (N, 10) of images (N, 1, 28, 28) in [-1, 1], in eval mode.
 
     Sets of at least :data:`CACHE_MIN_IMAGES` images (reference sets such as the MNIST test set,
-    which notebooks 7 and 8 and the scripts all score against) are computed once and kept in
-    :func:`cache_dir`, as torch-fidelity and clean-fid keep theirs. The file is named by the SHA-256
-    of the classifier's weights and of the images, so a cached result is only ever read for exactly
-    the same inputs; a cache that cannot be read or written is simply recomputed.
+    which notebooks 7 and 8 and the scripts all score against) are computed once and kept on disk
+    by :mod:`ddpm_lib.prediction_cache`, which checks a cached result before using it, so that the
+    cache never changes a number.
     """
     if len(images) < CACHE_MIN_IMAGES:
         return _predict(model, images, batch_size)
-    digest = hashlib.sha256()
-    for tensor in [*model.state_dict().values(), images]:
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    path = cache_dir() / f"mnist_classifier_predictions_{digest.hexdigest()[:32]}.pt"
-    try:
-        cached = torch.load(path, weights_only=True)
-        return cached["features"], cached["probs"]
-    except (OSError, RuntimeError, KeyError, pickle.UnpicklingError):
-        pass  # not cached yet (or an unreadable file): compute and write it
-    features, probs = _predict(model, images, batch_size)
-    buffer = io.BytesIO()
-    torch.save({"features": features, "probs": probs}, buffer)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, buffer.getbuffer())
-    except OSError:
-        pass  # a read-only home: no cache, the same result
-    return features, probs
+    path = cache_path(model.state_dict().values(), images)
+    return cached(path, images, lambda x: _predict(model, x, batch_size))
 
 
 @torch.inference_mode()

@@ -2,12 +2,14 @@ import atexit
 import os
 import shutil
 import tempfile
+import zipfile
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from ddpm_lib.checkpoint import save_checkpoint
 from ddpm_lib.unet import UNetConfig
 
 # What ddpm_lib.classifier.predict caches on disk goes to one folder for the whole run, shared by the
@@ -50,3 +52,23 @@ def images(request, tmp_path_factory):
     for i in range(count):
         Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     return folder
+
+
+def _deflated_bomb(path, declared: int) -> None:
+    """A real checkpoint rewritten as a deflated zip whose tensor record inflates to ``declared`` zero bytes."""
+    save_checkpoint(path.with_suffix(".src"), {"ema": {"w": torch.zeros(4)}})
+    with zipfile.ZipFile(path.with_suffix(".src")) as src, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as out:
+        for info in src.infolist():
+            if info.filename.endswith("/data/0"):
+                with out.open(info.filename, "w", force_zip64=True) as record:
+                    chunk = bytes(2**24)
+                    for _ in range(declared // len(chunk)):
+                        record.write(chunk)
+            else:
+                out.writestr(info.filename, src.read(info))
+
+
+@pytest.fixture
+def deflated_bomb():
+    """Builds a compressed "bomb" in torch.save's format: deflated_bomb(path, declared bytes)."""
+    return _deflated_bomb

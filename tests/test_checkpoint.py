@@ -1,7 +1,6 @@
 import os
 import subprocess
 import sys
-import zipfile
 
 import pytest
 import torch
@@ -126,21 +125,7 @@ def test_the_legacy_format_is_refused_without_unpickling_it(tmp_path):
     assert not marker.exists()
 
 
-def deflated_bomb(path, declared: int) -> None:
-    """A real checkpoint rewritten as a deflated zip whose tensor record inflates to ``declared`` zero bytes."""
-    save_checkpoint(path.with_suffix(".src"), {"ema": {"w": torch.zeros(4)}})
-    with zipfile.ZipFile(path.with_suffix(".src")) as src, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as out:
-        for info in src.infolist():
-            if info.filename.endswith("/data/0"):
-                with out.open(info.filename, "w", force_zip64=True) as record:
-                    chunk = bytes(2**24)
-                    for _ in range(declared // len(chunk)):
-                        record.write(chunk)
-            else:
-                out.writestr(info.filename, src.read(info))
-
-
-def test_a_compressed_bomb_is_refused_from_its_directory_at_little_memory(tmp_path):
+def test_a_compressed_bomb_is_refused_from_its_directory_at_little_memory(tmp_path, deflated_bomb):
     bomb = tmp_path / "bomb.pt"
     deflated_bomb(bomb, 2**28)
     assert bomb.stat().st_size < 2**21  # 256 MiB of zeros in about 1 MiB

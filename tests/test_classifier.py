@@ -17,6 +17,7 @@ from ddpm_lib.classifier import (
     train_classifier,
 )
 from ddpm_lib.data import data_root
+from ddpm_lib.prediction_cache import SPOT_CHECKS
 from ddpm_lib.unet import count_parameters
 
 SHIPPED = Path(__file__).parents[1] / "checkpoints" / "mnist_classifier.pt"
@@ -47,15 +48,17 @@ def test_shapes_and_size():
 
 def test_large_sets_are_predicted_once_and_read_back_only_for_the_same_weights_and_images(tmp_path, monkeypatch):
     monkeypatch.setenv("DDPM_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(classifier, "CACHE_MIN_IMAGES", 6)
-    model, x = MnistClassifier().eval(), torch.rand(6, 1, 28, 28) * 2 - 1
+    monkeypatch.setattr(classifier, "CACHE_MIN_IMAGES", 40)
+    model, x = MnistClassifier().eval(), torch.rand(40, 1, 28, 28) * 2 - 1
     first = predict(model, x)
     assert len(list((tmp_path / "cache").iterdir())) == 1
-    monkeypatch.setattr(classifier, "_predict", lambda *a: pytest.fail("a cached prediction was computed again"))
+    computed, real = [], classifier._predict
+    monkeypatch.setattr(classifier, "_predict", lambda model, images, batch: computed.append(len(images)) or real(model, images, batch))
     assert all(torch.equal(a, b) for a, b in zip(predict(model, x), first, strict=True))
+    assert computed == [SPOT_CHECKS]  # read back: only the rows the cache is checked with are computed again
     monkeypatch.undo()
     monkeypatch.setenv("DDPM_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(classifier, "CACHE_MIN_IMAGES", 6)
+    monkeypatch.setattr(classifier, "CACHE_MIN_IMAGES", 40)
     other = MnistClassifier().eval()  # other weights: not the cached result
     assert not torch.allclose(predict(other, x)[1], first[1]) and len(list((tmp_path / "cache").iterdir())) == 2
     x[0, 0, 0, 0] += 0.5  # one pixel changed: computed afresh
