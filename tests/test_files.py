@@ -13,6 +13,7 @@ from ddpm_lib.files import (
     atomic_write,
     check_writable,
     exclusive_lock,
+    helper_stem,
     lock_path,
     write_atomic,
     write_section,
@@ -116,6 +117,37 @@ def test_an_exclusive_lock_refuses_a_second_holder_and_is_released(tmp_path):
     with exclusive_lock(path):  # free again
         pass
     assert lock_path(path) == tmp_path / ".run.pt.lock"
+
+
+def test_a_tidy_lock_removes_only_the_lock_file_it_made_and_never_makes_a_folder(tmp_path):
+    path = tmp_path / "model.pt"
+    with exclusive_lock(path, tidy=True):
+        assert lock_path(path).exists()
+        with pytest.raises(PathInUseError):  # held as any lock is
+            with exclusive_lock(path):
+                pass
+    assert not lock_path(path).exists()  # made by this export, gone with it
+    lock_path(path).write_bytes(b"")  # a training run's, which stays
+    with exclusive_lock(path, tidy=True):
+        pass
+    assert lock_path(path).exists()
+    with pytest.raises(OutputPathError, match="folder .*missing does not exist"):
+        with exclusive_lock(tmp_path / "missing" / "model.pt"):
+            pass
+    assert not (tmp_path / "missing").exists()
+
+
+def test_helper_files_of_a_long_name_stay_legal_and_are_still_recognised(tmp_path):
+    path = tmp_path / ("n" * 250)  # legal; ".<name>.lock" and ".<name>.ddpm-PID-XXXXXXXX.tmp" would not be
+    stem = helper_stem(path)
+    assert stem != path.name and stem.startswith("n" * 40 + "~") and len(stem) == 57 and helper_stem(tmp_path / "run.pt") == "run.pt"
+    assert len(lock_path(path).name) <= 255 and helper_stem(tmp_path / ("n" * 249 + "m")) != stem  # the digest tells names apart
+    stale = tmp_path / f".{stem}.ddpm-{dead_pid()}-abcd_123.tmp"
+    stale.write_bytes(b"partial")
+    with exclusive_lock(path):
+        write_atomic(path, b"new")
+    assert path.read_bytes() == b"new" and not stale.exists()  # a killed writer's temporary of the long name is found
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, lock_path(path).name])
 
 
 def test_a_lock_of_a_killed_process_does_not_block(tmp_path):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm_lib.checkpoint import load_model
+from ddpm_lib.checkpoint import load_checkpoint, load_model, save_checkpoint
 from ddpm_lib.cli import main
 from ddpm_lib.denoiser import ClassifierFree, Denoiser, Prediction
 from ddpm_lib.diffusion import to_eps_x0
@@ -124,6 +124,15 @@ def test_an_export_never_writes_over_its_checkpoint_or_a_file_beside_it(tmp_path
     os.link(source, tmp_path / "same.onnx")  # the checkpoint itself under an .onnx name: refused even with --force
     assert main([*args, "--out", str(tmp_path / "same.onnx")]) == 2
     assert "is the checkpoint being exported" in capsys.readouterr().err and source.read_bytes() == before
+
+
+def test_a_blown_up_model_is_never_exported(tmp_path, capsys):
+    """The probe's case: an export of a run that blew up (finite weights of 1e29) wrote a graph that outputs NaN everywhere."""
+    state = load_checkpoint(CHECKPOINTS / "mnist_ddpm.pt")
+    state["ema"] = {k: v * 1e29 if v.is_floating_point() else v for k, v in state["ema"].items()}
+    save_checkpoint(tmp_path / "blown.pt", state)
+    assert main(["export", "--format", "onnx", "--checkpoint", str(tmp_path / "blown.pt"), "--out", str(tmp_path / "m.onnx")]) == 2
+    assert "the training run blew up" in capsys.readouterr().err and sorted(p.name for p in tmp_path.iterdir()) == ["blown.pt"]
 
 
 def test_a_failed_export_leaves_the_old_file_whole(exported, tmp_path, capsys, monkeypatch):
