@@ -299,5 +299,5 @@ def test_when_a_rank_is_killed_the_other_stops_with_one_line_and_status_4(images
     os.kill(max(ranks_), signal.SIGKILL)  # rank 1, started second
     code, err = finish(run)
     assert code == 1
-    line = re.search(r"python -m ddpm_lib train: error: lost contact with another rank at step \d+ \(.*\); .* holds step \d+.*", err)
+    line = re.search(r"python -m ddpm_lib train: error: lost contact with another rank at step \d+ \(.*\); .*; continue with --resume", err)
     assert line and "]: Traceback" not in err and err.count("exitcode  : 4 (pid") == 1, err  # no rank's traceback
