@@ -280,7 +280,16 @@ def press_ctrl_c(*args):
     signal.raise_signal(signal.SIGINT)
 
 
-def test_ctrl_c_saves_the_checkpoint_and_the_run_resumes_exactly(tmp_path, dataset, dropout_config):
+@pytest.fixture
+def ctrl_c():
+    """Ctrl-C as an interactive Python has it (KeyboardInterrupt), whatever this run inherited: a run started in the
+    background (``make test &``) begins with SIGINT ignored."""
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, inherited)
+
+
+def test_ctrl_c_saves_the_checkpoint_and_the_run_resumes_exactly(tmp_path, dataset, dropout_config, ctrl_c):
     config = dataclasses.replace(CONFIG, sample_every=3)
     straight = Trainer(dropout_config, DIFFUSION, config, dataset, device="cpu")
     straight.fit(progress=False)
@@ -305,7 +314,7 @@ def test_a_second_ctrl_c_leaves_at_once_and_keeps_the_old_checkpoint(tmp_path, d
     assert (tmp_path / "run.pt").read_bytes() == before
 
 
-def test_deferred_interrupt_counts_the_first_ctrl_c_and_raises_on_the_second():
+def test_deferred_interrupt_counts_the_first_ctrl_c_and_raises_on_the_second(ctrl_c):
     with deferred_interrupt() as interrupted:
         assert not interrupted()
         signal.raise_signal(signal.SIGINT)
