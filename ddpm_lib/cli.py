@@ -240,10 +240,10 @@ def build_parser() -> Parser:
             "--sampler",
             choices=list(SOLVERS),
             default="ddpm",
-            help="ddpm (all T steps), ddim, heun (2 network evaluations a step), dpmpp2m or dpmpp3m (DPM-Solver++(2M) or (3M)) "
-            "(default: ddpm)",
+            help="ddpm (all T steps), ddim, heun (2 network evaluations a step), dpmpp2m or dpmpp3m (DPM-Solver++(2M) or (3M)), "
+            "dpmpp3m-published (3M as diffusers has it, second order) (default: ddpm)",
         )
-        s.add_argument("--steps", type=positive_int, help="steps of ddim, heun, dpmpp2m or dpmpp3m (default: T)")
+        s.add_argument("--steps", type=positive_int, help="steps of every sampler but ddpm (default: T)")
         s.add_argument("--eta", type=finite_float, help="ddim's noise: 0 deterministic (the default), 1 DDPM-like")
         s.add_argument("--variance", choices=VARIANCES, help="ddpm's step variance (default: beta_tilde)")
         s.add_argument("--seed", type=seed, default=0, help="0 ... 2^32 - 1 (default: 0)")

@@ -67,6 +67,15 @@ SETTINGS = (
     *(SamplerSetting(f"DPM-Solver++(3M) {k}", sampler="dpmpp3m", steps=k) for k in (5, 10, 20)),
 )
 
+SEEDS = (0, 1, 2)  # the seeds of the comparisons with error bars (COMPARED)
+COMPARED = (  # the settings the course compares with one another, each measured at every one of SEEDS
+    *(SamplerSetting(f"DPM-Solver++(3M) {k}", sampler="dpmpp3m", steps=k) for k in (5, 8, 10, 20)),
+    *(SamplerSetting(f"DPM-Solver++(3M) as published {k}", sampler="dpmpp3m-published", steps=k) for k in (5, 8, 10, 20)),
+    SamplerSetting("Heun 25", sampler="heun", steps=25),
+    SamplerSetting("DDIM 50", steps=50),
+    SamplerSetting("DPM-Solver++(3M) 50", sampler="dpmpp3m", steps=50),  # the ODE solved finely
+)
+
 
 @dataclass(frozen=True)
 class Row:
@@ -222,6 +231,64 @@ def markdown_table(rows: list[Row], floor: Quality, T: int) -> str:
         lines.append(
             f"| {row.setting.label} | {row.setting.evaluations(T)} | {q.frechet:.2f} | {ratio_up(q.frechet / floor.frechet)} "
             f"| {q.confident:.1%} | {q.entropy:.3f} | {'bf16' if row.bf16 else 'fp32'} |"
+        )
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Spread:
+    """One setting over several seeds: the mean and the sample standard deviation of each measure."""
+
+    setting: SamplerSetting
+    seeds: tuple[int, ...]
+    frechet: tuple[float, float]  # (mean, standard deviation)
+    confident: tuple[float, float]
+    entropy: tuple[float, float]
+    bf16: bool
+
+
+def spreads(rows: Iterable[Row]) -> list[Spread]:
+    """The rows grouped by setting, in order of first appearance, each group as a :class:`Spread` over its seeds.
+
+    A group must hold one precision (a comparison across precisions is not one of seeds) and at least two seeds.
+    """
+    groups: dict[SamplerSetting, list[Row]] = {}
+    for row in rows:
+        groups.setdefault(row.setting, []).append(row)
+    out = []
+    for setting, members in groups.items():
+        if len({r.bf16 for r in members}) > 1 or len({r.seed for r in members}) < len(members) or len(members) < 2:
+            raise ValueError(f"{setting.label}: a spread needs two or more distinct seeds in one precision")
+
+        def mean_sd(values: list[float]) -> tuple[float, float]:
+            values = torch.tensor(values, dtype=torch.float64)
+            return values.mean().item(), values.std().item()
+
+        qualities = [r.quality for r in members]
+        out.append(
+            Spread(
+                setting,
+                tuple(r.seed for r in members),
+                mean_sd([q.frechet for q in qualities]),
+                mean_sd([q.confident for q in qualities]),
+                mean_sd([q.entropy for q in qualities]),
+                members[0].bf16,
+            )
+        )
+    return out
+
+
+def spread_table(rows: Iterable[Row], T: int) -> str:
+    """The rows of several seeds as a Markdown table of mean +- standard deviation per setting (:func:`spreads`)."""
+    lines = [
+        "| sampler | U-Net evals | Frechet distance | confident | class entropy | seeds | U-Net in |",
+        "|---|---:|---:|---:|---:|---|---|",
+    ]
+    for s in spreads(rows):
+        (fd, fd_sd), (conf, conf_sd), (ent, ent_sd) = s.frechet, s.confident, s.entropy
+        lines.append(
+            f"| {s.setting.label} | {s.setting.evaluations(T)} | {fd:.3f} ± {fd_sd:.3f} | {conf:.1%} ± {100 * conf_sd:.1f} "
+            f"| {ent:.3f} ± {ent_sd:.3f} | {', '.join(map(str, s.seeds))} | {'bf16' if s.bf16 else 'fp32'} |"
         )
     return "\n".join(lines)
 

@@ -12,7 +12,8 @@ dx~ / dsigma~ = eps(x_t, t) (Song et al. 2021, DDIM Eq. 14): deterministic DDIM 
 method on it, :class:`Heun` the trapezoidal correction of Euler (Karras et al. 2022, Alg. 1), and
 :class:`DPMSolverPP2M` integrates its linear part exactly in lambda = log(alpha / sigma) with the
 data prediction x0 extrapolated from two steps (Lu et al. 2022, DPM-Solver++, Alg. 2), and
-:class:`DPMSolverPP3M` from three.
+:class:`DPMSolverPP3M` from three: orders 1, 2, 2 and 3. :class:`DPMSolverPP3MPublished` is 3M as
+diffusers and the DPM-Solver code have it, whose second-derivative term is half the Taylor expansion's.
 """
 
 from __future__ import annotations
@@ -155,6 +156,10 @@ class DPMSolverPP2M:
         """The order of step i (0-based) of num_steps: limited by the history, and lowered near the end."""
         return min(self.order, i + 1)
 
+    def update(self, x0s: list[torch.Tensor], lams: list[float], lam_next: float, alpha_next: float, order: int) -> torch.Tensor:
+        """The data-prediction part of the step from lams[-1] to lam_next (:func:`multistep_update`)."""
+        return multistep_update(x0s, lams, lam_next, alpha_next, order)
+
     def __call__(self, denoiser, x: torch.Tensor, timesteps: list[int], noise: Noise) -> Iterator[SamplerStep]:
         schedule = denoiser.schedule
         x0s, lams = [], []  # the x0 predictions and their lambdas so far, newest last (the multistep history)
@@ -167,32 +172,54 @@ class DPMSolverPP2M:
                 x = pred.x0
                 break
             lam_next, alpha_next, sigma_next = lambda_alpha_sigma(schedule, t_next)
-            x = (sigma_next / sigma) * x + multistep_update(x0s, lams, lam_next, alpha_next, self.step_order(i, len(timesteps)))
+            x = (sigma_next / sigma) * x + self.update(x0s, lams, lam_next, alpha_next, self.step_order(i, len(timesteps)))
         yield SamplerStep(-1, x, x)
 
 
 @dataclass(frozen=True)
 class DPMSolverPP3M(DPMSolverPP2M):
     """DPM-Solver++(3M): the same exact linear part with x0 quadratic in lambda through the last three
-    predictions (Lu et al. 2022, App. B; diffusers' third-order update), one network evaluation a step.
+    predictions (Lu et al. 2022, App. B), one network evaluation a step, and third order.
 
     It starts at order 1, then 2, then 3; with fewer than 15 steps the second-to-last step drops to
     order 2 (as diffusers' ``lower_order_final``), where a large last h makes the extrapolation unstable.
+    Its second-derivative term is the one the Taylor expansion of the step's integral asks for: twice
+    the published update's (:class:`DPMSolverPP3MPublished`).
     """
 
     order: ClassVar[int] = 3
+    second_derivative: ClassVar[float] = 1.0  # the weight of the h^2 x0'' term: 1 is the Taylor expansion's
 
     def step_order(self, i: int, num_steps: int) -> int:
         lowered = 2 if num_steps < 15 and i == num_steps - 2 else self.order
         return min(lowered, i + 1)
 
+    def update(self, x0s: list[torch.Tensor], lams: list[float], lam_next: float, alpha_next: float, order: int) -> torch.Tensor:
+        return multistep_update(x0s, lams, lam_next, alpha_next, order, self.second_derivative)
 
-def multistep_update(x0s: list[torch.Tensor], lams: list[float], lam_next: float, alpha_next: float, order: int) -> torch.Tensor:
-    """The data-prediction part of a DPM-Solver++ step of ``order`` 1, 2 or 3 from lambdas[-1] to lam_next.
 
-    With h = lam_next - lambda_0 and phi_1 = e^{-h} - 1: order 1 is -alpha phi_1 D0; order 2 adds
-    -alpha phi_1 D1 / 2; order 3 adds alpha (phi_1 / h + 1) D1 - alpha ((phi_1 + h) / h^2 - 1/2) D2, with
-    D0, D1, D2 the x0 prediction and its first and second divided differences in lambda, scaled by h.
+@dataclass(frozen=True)
+class DPMSolverPP3MPublished(DPMSolverPP3M):
+    """DPM-Solver++(3M) as diffusers' ``DPMSolverMultistepScheduler(solver_order=3)`` and the original
+    DPM-Solver code take it: the h^2 x0'' term at half its weight, which leaves the solver second order.
+
+    Kept to compare with them and to measure what the corrected :class:`DPMSolverPP3M` changes.
+    """
+
+    second_derivative: ClassVar[float] = 0.5  # their D2 = (D1_0 - D1_1) / (r0 + r1) is about h^2 x0'' / 2, weighted as h^2 x0''
+
+
+def multistep_update(
+    x0s: list[torch.Tensor], lams: list[float], lam_next: float, alpha_next: float, order: int, second_derivative: float = 1.0
+) -> torch.Tensor:
+    """The data-prediction part of a DPM-Solver++ step of ``order`` 1, 2 or 3 from lams[-1] to lam_next.
+
+    The step's exact answer is alpha_next times the integral over u in [0, h] of e^{u - h} x0(lams[-1] + u),
+    h = lam_next - lams[-1]. With x0 expanded to second order, x0 + u x0' + u^2 x0'' / 2, and phi_1 = e^{-h} - 1,
+    the integral is -phi_1 x0 + (h + phi_1) x0' + (h^2 / 2 - h - phi_1) x0''. In D0 = x0, D1 ~ h x0' and
+    D2 ~ h^2 x0'' from the history: order 1 is -alpha phi_1 D0; order 2 adds -alpha phi_1 D1 / 2 (Lu et al.
+    2022, Alg. 2); order 3 adds alpha (phi_1 / h + 1) D1 + alpha (1/2 - (phi_1 + h) / h^2) D2, with D2 scaled
+    by ``second_derivative`` (0.5: the published update, see :class:`DPMSolverPP3MPublished`).
     """
     h = lam_next - lams[-1]
     phi1 = math.expm1(-h)
@@ -202,18 +229,25 @@ def multistep_update(x0s: list[torch.Tensor], lams: list[float], lam_next: float
         r0 = (lams[-1] - lams[-2]) / h
         update = update - 0.5 * alpha_next * phi1 * (m0 - x0s[-2]) / r0
     elif order == 3:
-        r0, r1 = (lams[-1] - lams[-2]) / h, (lams[-2] - lams[-3]) / h
-        d1_0, d1_1 = (m0 - x0s[-2]) / r0, (x0s[-2] - x0s[-3]) / r1
-        d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
-        d2 = (d1_0 - d1_1) / (r0 + r1)
-        update = update + alpha_next * (phi1 / h + 1) * d1 - alpha_next * ((phi1 + h) / h**2 - 0.5) * d2
+        r0, r1 = (lams[-1] - lams[-2]) / h, (lams[-2] - lams[-3]) / h  # the last two steps, in units of h
+        d1_0, d1_1 = (m0 - x0s[-2]) / r0, (x0s[-2] - x0s[-3]) / r1  # h x0' at the middles of the last two steps
+        d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)  # h x0' at lams[-1]
+        d2 = 2 * second_derivative * (d1_0 - d1_1) / (r0 + r1)  # h^2 x0''
+        update = update + alpha_next * (phi1 / h + 1) * d1 + alpha_next * (0.5 - (phi1 + h) / h**2) * d2
     return update
 
 
-SOLVERS = {"ddpm": DDPM, "ddim": DDIM, "heun": Heun, "dpmpp2m": DPMSolverPP2M, "dpmpp3m": DPMSolverPP3M}
+SOLVERS = {
+    "ddpm": DDPM,
+    "ddim": DDIM,
+    "heun": Heun,
+    "dpmpp2m": DPMSolverPP2M,
+    "dpmpp3m": DPMSolverPP3M,
+    "dpmpp3m-published": DPMSolverPP3MPublished,
+}
 
 
-def make_solver(name: str, **options) -> DDPM | DDIM | Heun | DPMSolverPP2M | DPMSolverPP3M:
+def make_solver(name: str, **options) -> DDPM | DDIM | Heun | DPMSolverPP2M:
     """The solver called ``name`` (one of :data:`SOLVERS`) with its ``options`` (steps, eta, variance).
 
     An option the solver does not have is refused unless it is None, so that e.g. an eta meant for

@@ -4,9 +4,10 @@
 
 For each sampler setting (DDPM 1000 with both variances, DDIM 100/50/20/10, DDIM 50 with eta 1, Heun
 and DPM-Solver++(2M) at 5 to 50 network evaluations; ddpm_lib.evaluation.SETTINGS) it
-draws --num samples and prints the Frechet distance, confident share, class entropy and seconds
-per image, beside the real-data floor at the same number of images, then each row's class
-histogram (images per predicted digit). Rows are cached in docs/quality.json (keyed by the
+draws --num samples and prints the Frechet distance, confident share and class entropy, beside the
+real-data floor at the same number of images, then each row's class histogram (images per
+predicted digit). Then the settings the course compares (ddpm_lib.evaluation.COMPARED) at each of
+--seeds, all in one precision, as mean +- standard deviation. Rows are cached in docs/quality.json (keyed by the
 checkpoint's SHA-256), so an interrupted run continues where it stopped; both tables go to
 docs/quality.md and the quality-vs-steps plot to figures/quality_vs_steps.png.
 """
@@ -20,9 +21,19 @@ import torch
 from ddpm_lib.checkpoint import load_model
 from ddpm_lib.classifier import load_classifier, mnist_tensors
 from ddpm_lib.devices import device_name, use_bf16
-from ddpm_lib.evaluation import SETTINGS, class_count_table, evaluate, markdown_table, plot_quality, weights_sha256
+from ddpm_lib.evaluation import (
+    COMPARED,
+    SEEDS,
+    SETTINGS,
+    class_count_table,
+    evaluate,
+    markdown_table,
+    plot_quality,
+    spread_table,
+    weights_sha256,
+)
 from ddpm_lib.files import atomic_write
-from ddpm_lib.metrics import real_data_floor, reference_stats, target_misses
+from ddpm_lib.metrics import real_data_floor, reference_stats
 from ddpm_lib.training import PRECISIONS
 
 
@@ -32,7 +43,8 @@ def main() -> int:
     parser.add_argument("--classifier", default="checkpoints/mnist_classifier.pt")
     parser.add_argument("--data-root", help="data folder (default: $DDPM_DATA, else ./data)")
     parser.add_argument("--num", type=int, default=1000, help="samples per sampler setting")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="the seed of the main table")
+    parser.add_argument("--seeds", type=int, nargs="*", default=list(SEEDS), help="the seeds of the comparisons with error bars")
     parser.add_argument(
         "--precision",
         choices=PRECISIONS,
@@ -53,6 +65,11 @@ def main() -> int:
     bf16 = use_bf16(args.precision, torch.device("cpu"))
     precision = "bf16 autocast" if bf16 else "fp32"
     print(f"{args.checkpoint}: {args.num} samples per row, U-Net in {precision}, on {device_name('cpu')}")
+    model_id = weights_sha256(model, diffusion)
+
+    def on_row(row):
+        print(f"  {row.setting.label}, seed {row.seed}: FD {row.quality.frechet:.2f}", flush=True)
+
     rows = evaluate(
         model,
         diffusion,
@@ -62,25 +79,40 @@ def main() -> int:
         args.num,
         args.seed,
         cache=args.cache,
-        model_id=weights_sha256(model, diffusion),
+        model_id=model_id,
         bf16=bf16,
         any_precision=args.precision == "auto",
-        on_row=lambda row: print(f"  {row.setting.label}: FD {row.quality.frechet:.2f}", flush=True),
+        on_row=on_row,
     )
     table = markdown_table(rows, floor, diffusion.T)
     histograms = class_count_table(rows, floor)
     print(table, histograms, sep="\n\n")
-    for row in rows:
-        misses = target_misses(row.quality, floor)
-        print(f"{row.setting.label}: {'meets the targets' if not misses else 'misses: ' + '; '.join(misses)}")
+    compared = [
+        row
+        for setting in COMPARED
+        if not args.only or setting.label in args.only
+        for seed in args.seeds
+        for row in evaluate(model, diffusion, classifier, reference, [setting], args.num, seed, args.cache, model_id, on_row, bf16)
+    ]
+    spread = spread_table(compared, diffusion.T) if compared else ""
+    print(spread)
     precisions = " or ".join(sorted({"bf16 autocast" if row.bf16 else "fp32" for row in rows}))
     header = (
         f"Measured by `scripts/evaluate.py` on `{args.checkpoint}`, {args.num} samples per row, seed {args.seed}, "
         f"the U-Net in {precisions} (last column). Cost is counted in U-Net evaluations per image; sampling speed is "
         "in [benchmarks.md](benchmarks.md).\n\n"
     )
+    seeds_header = (
+        f"Each setting at seeds {', '.join(map(str, args.seeds))}, {args.num} samples per seed, all with the U-Net in "
+        f"{'bf16 autocast' if bf16 else 'fp32'}: the mean ± the sample standard deviation over the seeds. "
+        'DPM-Solver++(3M) is the library\'s third-order update; "as published" is the update of diffusers and the '
+        "DPM-Solver code, second order.\n\n"
+    )
     with atomic_write(args.markdown) as tmp:
-        Path(tmp).write_text(f"{header}{table}\n\nImages per digit the classifier sees (the class histogram):\n\n{histograms}\n")
+        Path(tmp).write_text(
+            f"{header}{table}\n\nImages per digit the classifier sees (the class histogram):\n\n{histograms}\n"
+            + (f"\n## Across seeds\n\n{seeds_header}{spread}\n" if compared else "")
+        )
     if len(rows) == len(SETTINGS):
         with atomic_write(args.plot) as tmp:
             plot_quality(rows, floor, diffusion.T).savefig(tmp, format="png", dpi=100, bbox_inches="tight")

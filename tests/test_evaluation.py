@@ -4,6 +4,8 @@ import torch
 from ddpm_lib import evaluation
 from ddpm_lib.diffusion import DiffusionConfig
 from ddpm_lib.evaluation import (
+    COMPARED,
+    SEEDS,
     SETTINGS,
     Row,
     SamplerSetting,
@@ -14,6 +16,8 @@ from ddpm_lib.evaluation import (
     plot_class_counts,
     plot_quality,
     ratio_up,
+    spread_table,
+    spreads,
     weights_sha256,
 )
 from ddpm_lib.metrics import Quality, gaussian_stats
@@ -37,6 +41,35 @@ def test_the_standard_settings_cover_the_issue():
         "DPM-Solver++(2M) 5": 5, "DPM-Solver++(2M) 10": 10, "DPM-Solver++(2M) 20": 20, "DPM-Solver++(2M) 50": 50,
         "DPM-Solver++(3M) 5": 5, "DPM-Solver++(3M) 10": 10, "DPM-Solver++(3M) 20": 20,
     }  # fmt: skip
+
+
+def test_the_compared_settings_hold_3m_before_and_after_at_5_to_20_evaluations_and_its_rivals_at_three_seeds():
+    costs = {s.label: s.evaluations(1000) for s in COMPARED}
+    for k in (5, 8, 10, 20):
+        assert costs[f"DPM-Solver++(3M) {k}"] == costs[f"DPM-Solver++(3M) as published {k}"] == k
+    assert costs["Heun 25"] == 49 and costs["DDIM 50"] == 50 and costs["DPM-Solver++(3M) 50"] == 50
+    assert len(SEEDS) == 3 and len(set(SEEDS)) == 3
+
+
+def quality(frechet: float, confident: float, entropy: float = 2.3) -> Quality:
+    return Quality(frechet=frechet, confident=confident, entropy=entropy, counts=(100,) * 10, n=1000)
+
+
+def test_spreads_give_the_mean_and_sample_standard_deviation_over_seeds_and_refuse_mixed_precisions():
+    ddim, heun = FAST[0], SamplerSetting("Heun 2", sampler="heun", steps=2)
+    rows = [Row(ddim, quality(f, c), 0.1, seed, False) for seed, f, c in ((0, 0.4, 0.88), (1, 0.5, 0.90), (2, 0.6, 0.86))]
+    rows.insert(1, Row(heun, quality(1.0, 0.5), 0.1, 0, False))
+    rows.append(Row(heun, quality(2.0, 0.7), 0.1, 1, False))
+    first, second = spreads(rows)
+    assert first.setting == ddim and first.seeds == (0, 1, 2) and second.setting == heun
+    assert first.frechet == pytest.approx((0.5, 0.1)) and first.confident == pytest.approx((0.88, 0.02))
+    assert second.frechet == pytest.approx((1.5, 2**-0.5))  # the sample standard deviation: divided by n - 1
+    table = spread_table(rows, T=10)
+    assert "| DDIM 2 | 2 | 0.500 ± 0.100 | 88.0% ± 2.0 | 2.300 ± 0.000 | 0, 1, 2 | fp32 |" in table
+    with pytest.raises(ValueError, match="DDIM 2: a spread needs two or more distinct seeds in one precision"):
+        spreads([*rows, Row(ddim, quality(0.5, 0.9), 0.1, 3, True)])
+    with pytest.raises(ValueError, match="distinct seeds"):
+        spreads([Row(ddim, quality(0.5, 0.9), 0.1, 0, False)] * 2)
 
 
 def test_draw_gives_n_images_in_range_reproducibly_with_a_partial_last_batch():

@@ -111,8 +111,8 @@ function multistepUpdate(x0s, lams, lamNext, alphaNext, order) {
       const d10 = (m0[i] - m1[i]) / r0;
       const d11 = (m1[i] - m2[i]) / r1;
       const d1 = d10 + (r0 / (r0 + r1)) * (d10 - d11);
-      const d2 = (d10 - d11) / (r0 + r1);
-      out[i] += alphaNext * (phi1 / h + 1) * d1 - alphaNext * ((phi1 + h) / (h * h) - 0.5) * d2;
+      const d2 = (2 * (d10 - d11)) / (r0 + r1); // h^2 x0''
+      out[i] += alphaNext * (phi1 / h + 1) * d1 + alphaNext * (0.5 - (phi1 + h) / (h * h)) * d2;
     }
   }
   return out;
