@@ -355,8 +355,8 @@ def plot_quality(rows: list[Row], floor: Quality, T: int) -> plt.Figure:
             ax.plot([r.setting.evaluations(T)], [value(r.quality)], marker, ls="none", label=r.setting.label)
         ax.axhline(floor_value, color="gray", ls="--", label="real training images")
         ax.set(xscale="log", xlabel="U-Net evaluations per image", ylabel=name)
-    ax_fd.axhline(3 * floor.frechet, color="gray", ls=":", label="target: 3 x floor")
-    ax_conf.axhline(90, color="gray", ls=":", label="target: 90%")
+    ax_fd.axhline(3 * floor.frechet, color="gray", ls=":", label="3 x the floor (a reference point)")
+    ax_conf.axhline(90, color="gray", ls=":", label="90% (a reference point)")
     ax_fd.set_yscale("log")
     ax_fd.yaxis.set_minor_locator(LogLocator(subs=(2, 3, 5)))
     for axis in (ax_fd.yaxis, ax_fd.xaxis, ax_conf.xaxis):  # 0.4 and 20 rather than 4 x 10^-1 and 2 x 10^1

@@ -141,6 +141,23 @@ def energy_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     return (2 * torch.cdist(a, b).mean() - torch.cdist(a, a).mean() - torch.cdist(b, b).mean()).item()
 
 
+def energy_distances(
+    draw_a: Callable[[torch.Generator], torch.Tensor], draw_b: Callable[[torch.Generator], torch.Tensor], repeats: int = 5, seed: int = 0
+) -> tuple[float, float]:
+    """The mean and sample standard deviation of ``repeats`` energy distances, each between draw_a(g) (N, 2) and
+    draw_b(g) (M, 2) with g seeded seed, seed + 1, ...: a sampler's points against fresh data, say.
+
+    With draw_a = draw_b, each distance is between two fresh draws: the floor that sampling noise alone gives
+    at these sizes (about E|X - X'| (1/N + 1/M), since the estimate includes each cloud's zero self-distances).
+    """
+    distances = []
+    for i in range(repeats):
+        g = torch.Generator().manual_seed(seed + i)
+        distances.append(energy_distance(draw_a(g), draw_b(g)))
+    values = torch.tensor(distances, dtype=torch.float64)
+    return values.mean().item(), values.std().item()
+
+
 def annealed_langevin(
     score: Callable[[torch.Tensor, float], torch.Tensor],
     x: torch.Tensor,

@@ -23,7 +23,7 @@ LIMIT = 2.2  # the pictures show [-LIMIT, LIMIT]^2
 
 
 def field_frame(
-    mixture: Mixture, denoisers: dict[str, object], particles: dict[str, torch.Tensor], t: int, arrows: int = 13, dpi: int = 55
+    mixture: Mixture, denoisers: dict[str, object], particles: dict[str, torch.Tensor], t: int, arrows: int = 13, dpi: int = 80
 ) -> np.ndarray:
     """One frame (H, W, 3) uint8: a panel per denoiser (its name as title) at 0-based t, with ``particles[name]`` (N, 2)."""
     schedule = next(iter(denoisers.values())).schedule
@@ -48,7 +48,7 @@ def field_frame(
             p = particles[name]
             ax.scatter(p[:, 0], p[:, 1], s=4, color="tab:red")
         ax.set(xlim=(-LIMIT, LIMIT), ylim=(-LIMIT, LIMIT), xticks=[], yticks=[], aspect="equal")
-        ax.set_title(f"{name}, t = {t}", fontsize=10)
+        ax.set_title(f"{name}, t = {t}", fontsize=13)
     fig.tight_layout()
     fig.canvas.draw()
     return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
@@ -70,5 +70,5 @@ def field_viewer(
         return field_frame(mixture, denoisers, {name: steps[at] for name, steps in by_t.items()}, at)
 
     label = "t = {}: the density, the field and the ODE's particles".format
-    static = sorted({nearest(t) for t in (ts[-1], 500, 200, 50, ts[0])}, reverse=True)
+    static = sorted({nearest(t) for t in (ts[-1], 300, 100, ts[0])}, reverse=True)  # noise, blurred modes, eight modes, data
     return TimestepViewer(render, ts[0], ts[-1], value=ts[-1], static_ts=static, label=label, scrub_ts=ts, budget=budget)

@@ -6,7 +6,7 @@ import torch
 from ddpm_lib.denoiser import Denoiser
 from ddpm_lib.schedules import get_schedule
 from ddpm_lib.solvers import DDIM, Heun
-from ddpm_lib.toy import ExactDenoiser, GaussianFit, Mixture, annealed_langevin, energy_distance, eps_mse, ring, train_mlp
+from ddpm_lib.toy import ExactDenoiser, GaussianFit, Mixture, annealed_langevin, energy_distance, energy_distances, eps_mse, ring, train_mlp
 
 TOY = ring()  # 8 Gaussians of std 0.1 on the unit circle
 LINEAR = get_schedule("linear", 1000)
@@ -90,6 +90,17 @@ def test_on_the_toy_ddim_is_first_order_and_heun_second():
     heun_orders = [math.log2(a / b) for a, b in zip(heun, heun[1:], strict=False)]
     assert all(0.8 < p < 1.25 for p in ddim_orders), ddim_orders  # measured: 1.14 and 1.07
     assert all(1.8 < p < 2.3 for p in heun_orders), heun_orders  # measured: 2.09 and 2.08
+
+
+def test_energy_distances_give_the_floor_of_two_fresh_draws_and_its_spread():
+    def draw(g):  # N(0, I) in 2-D, whose E|X - X'| is sqrt(pi)
+        return torch.randn(500, 2, generator=g, dtype=torch.float64)
+
+    floor, spread = energy_distances(draw, draw, repeats=40)
+    assert floor == pytest.approx(math.sqrt(math.pi) * 2 / 500, rel=0.15) and 0 < spread < floor
+    shifted, _ = energy_distances(lambda g: draw(g) + 0.3, draw, repeats=3)
+    assert shifted > floor + 10 * spread
+    assert energy_distances(draw, draw, repeats=3, seed=7) == energy_distances(draw, draw, repeats=3, seed=7)
 
 
 def test_energy_distance_is_zero_only_for_the_same_distribution():
