@@ -74,6 +74,12 @@ COMPARED = (  # the settings the course compares with one another, each measured
     SamplerSetting("Heun 25", sampler="heun", steps=25),
     SamplerSetting("DDIM 50", steps=50),
     SamplerSetting("DPM-Solver++(3M) 50", sampler="dpmpp3m", steps=50),  # the ODE solved finely
+    SamplerSetting("DDIM 50, eta 1", steps=50, eta=1.0),  # the same 50 steps with fresh noise in each
+)
+PAIRED = (  # (a, b): the differences a - b, seed by seed (the same starting noise), that the course quotes
+    *((f"DPM-Solver++(3M) {k}", f"DPM-Solver++(3M) as published {k}") for k in (5, 8, 10, 20)),
+    ("DDIM 50", "DPM-Solver++(3M) 50"),  # Euler's error: 50 steps of DDIM against the ODE solved finely
+    ("DDIM 50, eta 1", "DPM-Solver++(3M) 50"),  # the stochastic sampler against the ODE solved finely
 )
 
 
@@ -289,6 +295,27 @@ def spread_table(rows: Iterable[Row], T: int) -> str:
         lines.append(
             f"| {s.setting.label} | {s.setting.evaluations(T)} | {fd:.3f} ± {fd_sd:.3f} | {conf:.1%} ± {100 * conf_sd:.1f} "
             f"| {ent:.3f} ± {ent_sd:.3f} | {', '.join(map(str, s.seeds))} | {'bf16' if s.bf16 else 'fp32'} |"
+        )
+    return "\n".join(lines)
+
+
+def paired_table(rows: Iterable[Row], pairs: Iterable[tuple[str, str]]) -> str:
+    """For each pair (a, b) of setting labels, the differences a - b of seeds that both rows have, as mean +- sample
+    standard deviation: the same seed starts both samplers from the same noise, so its difference is more precise
+    than the two spreads suggest. Pairs with fewer than two shared seeds are left out."""
+    by = {(r.setting.label, r.seed): r.quality for r in rows}
+    lines = [
+        "| a - b | Frechet distance | confident (points) | seeds |",
+        "|---|---:|---:|---|",
+    ]
+    for a, b in pairs:
+        seeds = sorted(seed for label, seed in by if label == a and (b, seed) in by)
+        if len(seeds) < 2:
+            continue
+        fd = torch.tensor([by[a, s].frechet - by[b, s].frechet for s in seeds], dtype=torch.float64)
+        conf = 100 * torch.tensor([by[a, s].confident - by[b, s].confident for s in seeds], dtype=torch.float64)
+        lines.append(
+            f"| {a} - {b} | {fd.mean():+.3f} ± {fd.std():.3f} | {conf.mean():+.1f} ± {conf.std():.1f} | {', '.join(map(str, seeds))} |"
         )
     return "\n".join(lines)
 

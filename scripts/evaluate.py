@@ -23,11 +23,13 @@ from ddpm_lib.classifier import load_classifier, mnist_tensors
 from ddpm_lib.devices import device_name, use_bf16
 from ddpm_lib.evaluation import (
     COMPARED,
+    PAIRED,
     SEEDS,
     SETTINGS,
     class_count_table,
     evaluate,
     markdown_table,
+    paired_table,
     plot_quality,
     spread_table,
     weights_sha256,
@@ -95,12 +97,17 @@ def main() -> int:
         for row in evaluate(model, diffusion, classifier, reference, [setting], args.num, seed, args.cache, model_id, on_row, bf16)
     ]
     spread = spread_table(compared, diffusion.T) if compared else ""
-    print(spread)
+    paired = paired_table(compared, PAIRED) if compared else ""
+    print(spread, paired, sep="\n\n")
     precisions = " or ".join(sorted({"bf16 autocast" if row.bf16 else "fp32" for row in rows}))
     header = (
         f"Measured by `scripts/evaluate.py` on `{args.checkpoint}`, {args.num} samples per row, seed {args.seed}, "
         f"the U-Net in {precisions} (last column). Cost is counted in U-Net evaluations per image; sampling speed is "
         "in [benchmarks.md](benchmarks.md).\n\n"
+    )
+    paired_header = (
+        "The same rows as differences, seed by seed: each seed starts both samplers from the same noise, so a "
+        "difference is measured more precisely than the spreads above suggest.\n\n"
     )
     seeds_header = (
         f"Each setting at seeds {', '.join(map(str, args.seeds))}, {args.num} samples per seed, all with the U-Net in "
@@ -111,7 +118,7 @@ def main() -> int:
     with atomic_write(args.markdown) as tmp:
         Path(tmp).write_text(
             f"{header}{table}\n\nImages per digit the classifier sees (the class histogram):\n\n{histograms}\n"
-            + (f"\n## Across seeds\n\n{seeds_header}{spread}\n" if compared else "")
+            + (f"\n## Across seeds\n\n{seeds_header}{spread}\n\n{paired_header}{paired}\n" if compared else "")
         )
     if len(rows) == len(SETTINGS):
         with atomic_write(args.plot) as tmp:

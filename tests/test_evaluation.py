@@ -13,6 +13,7 @@ from ddpm_lib.evaluation import (
     draw,
     evaluate,
     markdown_table,
+    paired_table,
     plot_class_counts,
     plot_quality,
     ratio_up,
@@ -47,7 +48,7 @@ def test_the_compared_settings_hold_3m_before_and_after_at_5_to_20_evaluations_a
     costs = {s.label: s.evaluations(1000) for s in COMPARED}
     for k in (5, 8, 10, 20):
         assert costs[f"DPM-Solver++(3M) {k}"] == costs[f"DPM-Solver++(3M) as published {k}"] == k
-    assert costs["Heun 25"] == 49 and costs["DDIM 50"] == 50 and costs["DPM-Solver++(3M) 50"] == 50
+    assert costs["Heun 25"] == 49 and costs["DDIM 50"] == costs["DDIM 50, eta 1"] == costs["DPM-Solver++(3M) 50"] == 50
     assert len(SEEDS) == 3 and len(set(SEEDS)) == 3
 
 
@@ -70,6 +71,9 @@ def test_spreads_give_the_mean_and_sample_standard_deviation_over_seeds_and_refu
         spreads([*rows, Row(ddim, quality(0.5, 0.9), 0.1, 3, True)])
     with pytest.raises(ValueError, match="distinct seeds"):
         spreads([Row(ddim, quality(0.5, 0.9), 0.1, 0, False)] * 2)
+    paired = paired_table(rows, [("DDIM 2", "Heun 2"), ("DDIM 2", "nowhere")])
+    # seeds 0 and 1: 0.4 - 1.0 and 0.5 - 2.0, mean -1.05 and sd 0.636; confident 88 - 50 and 90 - 70 points
+    assert paired.splitlines()[2:] == ["| DDIM 2 - Heun 2 | -1.050 ± 0.636 | +29.0 ± 12.7 | 0, 1 |"]
 
 
 def test_draw_gives_n_images_in_range_reproducibly_with_a_partial_last_batch():

@@ -34,10 +34,31 @@ def test_the_notation_check_catches_what_it_names():
     assert not any(CODE_INDEX.search(f) for f in ("d = 0.999", r"\bar\alpha_T", "t = 1", r"\{1, \dots, T\}", "t = 10"))
 
 
+# What a student should never read: the test suite's switch, CI, and pass/fail language.
+PLUMBING = re.compile(r"NBVAL_|make gpu-check|DDPM_SMOKE|\bCI\b|target:")
+
+
+def sources(path: Path) -> list[str]:
+    return ["".join(cell["source"]) for cell in json.loads(path.read_text())["cells"]]
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_no_notebook_shows_the_reader_project_plumbing(path):
-    text = path.read_text()
-    assert "NBVAL_" not in text and "make gpu-check" not in text
+    assert "NBVAL_" not in path.read_text()
+    assert [m.group(0) for text in sources(path) for m in PLUMBING.finditer(text)] == []
+
+
+def test_the_plumbing_check_catches_what_it_names():
+    hits = [s for s in ('os.environ.get("DDPM_SMOKE")', "# CI runs it", 'label="target: 90%"', "make gpu-check") if PLUMBING.search(s)]
+    assert len(hits) == 4
+    assert not any(PLUMBING.search(s) for s in ("CIFAR-10", "tilted target, mean", "the targets of a classifier"))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_quick_mode_is_one_switch_read_through_the_course_s_run_sizes(path):
+    code = [text for text, cell in zip(sources(path), json.loads(path.read_text())["cells"], strict=True) if cell["cell_type"] == "code"]
+    calls = sum(text.count("run_sizes(") for text in code)
+    assert calls <= 1 and not any("os.environ" in text for text in code), "one run_sizes(full=..., quick=...) call, no environment reads"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

@@ -89,3 +89,52 @@ def test_make_lab_allows_root_exactly_when_run_as_root(user_id, flag):
 
 def test_the_readme_is_a_front_page_of_at_most_12000_characters():
     assert len((ROOT / "README.md").read_text()) <= 12_000  # the experiments live in docs/
+
+
+def table(text: str, heading: str, after: str = "") -> dict[str, list[str]]:
+    """The first Markdown table in ``text`` (after the line ``after``) whose header row starts with ``| heading |``:
+    {first cell: the other cells}."""
+    start = text.index(f"| {heading} |", text.index(after) if after else 0)
+    end = text.find("\n\n", start)
+    rows = {}
+    for line in text[start : end if end >= 0 else None].splitlines()[2:]:  # after the header and rule rows
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        rows[cells[0]] = cells[1:]
+    return rows
+
+
+def readme_table(heading: str) -> dict[str, list[str]]:
+    return table((ROOT / "README.md").read_text(), heading)
+
+
+def test_the_readme_quotes_quality_as_docs_quality_md_has_it():
+    measured = table((ROOT / "docs" / "quality.md").read_text(), "sampler")
+    quoted = readme_table("sampler")
+    assert len(quoted) >= 5
+    for label, cells in quoted.items():
+        assert measured[label.removesuffix(" (fp32)")][: len(cells)] == cells, label
+
+
+def test_the_readme_quotes_the_comparisons_across_seeds_as_docs_quality_md_has_them():
+    measured = table((ROOT / "docs" / "quality.md").read_text(), "sampler", after="## Across seeds")
+    quoted = readme_table("sampler, 3 seeds")
+    assert len(quoted) >= 4
+    for label, cells in quoted.items():
+        assert measured[label][: len(cells)] == cells, label
+
+
+def test_the_readme_quotes_speed_as_docs_benchmarks_md_has_it():
+    measured = table((ROOT / "docs" / "benchmarks.md").read_text(), "what")
+    quoted = readme_table("what")
+    assert len(quoted) >= 4
+    for what, cells in quoted.items():
+        assert measured[what] == cells, what
+
+
+def test_the_readme_quotes_guidance_as_docs_guidance_md_has_it():
+    measured = table((ROOT / "docs" / "guidance.md").read_text(), "guidance")
+    quoted = readme_table("guidance")
+    assert len(quoted) >= 3
+    for label, cells in quoted.items():
+        strength = re.search(r"[ws] = [\d.]+", label).group(0)  # the guidance.md row: "w = 1", "s = 4"
+        assert measured[strength][:3] == cells, label  # asked digit drawn, confident, class-wise FD
