@@ -32,7 +32,8 @@ site: $(VENV)/.installed
 figures: $(VENV)/.installed
 	$(BIN)/python scripts/make_figures.py
 
-# The quality table of every sampler (docs/quality.md, figures/quality_vs_steps.png): about an hour on 2 CPU cores.
+# The quality table of every sampler (docs/quality.md, figures/quality_vs_steps.png): about an hour on 2 CPU cores
+# with fast bf16; then the comparisons across three seeds, all in one precision: about 45 minutes more in fp32.
 evaluate: $(VENV)/.installed
 	$(BIN)/python scripts/evaluate.py
 
@@ -40,7 +41,8 @@ evaluate: $(VENV)/.installed
 guidance: $(VENV)/.installed
 	$(BIN)/python scripts/guidance_sweep.py
 
-# Speed: training, sampling, sliders, GIF export and the nbval run (docs/benchmarks.md): about 10 minutes on 2 CPU cores.
+# Speed: training, sampling, each solver, sliders, GIF export, the nbval run and the browser's sampler (docs/benchmarks.md,
+# every timing the course quotes): about 15 minutes on 2 CPU cores, with nothing else running.
 benchmark: $(VENV)/.installed
 	$(BIN)/python scripts/benchmark.py
 	$(BIN)/python scripts/benchmark.py --browser
