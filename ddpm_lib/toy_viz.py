@@ -70,5 +70,5 @@ def field_viewer(
         return field_frame(mixture, denoisers, {name: steps[at] for name, steps in by_t.items()}, at)
 
     label = "t = {}: the density, the field and the ODE's particles".format
-    static = sorted({nearest(t) for t in (ts[-1], 300, 100, ts[0])}, reverse=True)  # noise, blurred modes, eight modes, data
+    static = sorted({nearest(t) for t in (ts[-1], 150, 70, ts[0])}, reverse=True)  # noise, a ring forming, modes forming, data
     return TimestepViewer(render, ts[0], ts[-1], value=ts[-1], static_ts=static, label=label, scrub_ts=ts, budget=budget)
