@@ -253,6 +253,12 @@ class Spread:
     bf16: bool
 
 
+def mean_sd(values: Iterable[float]) -> tuple[float, float]:
+    """The mean and the sample standard deviation (divided by n - 1) of ``values``."""
+    values = torch.tensor(list(values), dtype=torch.float64)
+    return values.mean().item(), values.std().item()
+
+
 def spreads(rows: Iterable[Row]) -> list[Spread]:
     """The rows grouped by setting, in order of first appearance, each group as a :class:`Spread` over its seeds.
 
@@ -265,10 +271,6 @@ def spreads(rows: Iterable[Row]) -> list[Spread]:
     for setting, members in groups.items():
         if len({r.bf16 for r in members}) > 1 or len({r.seed for r in members}) < len(members) or len(members) < 2:
             raise ValueError(f"{setting.label}: a spread needs two or more distinct seeds in one precision")
-
-        def mean_sd(values: list[float]) -> tuple[float, float]:
-            values = torch.tensor(values, dtype=torch.float64)
-            return values.mean().item(), values.std().item()
 
         qualities = [r.quality for r in members]
         out.append(
@@ -312,11 +314,9 @@ def paired_table(rows: Iterable[Row], pairs: Iterable[tuple[str, str]]) -> str:
         seeds = sorted(seed for label, seed in by if label == a and (b, seed) in by)
         if len(seeds) < 2:
             continue
-        fd = torch.tensor([by[a, s].frechet - by[b, s].frechet for s in seeds], dtype=torch.float64)
-        conf = 100 * torch.tensor([by[a, s].confident - by[b, s].confident for s in seeds], dtype=torch.float64)
-        lines.append(
-            f"| {a} - {b} | {fd.mean():+.3f} ± {fd.std():.3f} | {conf.mean():+.1f} ± {conf.std():.1f} | {', '.join(map(str, seeds))} |"
-        )
+        fd, fd_sd = mean_sd(by[a, s].frechet - by[b, s].frechet for s in seeds)
+        conf, conf_sd = mean_sd(100 * (by[a, s].confident - by[b, s].confident) for s in seeds)
+        lines.append(f"| {a} - {b} | {fd:+.3f} ± {fd_sd:.3f} | {conf:+.1f} ± {conf_sd:.1f} | {', '.join(map(str, seeds))} |")
     return "\n".join(lines)
 
 

@@ -145,6 +145,7 @@ class DPMSolverPP2M:
 
     steps: int | None = None  # None: all T
     order: ClassVar[int] = 2  # the polynomial's degree + 1 once the history allows it
+    second_derivative: ClassVar[float] = 1.0  # the weight of the h^2 x0'' term (order 3 only): 1 is the Taylor expansion's
 
     def timesteps(self, T: int) -> list[int]:
         return trailing_grid(T, self.steps)
@@ -155,10 +156,6 @@ class DPMSolverPP2M:
     def step_order(self, i: int, num_steps: int) -> int:
         """The order of step i (0-based) of num_steps: limited by the history, and lowered near the end."""
         return min(self.order, i + 1)
-
-    def update(self, x0s: list[torch.Tensor], lams: list[float], lam_next: float, alpha_next: float, order: int) -> torch.Tensor:
-        """The data-prediction part of the step from lams[-1] to lam_next (:func:`multistep_update`)."""
-        return multistep_update(x0s, lams, lam_next, alpha_next, order)
 
     def __call__(self, denoiser, x: torch.Tensor, timesteps: list[int], noise: Noise) -> Iterator[SamplerStep]:
         schedule = denoiser.schedule
@@ -172,7 +169,8 @@ class DPMSolverPP2M:
                 x = pred.x0
                 break
             lam_next, alpha_next, sigma_next = lambda_alpha_sigma(schedule, t_next)
-            x = (sigma_next / sigma) * x + self.update(x0s, lams, lam_next, alpha_next, self.step_order(i, len(timesteps)))
+            order = self.step_order(i, len(timesteps))
+            x = (sigma_next / sigma) * x + multistep_update(x0s, lams, lam_next, alpha_next, order, self.second_derivative)
         yield SamplerStep(-1, x, x)
 
 
@@ -188,14 +186,10 @@ class DPMSolverPP3M(DPMSolverPP2M):
     """
 
     order: ClassVar[int] = 3
-    second_derivative: ClassVar[float] = 1.0  # the weight of the h^2 x0'' term: 1 is the Taylor expansion's
 
     def step_order(self, i: int, num_steps: int) -> int:
         lowered = 2 if num_steps < 15 and i == num_steps - 2 else self.order
         return min(lowered, i + 1)
-
-    def update(self, x0s: list[torch.Tensor], lams: list[float], lam_next: float, alpha_next: float, order: int) -> torch.Tensor:
-        return multistep_update(x0s, lams, lam_next, alpha_next, order, self.second_derivative)
 
 
 @dataclass(frozen=True)

@@ -199,7 +199,9 @@ def exactly_started(solver):
         for i, (t, t_next) in enumerate(zip(grid[2:], grid[3:], strict=False), start=2):
             x0s = [*x0s[-2:], GaussianData()(x, t).x0]
             _, alpha_next, sigma_next = lambda_alpha_sigma(LINEAR, t_next)
-            x = (sigma_next / lambda_alpha_sigma(LINEAR, t)[2]) * x + solver.update(x0s, lams[i - 2 : i + 1], lams[i + 1], alpha_next, 3)
+            x = (sigma_next / lambda_alpha_sigma(LINEAR, t)[2]) * x + multistep_update(
+                x0s, lams[i - 2 : i + 1], lams[i + 1], alpha_next, 3, solver.second_derivative
+            )
         return x
 
     return run
