@@ -25,13 +25,14 @@ from . import distributed
 from .checkpoint import CheckpointError, check_output, export_ema, load_checkpoint, sound_model
 from .data import DATASETS, DatasetNotFoundError, ImageChanged, ImageFiles, get_dataset, skipped_summary
 from .devices import device_name, resolve_device
-from .diffusion import PREDICTIONS, DiffusionConfig
+from .diffusion import DiffusionConfig
 from .divergence import DivergenceError
 from .files import OutputPathError, check_writable, exclusive_lock, write_atomic
 from .generate import BATCH, SampleRequest, prepare
 from .guidance import DEFAULT_CLASSIFIER_SCALE, DEFAULT_GUIDANCE
 from .likelihood import Bound, bound_table, variational_bound
 from .onnx_export import export_onnx
+from .parametrizations import PREDICTIONS
 from .resources import format_bytes, require
 from .runs import RESUMABLE, flag, new_run, resumed_run
 from .sampling import VARIANCES
@@ -240,8 +241,7 @@ def build_parser() -> Parser:
             "--sampler",
             choices=list(SOLVERS),
             default="ddpm",
-            help="ddpm (all T steps), ddim, heun (2 network evaluations a step), dpmpp2m or dpmpp3m (DPM-Solver++(2M) or (3M)), "
-            "dpmpp3m-published (3M as diffusers has it, second order) (default: ddpm)",
+            help="; ".join(f"{name}: {cls.summary}" for name, cls in SOLVERS.items()) + " (default: ddpm)",
         )
         s.add_argument("--steps", type=positive_int, help="steps of every sampler but ddpm (default: T)")
         s.add_argument("--eta", type=finite_float, help="ddim's noise: 0 deterministic (the default), 1 DDPM-like")

@@ -1,29 +1,33 @@
-"""The denoiser: all a solver sees of a network, a prediction of x0 and eps at (x_t, t).
+"""The denoiser: all a solver sees of a network, a prediction of x0 and eps at (x_t, p) for a grid point p.
 
-A network predicts eps, x0 or v, as its checkpoint's ``DiffusionConfig.prediction`` records;
-:class:`Denoiser` turns that output into both eps and x0 (Eq. 15 and its inverse), runs the
-network in batches of at most ``batch_size`` images and under bf16 autocast when asked. Guidance
-and clipping are denoisers that wrap a denoiser (:class:`ClassifierFree`, :class:`ClassifierGuided`,
-:class:`Clipped`), each checking its own arguments once, where it is built; so the solvers
-(:mod:`ddpm_lib.solvers`) never branch on them, and every solver is guided the same way.
+A network predicts eps, x0, v or the flow velocity, as its checkpoint's ``DiffusionConfig.prediction``
+records; :class:`Denoiser` feeds it x_t at the point's time and turns its output into both eps and x0
+on the point's (alpha, sigma) (:mod:`ddpm_lib.parametrizations`), runs the network in batches of at most
+``batch_size`` images and under bf16 autocast when asked. Guidance and clipping are denoisers that wrap a
+denoiser (:class:`ClassifierFree`, :class:`ClassifierGuided`, :class:`Clipped`), each checking its own
+arguments once, where it is built; so the solvers (:mod:`ddpm_lib.solvers`) never branch on them, and
+every solver is guided the same way. :meth:`Denoiser.from_checkpoint` assembles all of it from a file.
 
-Conventions: t is a 0-based int (0 ... T-1); x_t is (B, C, H, W); labels are (B,) integers.
-Every denoiser is called as ``denoiser(x_t, t, y=None)``, where ``y`` are labels for the network.
+Conventions: p is a :class:`~ddpm_lib.paths.GridPoint` of the denoiser's ``path``; x_t is (B, C, H, W) in
+[-1, 1]-scaled units; labels are (B,) integers. Every denoiser is called as ``denoiser(x_t, p, y=None)``,
+where ``y`` are labels for the network.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from .diffusion import PREDICTIONS, DiffusionConfig, eps_from_x0, to_eps_x0, x0_from_eps
+from .diffusion import DiffusionConfig
 from .guidance import cfg_combine, classifier_grad, num_classes
+from .parametrizations import PARAMETRIZATIONS, eps_from_x0, x0_from_eps
+from .paths import GridPoint
 from .sampling import eval_mode
-from .schedules import NoiseSchedule
 
 
 class Prediction(NamedTuple):
@@ -41,7 +45,7 @@ def in_batches(fn: Callable[..., torch.Tensor], batch_size: int | None, *tensors
 
 
 class Denoiser:
-    """A network as a denoiser: ``model(x_t, t, y)`` read as its parametrization ``diffusion.prediction``.
+    """A network as a denoiser: ``model(x_t, t, y)`` on ``diffusion``'s path, read as its parametrization ``diffusion.prediction``.
 
     ``bf16`` runs the network (only) under bf16 autocast; its outputs and everything after stay
     float32. ``batch_size`` caps how many images the network sees at once (its memory grows with
@@ -49,28 +53,47 @@ class Denoiser:
     """
 
     def __init__(self, model: nn.Module, diffusion: DiffusionConfig, bf16: bool = False, batch_size: int | None = None):
-        if diffusion.prediction not in PREDICTIONS:
-            raise ValueError(f"unknown prediction {diffusion.prediction!r}; valid choices: {', '.join(PREDICTIONS)}")
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        self.model, self.prediction, self.bf16, self.batch_size = model, diffusion.prediction, bf16, batch_size
+        self.model, self.parametrization, self.bf16, self.batch_size = model, PARAMETRIZATIONS[diffusion.prediction], bf16, batch_size
         self.device = next(model.parameters()).device
-        self.schedule: NoiseSchedule = diffusion.make_schedule().to(self.device)
+        self.path = diffusion.make_path()  # its points are float64 numbers, read on the CPU
         self.num_classes = num_classes(model)  # 0: unconditional; label num_classes means "no label"
 
-    def output(self, x_t: torch.Tensor, t: int, y: torch.Tensor | None = None) -> torch.Tensor:
-        """The network's raw output at 0-based ``t``, float32, (B, C, H, W)."""
+    @classmethod
+    def from_checkpoint(
+        cls,
+        checkpoint: str | os.PathLike,
+        device: str | torch.device = "cpu",
+        bf16: bool = False,
+        batch_size: int | None = None,
+        labels: torch.Tensor | None = None,
+        guidance: float = 0.0,
+        classifier: nn.Module | None = None,
+        classifier_scale: float = 1.0,
+        clip: bool = True,
+    ):
+        """The EMA network of ``checkpoint`` on ``device`` as a ready denoiser: its path, parametrization and
+        classes from the file, then guidance and clipping as :func:`guided` assembles them."""
+        from .checkpoint import load_model  # checkpoint.py checks networks with this module's Denoiser
+
+        model, diffusion = load_model(checkpoint, device)
+        return guided(cls(model, diffusion, bf16, batch_size), labels, guidance, classifier, classifier_scale, clip)
+
+    def output(self, x_t: torch.Tensor, p: GridPoint, y: torch.Tensor | None = None) -> torch.Tensor:
+        """The network's raw output at the point ``p``, float32, (B, C, H, W)."""
+        scale = self.path.input_scale(p)
 
         def run(x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-            t_batch = torch.full((len(x),), t, device=x.device, dtype=torch.long)
+            t_batch = torch.full((len(x),), p.t, device=x.device)  # int64 for a VP index, float32 for a continuous time
             with torch.autocast(x.device.type, torch.bfloat16, enabled=self.bf16):
-                return (self.model(x, t_batch) if labels is None else self.model(x, t_batch, labels)).float()
+                return (self.model(x * scale, t_batch) if labels is None else self.model(x * scale, t_batch, labels)).float()
 
         with eval_mode(self.model):  # dropout off: the same seed must give the same images
             return in_batches(run, self.batch_size, x_t, y)
 
-    def __call__(self, x_t: torch.Tensor, t: int, y: torch.Tensor | None = None) -> Prediction:
-        return Prediction(*to_eps_x0(self.output(x_t, t, y), x_t, t, self.schedule, self.prediction))
+    def __call__(self, x_t: torch.Tensor, p: GridPoint, y: torch.Tensor | None = None) -> Prediction:
+        return Prediction(*self.parametrization.to_eps_x0(self.output(x_t, p, y), x_t, p.alpha, p.sigma))
 
 
 def check_count(labels: torch.Tensor, x_t: torch.Tensor) -> None:
@@ -99,22 +122,22 @@ class ClassifierFree:
         if not math.isfinite(w):
             raise ValueError(f"the guidance weight w must be a finite number, got {w}")
         check_labels(labels, inner.num_classes, "the model")
-        self.inner, self.w, self.schedule, self.device = inner, w, inner.schedule, inner.device
+        self.inner, self.w, self.path, self.device = inner, w, inner.path, inner.device
         self.labels = labels.to(inner.device)
 
-    def __call__(self, x_t: torch.Tensor, t: int, y: torch.Tensor | None = None) -> Prediction:
+    def __call__(self, x_t: torch.Tensor, p: GridPoint, y: torch.Tensor | None = None) -> Prediction:
         check_count(self.labels, x_t)
         if self.w == 0:
-            return self.inner(x_t, t, self.labels)
+            return self.inner(x_t, p, self.labels)
         null = torch.full_like(self.labels, self.inner.num_classes)
-        both = self.inner(torch.cat([x_t, x_t]), t, torch.cat([self.labels, null]))
+        both = self.inner(torch.cat([x_t, x_t]), p, torch.cat([self.labels, null]))
         (eps_c, eps_u), (x0_c, x0_u) = both.eps.chunk(2), both.x0.chunk(2)  # each (B, C, H, W)
         return Prediction(cfg_combine(eps_c, eps_u, self.w), cfg_combine(x0_c, x0_u, self.w))
 
 
 class ClassifierGuided:
     """Classifier guidance (Dhariwal & Nichol 2021, Alg. 2) toward ``labels`` with scale s:
-    eps - sqrt(1 - alpha_bar_t) s grad log p(y | x_t, t), and the x0 it implies.
+    eps - sigma_t s grad log p(y | x_t, t) (sigma_t = sqrt(1 - alpha_bar_t) on the VP path), and the x0 it implies.
 
     ``classifier(x_t, t)`` gives (B, K) logits of p(y | x_t, t); its gradient is taken in batches of
     at most ``batch_size`` images. Any solver takes the guided eps as it takes an unguided one.
@@ -126,30 +149,30 @@ class ClassifierGuided:
         if num_classes(classifier):  # a classifier without a config (K unknown) is checked as it runs
             check_labels(labels, num_classes(classifier), "the classifier")
         self.inner, self.classifier, self.scale, self.batch_size = inner, classifier, scale, batch_size
-        self.schedule, self.device = inner.schedule, inner.device
+        self.path, self.device = inner.path, inner.device
         self.labels = labels.to(next(classifier.parameters()).device)
 
-    def __call__(self, x_t: torch.Tensor, t: int, y: torch.Tensor | None = None) -> Prediction:
+    def __call__(self, x_t: torch.Tensor, p: GridPoint, y: torch.Tensor | None = None) -> Prediction:
         check_count(self.labels, x_t)
-        pred = self.inner(x_t, t, y)
+        pred = self.inner(x_t, p, y)
 
         def grad(x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            return classifier_grad(self.classifier, x, torch.full((len(x),), t, device=x.device, dtype=torch.long), labels)
+            return classifier_grad(self.classifier, x, torch.full((len(x),), p.t, device=x.device), labels)
 
         g = in_batches(grad, self.batch_size, x_t, self.labels)  # grad log p(y | x_t, t), (B, C, H, W)
-        eps = pred.eps - (1 - self.schedule.alpha_bar[t].item()) ** 0.5 * self.scale * g
-        return Prediction(eps, x0_from_eps(x_t, t, eps, self.schedule))
+        eps = pred.eps - p.sigma * self.scale * g
+        return Prediction(eps, x0_from_eps(x_t, eps, p.alpha, p.sigma))
 
 
 class Clipped:
     """x0 clipped to the data range [-1, 1], and the eps that this x0 implies at x_t (as in Ho et al.'s code)."""
 
     def __init__(self, inner):
-        self.inner, self.schedule, self.device = inner, inner.schedule, inner.device
+        self.inner, self.path, self.device = inner, inner.path, inner.device
 
-    def __call__(self, x_t: torch.Tensor, t: int, y: torch.Tensor | None = None) -> Prediction:
-        x0 = self.inner(x_t, t, y).x0.clamp(-1, 1)
-        return Prediction(eps_from_x0(x_t, t, x0, self.schedule), x0)
+    def __call__(self, x_t: torch.Tensor, p: GridPoint, y: torch.Tensor | None = None) -> Prediction:
+        x0 = self.inner(x_t, p, y).x0.clamp(-1, 1)
+        return Prediction(eps_from_x0(x_t, x0, p.alpha, p.sigma), x0)
 
 
 def guided(

@@ -16,28 +16,38 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import parametrizations
+from .parametrizations import PARAMETRIZATIONS, check_prediction
+from .paths import PATHS, VP, LinearFlow
 from .schedules import SCHEDULES, NoiseSchedule, extract, get_schedule
 
-PREDICTIONS = ("eps", "x0", "v")
 MAX_T = 100_000  # diffusion steps; papers use up to 4,000. A checkpoint asking for 10^12 is refused before its schedule is built.
 
 
 @dataclass(frozen=True)
 class DiffusionConfig:
-    schedule: str = "linear"  # name of the beta schedule, one of schedules.SCHEDULES
-    T: int = 1000  # number of diffusion steps
-    prediction: str = "eps"  # what the network predicts: "eps" (Ho et al.), "x0" or "v" (Salimans & Ho 2022)
+    schedule: str = "linear"  # the VP path's beta schedule, one of schedules.SCHEDULES
+    T: int = 1000  # the VP path's number of diffusion steps
+    prediction: str = "eps"  # what the network predicts, one of parametrizations.PREDICTIONS: "eps" (Ho et al.), "x0", "v", "velocity"
+    path: str = "vp"  # the noise levels, one of paths.PATHS; a checkpoint saved without one is "vp"
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown noise schedule {self.schedule!r}; valid names: {', '.join(SCHEDULES)}")
-        if self.prediction not in PREDICTIONS:
-            raise ValueError(f"unknown prediction {self.prediction!r}; valid choices: {', '.join(PREDICTIONS)}")
+        check_prediction(self.prediction)
         if not isinstance(self.T, int) or not 1 <= self.T <= MAX_T:
             raise ValueError(f"T must be a whole number from 1 to {MAX_T:,}, got {self.T!r}")
+        if self.path not in PATHS:
+            raise ValueError(f"unknown path {self.path!r}; valid choices: {', '.join(PATHS)}")
+        if self.path == LinearFlow.name and self.prediction == "eps":
+            raise ValueError("eps cannot give x0 where alpha = 0, at the linear flow's start: predict velocity, v or x0 on it")
 
     def make_schedule(self) -> NoiseSchedule:
         return get_schedule(self.schedule, self.T)
+
+    def make_path(self) -> VP | LinearFlow:
+        """The path of this config: the VP path of its schedule, or the linear flow (which has no schedule)."""
+        return VP(self.make_schedule()) if self.path == VP.name else LinearFlow()
 
 
 def q_sample(x0: torch.Tensor, t: torch.Tensor | int, schedule: NoiseSchedule, noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -104,14 +114,12 @@ def _scales(schedule: NoiseSchedule, t: torch.Tensor | int, shape: torch.Size) -
 
 def x0_from_eps(x_t: torch.Tensor, t: torch.Tensor | int, eps: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
     """x0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t) (Eq. 4 solved for x0; Eq. 15)."""
-    signal, noise = _scales(schedule, t, x_t.shape)
-    return (x_t - noise * eps) / signal
+    return parametrizations.x0_from_eps(x_t, eps, *_scales(schedule, t, x_t.shape))
 
 
 def eps_from_x0(x_t: torch.Tensor, t: torch.Tensor | int, x0: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
     """eps = (x_t - sqrt(alpha_bar_t) x0) / sqrt(1 - alpha_bar_t) (Eq. 4 solved for eps)."""
-    signal, noise = _scales(schedule, t, x_t.shape)
-    return (x_t - signal * x0) / noise
+    return parametrizations.eps_from_x0(x_t, x0, *_scales(schedule, t, x_t.shape))
 
 
 def v_from(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor | int, schedule: NoiseSchedule) -> torch.Tensor:
@@ -129,15 +137,8 @@ def x0_from_v(x_t: torch.Tensor, t: torch.Tensor | int, v: torch.Tensor, schedul
 def to_eps_x0(
     output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | int, schedule: NoiseSchedule, prediction: str = "eps"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Turn a network ``output`` of the given ``prediction`` type into (eps, x0)."""
-    if prediction == "eps":
-        return output, x0_from_eps(x_t, t, output, schedule)
-    if prediction == "x0":
-        return eps_from_x0(x_t, t, output, schedule), output
-    if prediction == "v":
-        x0 = x0_from_v(x_t, t, output, schedule)
-        return eps_from_x0(x_t, t, x0, schedule), x0
-    raise ValueError(f"unknown prediction {prediction!r}; valid choices: {', '.join(PREDICTIONS)}")
+    """Turn a network ``output`` of the given ``prediction`` (one of parametrizations.PREDICTIONS) into (eps, x0)."""
+    return PARAMETRIZATIONS[prediction].to_eps_x0(output, x_t, *_scales(schedule, t, x_t.shape))
 
 
 def min_snr_weight(t: torch.Tensor, schedule: NoiseSchedule, gamma: float, prediction: str = "eps") -> torch.Tensor:
@@ -145,23 +146,19 @@ def min_snr_weight(t: torch.Tensor, schedule: NoiseSchedule, gamma: float, predi
 
     Weighting the x0 error by min(SNR_t, gamma) stops the many nearly noise-free steps (huge SNR)
     from dominating training. In terms of the eps error (which is SNR_t times the x0 error) the weight
-    is min(SNR_t, gamma) / SNR_t, in terms of the v error min(SNR_t, gamma) / (SNR_t + 1).
+    is min(SNR_t, gamma) / SNR_t, in terms of the v error min(SNR_t, gamma) / (SNR_t + 1), and of the
+    velocity error min(SNR_t, gamma) / (sqrt(SNR_t) + 1)^2.
     """
     snr = schedule.snr.to(t.device)[t].float()
     clipped = snr.clamp(max=gamma)
-    if prediction == "eps":
-        return clipped / snr
-    if prediction == "x0":
-        return clipped
-    if prediction == "v":
-        return clipped / (snr + 1)
-    raise ValueError(f"unknown prediction {prediction!r}; valid choices: {', '.join(PREDICTIONS)}")
+    x0_error_scale = {"eps": snr, "x0": 1.0, "v": snr + 1, "velocity": (snr.sqrt() + 1) ** 2}  # |target error|^2 / |x0 error|^2
+    return clipped / x0_error_scale[prediction]
 
 
 def loss_simple(
     model: torch.nn.Module,
     x0: torch.Tensor,
-    schedule: NoiseSchedule,
+    path: VP | LinearFlow,
     prediction: str = "eps",
     t: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
@@ -169,28 +166,24 @@ def loss_simple(
     reduction: str = "mean",
     y: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """L_simple (Eq. 14): || target - model(x_t, t) ||^2 with t ~ Uniform{0, ..., T-1}, x_t from Eq. 4.
+    """L_simple (Eq. 14): || target - model(x_t, t) ||^2 with t drawn by the path (VP: Uniform{0, ..., T-1}) and
+    x_t = alpha_t x0 + sigma_t eps (Eq. 4 on the VP path).
 
-    The target is eps, x0 or v according to ``prediction``. ``t`` and ``noise`` are drawn
+    The target is what ``prediction`` names (parametrizations.PARAMETRIZATIONS). ``t`` and ``noise`` are drawn
     (from ``generator``, on its device) when not given. ``reduction="none"`` returns the (B,)
     per-image losses, for example to bin the loss by timestep. ``y``, the (B,) class labels of a
     class-conditional model, is passed on as ``model(x_t, t, y)``.
     """
-    if prediction not in PREDICTIONS:
-        raise ValueError(f"unknown prediction {prediction!r}; valid choices: {', '.join(PREDICTIONS)}")
     gen_device = generator.device if generator is not None else x0.device
     if t is None:
-        t = torch.randint(0, schedule.T, (len(x0),), generator=generator, device=gen_device).to(x0.device)
+        t = path.training_times(len(x0), generator, gen_device).to(x0.device)
     if noise is None:
         noise = torch.randn(x0.shape, generator=generator, device=gen_device).to(x0.device)
-    x_t = q_sample(x0, t, schedule, noise)
-    if prediction == "eps":
-        target = noise
-    elif prediction == "x0":
-        target = x0
-    else:
-        target = v_from(x0, noise, t, schedule)
-    output = model(x_t, t) if y is None else model(x_t, t, y)
+    p = path.points(t, x0.shape)  # alpha and sigma (B, 1, ...)
+    x_t = p.alpha * x0 + p.sigma * noise
+    target = PARAMETRIZATIONS[prediction].target(x0, noise, p.alpha, p.sigma)
+    x_in = x_t * path.input_scale(p)
+    output = model(x_in, p.t) if y is None else model(x_in, p.t, y)
     per_image = F.mse_loss(output.float(), target, reduction="none").mean(dim=tuple(range(1, x0.ndim)))
     if reduction == "none":
         return per_image

@@ -49,9 +49,9 @@ class SamplerSetting:
             return make_solver("ddpm", variance=self.variance)
         return make_solver(self.sampler, steps=self.steps, eta=self.eta if self.sampler == "ddim" else None)
 
-    def evaluations(self, T: int) -> int:
-        """U-Net evaluations per image: the cost axis (Heun's steps cost two, but for the last)."""
-        return self.solver().evaluations(T)
+    def evaluations(self, path) -> int:
+        """U-Net evaluations per image on ``path``: the cost axis (Heun's steps cost two, but for the first and last)."""
+        return self.solver().evaluations(path)
 
 
 SETTINGS = (
@@ -62,7 +62,7 @@ SETTINGS = (
     SamplerSetting("DDIM 20", steps=20),
     SamplerSetting("DDIM 10", steps=10),
     SamplerSetting("DDIM 50, eta 1", steps=50, eta=1.0),
-    *(SamplerSetting(f"Heun {k}", sampler="heun", steps=k) for k in (3, 5, 10, 25)),  # 5, 9, 19 and 49 evaluations
+    *(SamplerSetting(f"Heun {k}", sampler="heun", steps=k) for k in (3, 5, 10, 25)),  # 4, 8, 18 and 48 evaluations
     *(SamplerSetting(f"DPM-Solver++(2M) {k}", sampler="dpmpp2m", steps=k) for k in (5, 10, 20, 50)),
     *(SamplerSetting(f"DPM-Solver++(3M) {k}", sampler="dpmpp3m", steps=k) for k in (5, 10, 20)),
 )
@@ -223,7 +223,7 @@ def ratio_up(ratio: float) -> str:
     return f"{math.ceil(round(ratio * 100, 6)) / 100:.2f}"
 
 
-def markdown_table(rows: list[Row], floor: Quality, T: int) -> str:
+def markdown_table(rows: list[Row], floor: Quality, path) -> str:
     """The rows and the real-data floor as a Markdown table; FD / floor is the Frechet distance over the floor's,
     rounded up to two decimals (:func:`ratio_up`); the last column is the U-Net's precision. Cost is counted in
     network evaluations: a row's seconds per image, kept in the cache, depend on the machine and what else it ran."""
@@ -235,7 +235,7 @@ def markdown_table(rows: list[Row], floor: Quality, T: int) -> str:
     for row in rows:
         q = row.quality
         lines.append(
-            f"| {row.setting.label} | {row.setting.evaluations(T)} | {q.frechet:.2f} | {ratio_up(q.frechet / floor.frechet)} "
+            f"| {row.setting.label} | {row.setting.evaluations(path)} | {q.frechet:.2f} | {ratio_up(q.frechet / floor.frechet)} "
             f"| {q.confident:.1%} | {q.entropy:.3f} | {'bf16' if row.bf16 else 'fp32'} |"
         )
     return "\n".join(lines)
@@ -286,7 +286,7 @@ def spreads(rows: Iterable[Row]) -> list[Spread]:
     return out
 
 
-def spread_table(rows: Iterable[Row], T: int) -> str:
+def spread_table(rows: Iterable[Row], path) -> str:
     """The rows of several seeds as a Markdown table of mean +- standard deviation per setting (:func:`spreads`)."""
     lines = [
         "| sampler | U-Net evals | Frechet distance | confident | class entropy | seeds | U-Net in |",
@@ -295,7 +295,7 @@ def spread_table(rows: Iterable[Row], T: int) -> str:
     for s in spreads(rows):
         (fd, fd_sd), (conf, conf_sd), (ent, ent_sd) = s.frechet, s.confident, s.entropy
         lines.append(
-            f"| {s.setting.label} | {s.setting.evaluations(T)} | {fd:.3f} ± {fd_sd:.3f} | {conf:.1%} ± {100 * conf_sd:.1f} "
+            f"| {s.setting.label} | {s.setting.evaluations(path)} | {fd:.3f} ± {fd_sd:.3f} | {conf:.1%} ± {100 * conf_sd:.1f} "
             f"| {ent:.3f} ± {ent_sd:.3f} | {', '.join(map(str, s.seeds))} | {'bf16' if s.bf16 else 'fp32'} |"
         )
     return "\n".join(lines)
@@ -358,7 +358,7 @@ def plot_class_counts(rows: list[Row], floor: Quality) -> plt.Figure:
     return fig
 
 
-def plot_quality(rows: list[Row], floor: Quality, T: int) -> plt.Figure:
+def plot_quality(rows: list[Row], floor: Quality, path) -> plt.Figure:
     """Frechet distance and confident share against U-Net evaluations per image, one marker per row.
 
     Each deterministic solver (DDIM with eta = 0, Heun, DPM-Solver++(2M) and (3M)) is a line through its step
@@ -367,7 +367,7 @@ def plot_quality(rows: list[Row], floor: Quality, T: int) -> plt.Figure:
     fig, (ax_fd, ax_conf) = plt.subplots(1, 2, figsize=(10, 4.6))
     families = {"DDIM, eta = 0": ("ddim",), "Heun": ("heun",), "DPM-Solver++(2M)": ("dpmpp2m",), "DPM-Solver++(3M)": ("dpmpp3m",)}
     lines = {
-        name: sorted((r for r in rows if r.setting.sampler in kinds and r.setting.eta == 0), key=lambda r: r.setting.evaluations(T))
+        name: sorted((r for r in rows if r.setting.sampler in kinds and r.setting.eta == 0), key=lambda r: r.setting.evaluations(path))
         for name, kinds in families.items()
     }
     others = [r for r in rows if not any(r in members for members in lines.values())]
@@ -377,9 +377,9 @@ def plot_quality(rows: list[Row], floor: Quality, T: int) -> plt.Figure:
     ):
         for (family, members), style in zip(lines.items(), ("o-", "s-", "^-", "v-"), strict=True):
             if members:
-                ax.plot([r.setting.evaluations(T) for r in members], [value(r.quality) for r in members], style, label=family)
+                ax.plot([r.setting.evaluations(path) for r in members], [value(r.quality) for r in members], style, label=family)
         for r, marker in zip(others, "DPXh", strict=False):
-            ax.plot([r.setting.evaluations(T)], [value(r.quality)], marker, ls="none", label=r.setting.label)
+            ax.plot([r.setting.evaluations(path)], [value(r.quality)], marker, ls="none", label=r.setting.label)
         ax.axhline(floor_value, color="gray", ls="--", label="real training images")
         ax.set(xscale="log", xlabel="U-Net evaluations per image", ylabel=name)
     ax_fd.axhline(3 * floor.frechet, color="gray", ls=":", label="3 x the floor (a reference point)")

@@ -18,9 +18,9 @@ import torch
 
 from .diffusion import loss_simple, q_posterior, q_sample
 from .metrics import GaussianStats, frechet_distance
+from .paths import VP
 from .sampling import ddim_step, ddpm_step
 from .schedules import extract, get_schedule
-from .solvers import Heun
 from .toy import ExactDenoiser, ring
 from .unet import UNet, UNetConfig, timestep_embedding
 
@@ -155,7 +155,7 @@ def check_loss_simple(fn: Callable) -> bool:
     t = torch.randint(0, 1000, (8,), generator=g)
     x_t = q_sample(x0, t, schedule, noise)
     with torch.no_grad():
-        expected = loss_simple(model, x0, schedule, t=t, noise=noise)
+        expected = loss_simple(model, x0, VP(schedule), t=t, noise=noise)
         pred = model(x_t, t)
         a_bar = extract(schedule.alpha_bar, t, x0.shape)
         mistakes = {
@@ -318,30 +318,28 @@ class FoldedSolution:
 
 
 def check_heun_step(fn: Callable) -> bool:
-    """fn(denoiser, x_t, t, t_prev) -> x at t_prev after one Heun step on the probability-flow ODE (0-based t > t_prev >= 0),
-    for points x_t (B, 2) and the 2-D toy's exact denoiser (denoiser(x, t) -> Prediction(eps, x0); denoiser.schedule)."""
-    schedule = get_schedule("linear", 1000)
-    denoiser = ExactDenoiser(ring(), schedule)
+    """fn(denoiser, x_t, p, p_next) -> x at p_next after one Heun step on the probability-flow ODE, for points x_t (B, 2),
+    the 2-D toy's exact denoiser (denoiser(x, p) -> Prediction(eps, x0)) and two grid points p, p_next (each .t, .alpha, .sigma)."""
+    path = VP(get_schedule("linear", 1000))
+    denoiser = ExactDenoiser(ring(), path)
     x_t = torch.randn(64, 2, generator=torch.Generator().manual_seed(6), dtype=torch.float64) * 0.8
-    t, t_prev = 600, 450
-    steps = list(Heun()(denoiser, x_t, [t, t_prev], None))
-    expected = steps[1].x_t  # the state at t_prev, after the corrected step
-    a, a_prev = schedule.alpha_bar[t].item(), schedule.alpha_bar[t_prev].item()
-    s, s_prev = ((1 - a) / a) ** 0.5, ((1 - a_prev) / a_prev) ** 0.5
-    eps = denoiser(x_t, t).eps
-    euler = a_prev**0.5 * (x_t / a**0.5 + (s_prev - s) * eps)
-    eps_end = denoiser(euler, t_prev).eps
-    plain = ((1 - a_prev) ** 0.5 - (1 - a) ** 0.5, a_prev**0.5 - a**0.5)  # steps in sigma and alpha instead of sigma~
+    p, p_next = path.point(600), path.point(450)
+    s, s_next = p.sigma / p.alpha, p_next.sigma / p_next.alpha
+    eps = denoiser(x_t, p).eps
+    euler = p_next.alpha * (x_t / p.alpha + (s_next - s) * eps)
+    eps_end = denoiser(euler, p_next).eps
+    expected = p_next.alpha * (x_t / p.alpha + (s_next - s) * (eps + eps_end) / 2)
+    plain = p_next.sigma - p.sigma  # a step in sigma instead of sigma~
     mistakes = {
         "this is Euler's step (deterministic DDIM) alone; Heun then evaluates eps where it lands and steps again with the mean "
         "of both slopes.": euler,
         "you stepped with the slope at the end alone; the trapezoid rule takes the mean of the slopes at both ends.": (
-            a_prev**0.5 * (x_t / a**0.5 + (s_prev - s) * eps_end)
+            p_next.alpha * (x_t / p.alpha + (s_next - s) * eps_end)
         ),
-        "the step is in x~ = x / sqrt(alpha_bar) and sigma~ = sqrt((1 - alpha_bar) / alpha_bar); you stepped x itself by the "
-        "change of sqrt(1 - alpha_bar).": x_t + plain[0] * (eps + denoiser(x_t + plain[0] * eps, t_prev).eps) / 2,
+        "the step is in x~ = x / alpha and sigma~ = sigma / alpha; you stepped x itself by the change of sigma.": x_t
+        + plain * (eps + denoiser(x_t + plain * eps, p_next).eps) / 2,
     }
-    return _verdict("heun_step", lambda *args: fn(*args), (denoiser, x_t, t, t_prev), expected, mistakes, atol=1e-8)
+    return _verdict("heun_step", lambda *args: fn(*args), (denoiser, x_t, p, p_next), expected, mistakes, atol=1e-8)
 
 
 def reveal(solution: Callable, check: Callable) -> FoldedSolution:

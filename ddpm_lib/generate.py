@@ -58,8 +58,8 @@ class SamplePlan:
 
     @property
     def num_steps(self) -> int:
-        """The steps a trajectory yields: every visited t and the finished sample."""
-        return len(self.solver.timesteps(self.denoiser.schedule.T)) + 1
+        """The steps a trajectory yields: every visited point and the finished sample."""
+        return len(self.solver.grid(self.denoiser.path))
 
     def labels(self, start: int, count: int) -> torch.Tensor | None:
         """The (count,) labels of images start ... start + count - 1, or None without labels."""
@@ -97,7 +97,7 @@ def prepare(request: SampleRequest) -> SamplePlan:
     solver = make_solver(request.sampler, steps=request.steps, eta=request.eta, variance=request.variance)  # checks its options
     device = resolve_device(request.device)
     model, diffusion = load_model(request.checkpoint, device)
-    solver.timesteps(diffusion.T)  # raises for steps outside 1 ... T, and DDPM with fewer than T
+    solver.grid(diffusion.make_path())  # raises for steps outside 1 ... T, and DDPM with fewer than T or off the VP path
     c = model.config
     chw = (c.in_channels, c.image_size, c.image_size)
     classes, guide = guidance(request, c.num_classes, diffusion, chw, device)

@@ -2,13 +2,16 @@
 
 :func:`export_onnx` writes one file, atomically: ``model.onnx``, the EMA network and what a sampler needs besides it.
 
-* The network. Inputs ``x`` (B, C, H, W) float32, the noisy image x_t in [-1, 1]-scaled units as the
-  network sees it, and ``t`` (B,) int64, 0-based timesteps; a class-conditional network also takes
+* The network. Inputs ``x`` (B, C, H, W) float32, the noisy image x_t times the path's input scale, and
+  ``t`` (B,), the points' times: int64 0-based timesteps on the VP path, float32 on a continuous one (the
+  metadata's ``t_type``); a class-conditional network also takes
   ``y`` (B,) int64 labels 0 ... K-1, K meaning "no label" (classifier-free guidance batches both, as
   :class:`ddpm_lib.denoiser.ClassifierFree` does). Output ``prediction`` (B, C, H, W): the raw network
   output in the checkpoint's parametrization. The batch size is free.
-* The metadata, as JSON in the model's ``metadata_props`` under the key :data:`METADATA_KEY`: T, the
-  parametrization, the class count, the image shape and the schedule's alpha_bar (float64, index t).
+* The metadata, as JSON in the model's ``metadata_props`` under the key :data:`METADATA_KEY`: the
+  parametrization (``prediction``, one of parametrizations.PREDICTIONS), the class count, the image shape and
+  the ``path``: its grid's points for any step count (:meth:`ddpm_lib.paths.VP.export`,
+  :meth:`ddpm_lib.paths.LinearFlow.export`). A runtime reads the grid from there and re-derives nothing.
   :func:`read_metadata` reads it; onnxruntime gives it as ``session.get_modelmeta().custom_metadata_map``.
 
 Why inside the file rather than in a JSON file beside it: one file is replaced by one atomic rename,
@@ -36,7 +39,7 @@ from .files import OutputPathError, write_atomic
 
 OPSET = 18  # the ONNX operator set: onnxruntime and onnxruntime-web both run it
 METADATA_KEY = "ddpm_lib"  # the metadata_props entry that holds the metadata as JSON
-FORMAT = "ddpm-notebooks onnx export 2"  # 1 wrote the metadata beside the model, as model.json
+FORMAT = "ddpm-notebooks onnx export 3"  # 1 wrote the metadata beside the model, as model.json; 2 held alpha_bar, not the path
 
 
 def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> dict[str, Any]:
@@ -55,7 +58,8 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, overwrite
     config = unet.config
     B = 2  # an example batch; the exported graph takes any
     x = torch.randn(B, config.in_channels, config.image_size, config.image_size)
-    t = torch.tensor([0, diffusion.T - 1])
+    path = diffusion.make_path()
+    t = torch.tensor([p.t for p in path.grid(1)[:1]] * B)  # int64 for a VP index, float32 for a continuous time
     args = (x, t, torch.tensor([0, config.num_classes])) if config.num_classes else (x, t)
     names = ["x", "t", "y"][: len(args)]
     batch = torch.export.Dim("batch", min=1)
@@ -77,12 +81,11 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, overwrite
     meta = {
         "format": FORMAT,
         "inputs": names,
-        "T": diffusion.T,
-        "schedule": diffusion.schedule,
+        "t_type": str(t.dtype).removeprefix("torch."),
         "prediction": diffusion.prediction,
         "num_classes": config.num_classes,
         "image_shape": [config.in_channels, config.image_size, config.image_size],
-        "alpha_bar": diffusion.make_schedule().alpha_bar.tolist(),
+        "path": path.export(),
         "step": state.get("step"),
     }
     model = program.model_proto

@@ -1,9 +1,10 @@
 """The reverse process: DDPM ancestral sampling (Ho et al. 2020, Alg. 2) and DDIM (Song et al. 2021).
 
-``ddpm_step`` and ``ddim_step`` take one step from x_t toward the data; ``sample_loop`` runs a
-solver (:mod:`ddpm_lib.solvers`) over a denoiser (:mod:`ddpm_lib.denoiser`) and yields every
-step, and everything else (``sample``, the widgets, the GIF export, the CLI) consumes it. t is
-0-based (0 ... T-1); images are (B, C, H, W) in [-1, 1].
+``ddpm_step`` and ``ddim_step`` take one step from x_t toward the data at 0-based int timesteps of a
+schedule (the notebooks' form); ``ddim_update`` is DDIM's step between two grid points of any path
+(:mod:`ddpm_lib.paths`). ``sample_loop`` runs a solver (:mod:`ddpm_lib.solvers`) over a denoiser
+(:mod:`ddpm_lib.denoiser`) on the grid of the denoiser's path and yields every step, and everything else
+(``sample``, the widgets, the GIF export, the CLI) consumes it. Images are (B, C, H, W) in [-1, 1].
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ import torch
 from torch import nn
 
 from .diffusion import eps_from_x0, q_posterior, x0_from_eps
+from .paths import VP, GridPoint, ddim_timesteps
 from .schedules import NoiseSchedule, extract
+
+__all__ = ["ddim_timesteps"]  # the notebooks' import of the trailing grid
 
 VARIANCES = ("beta_tilde", "beta")
 
@@ -29,9 +33,15 @@ class StepOutput(NamedTuple):
 
 
 class SamplerStep(NamedTuple):
-    t: int  # 0-based timestep of x_t; -1 for the finished sample
-    x_t: torch.Tensor  # the latent at t, (B, C, H, W); the finished sample when t == -1
-    x0: torch.Tensor  # the model's prediction of the clean image from x_t (equal to x_t when t == -1)
+    index: int  # the step's place in the grid: 0 at pure noise, len(grid) - 1 for the finished sample
+    point: GridPoint  # where x_t is: its time and noise levels (the data, sigma = 0, for the finished sample)
+    x_t: torch.Tensor  # the latent at the point, (B, C, H, W); the finished sample at the last index
+    x0: torch.Tensor  # the model's prediction of the clean image from x_t (equal to x_t for the finished sample)
+
+    @property
+    def t(self):
+        """The point's time: on the VP path the 0-based timestep, -1 for the finished sample."""
+        return self.point.t
 
 
 def ddpm_step(
@@ -87,49 +97,33 @@ def ddim_step(
 
     eta = 0 is deterministic; eta = 1 with t_prev = t - 1 is the DDPM step with variance beta tilde.
     """
+    if not -1 <= t_prev < t:
+        raise ValueError(f"DDIM needs -1 <= t_prev < t, got t={t}, t_prev={t_prev}")
     # 1. predict x0 (Eq. 12, "predicted x0"); after clipping, re-derive the eps it implies
     x0 = x0_from_eps(x_t, t, eps, schedule)
     if clip_x0:
         x0 = x0.clamp(-1, 1)
         eps = eps_from_x0(x_t, t, x0, schedule)
-    return StepOutput(ddim_update(x_t, t, t_prev, x0, eps, schedule, eta, noise), x0)
+    path = VP(schedule)
+    return StepOutput(ddim_update(path.point(t), path.point(t_prev), x0, eps, eta, noise), x0)
 
 
 def ddim_update(
-    x_t: torch.Tensor,
-    t: int,
-    t_prev: int,
-    x0: torch.Tensor,
-    eps: torch.Tensor,
-    schedule: NoiseSchedule,
-    eta: float = 0.0,
-    noise: torch.Tensor | None = None,
+    p: GridPoint, p_next: GridPoint, x0: torch.Tensor, eps: torch.Tensor, eta: float = 0.0, noise: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """x_{t_prev} from the predicted x0 and eps at x_t (Eq. 12): :func:`ddim_step` once both are predicted."""
-    if not -1 <= t_prev < t:
-        raise ValueError(f"DDIM needs -1 <= t_prev < t, got t={t}, t_prev={t_prev}")
-    a_bar = schedule.alpha_bar[t].item()
-    a_bar_prev = schedule.alpha_bar[t_prev].item() if t_prev >= 0 else 1.0
-    # 2. sigma_t(eta) (Eq. 16)
-    sigma = eta * ((1 - a_bar_prev) / (1 - a_bar) * (1 - a_bar / a_bar_prev)) ** 0.5
+    """x at ``p_next`` from the predicted x0 and eps at ``p`` (Eq. 12 on any path): :func:`ddim_step` once both are predicted.
+
+    With a = alpha^2 and 1 - a = sigma^2 on the VP path, this is Eq. 12 term for term.
+    """
+    # 2. sigma(eta) (Eq. 16): eta times the standard deviation of q(x_next | x_t, x0)
+    sigma = 0.0 if eta == 0 else eta * p_next.sigma * max(1 - (p.alpha * p_next.sigma) ** 2 / (p_next.alpha * p.sigma) ** 2, 0.0) ** 0.5
     # 3. the "direction pointing to x_t" (Eq. 12)
-    direction = max(1 - a_bar_prev - sigma**2, 0.0) ** 0.5 * eps
-    x_prev = a_bar_prev**0.5 * x0 + direction
+    direction = max(p_next.sigma**2 - sigma**2, 0.0) ** 0.5 * eps
+    x_next = p_next.alpha * x0 + direction
     # 4. random noise, when eta > 0
     if sigma > 0:
-        x_prev = x_prev + sigma * (torch.randn_like(x_t) if noise is None else noise)
-    return x_prev
-
-
-def ddim_timesteps(T: int, steps: int) -> list[int]:
-    """The ``steps`` timesteps DDIM visits, from high to low, evenly spaced and "trailing".
-
-    t_i = round(T - i * T / steps) - 1 for i = 0 ... steps-1 (Lin et al. 2024, Table 2): the
-    first step is always at T - 1, where x_T is pure noise, and steps = T visits every t.
-    """
-    if not 1 <= steps <= T:
-        raise ValueError(f"the number of sampling steps must be between 1 and T={T}, got {steps}")
-    return [round(T - i * T / steps) - 1 for i in range(steps)]
+        x_next = x_next + sigma * (torch.randn_like(x0) if noise is None else noise)
+    return x_next
 
 
 @contextmanager
@@ -153,10 +147,10 @@ def sample_loop(
 ) -> Iterator[SamplerStep]:
     """Run the reverse process from x_T ~ N(0, I) with ``solver``, yielding a :class:`SamplerStep` at every step.
 
-    ``denoiser`` predicts x0 and eps at (x_t, t) (a :class:`ddpm_lib.denoiser.Denoiser`, possibly
-    guided or clipped); ``solver`` is one of :mod:`ddpm_lib.solvers` (DDPM, DDIM, Heun,
-    DPM-Solver++(2M)). Yields (t, x_t, predicted x0) for each t the solver visits, from T-1 down,
-    then a last item with t = -1 holding the finished sample. ``shape`` is (B, C, H, W). All
+    ``denoiser`` predicts x0 and eps at (x_t, p) (a :class:`ddpm_lib.denoiser.Denoiser`, possibly
+    guided or clipped); ``solver`` is one of :data:`ddpm_lib.solvers.SOLVERS`, run over its grid of the
+    denoiser's path. Yields (index, point, x_t, predicted x0) for each point it visits, from pure noise
+    down, then a last item at the data holding the finished sample. ``shape`` is (B, C, H, W). All
     randomness (x_T and any noise the solver adds) comes from ``generator`` and is drawn on the
     generator's device, so the same seed gives the same images; pass ``x_T`` to fix the start instead.
     """
@@ -167,7 +161,7 @@ def sample_loop(
         return torch.randn(shape, generator=generator, device=gen_device).to(device)
 
     x = x_T.to(device) if x_T is not None else noise()
-    yield from solver(denoiser, x, solver.timesteps(denoiser.schedule.T), noise)
+    yield from solver(denoiser, x, solver.grid(denoiser.path), noise)
 
 
 class DegenerateModelError(ValueError):
@@ -182,14 +176,17 @@ OUTPUT_LIMIT = 100.0  # the largest RMS a sound prediction has: eps, x0 and v al
 def check_network(denoiser, chw: tuple[int, int, int]) -> None:
     """Raise :class:`DegenerateModelError` unless ``denoiser``'s network makes usable predictions, before a long run.
 
-    The network sees four draws of pure noise (seed 0, its own generator) at t = T-1, T // 2 and 0
-    (0-based), without labels. Its predictions must be finite, have an RMS of at most
+    The network sees four draws of pure noise (seed 0, its own generator) at the first, the middle and the
+    last point before the data of its path's default grid (on the VP path t = T-1, about T/2 and 0), without
+    labels. Its predictions must be finite, have an RMS of at most
     :data:`OUTPUT_LIMIT` and differ between inputs: a blown-up run predicts 1e29, an all-zero head
     the same 0 for every input, and either would draw black or noise images.
     """
     x = torch.randn((4, *chw), generator=torch.Generator().manual_seed(0)).to(denoiser.device)  # (4, C, H, W)
-    for t in (denoiser.schedule.T - 1, denoiser.schedule.T // 2, 0):
-        out = denoiser.output(x, t)  # (4, C, H, W)
+    grid = denoiser.path.grid()
+    for p in (grid[0], grid[len(grid) // 2], grid[-2]):
+        t = p.t
+        out = denoiser.output(x, p)  # (4, C, H, W)
         rms = out.double().square().mean().sqrt().item()  # float64: float32 squares overflow from 1e19
         if not math.isfinite(rms):
             raise DegenerateModelError(f"the network's predictions at t={t} are NaN or infinite; the training run blew up")
@@ -214,9 +211,9 @@ def check_samples(x: torch.Tensor) -> torch.Tensor:
 
 
 def check_trajectory(steps: Iterable[SamplerStep]) -> Iterator[SamplerStep]:
-    """``steps`` as they come, with :func:`check_samples` applied to the finished samples (t = -1) before they are yielded."""
+    """``steps`` as they come, with :func:`check_samples` applied to the finished samples (at the data) before they are yielded."""
     for step in steps:
-        if step.t == -1:
+        if step.point.sigma == 0:
             check_samples(step.x_t)
         yield step
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from .paths import GridPoint
 from .schedules import NoiseSchedule, extract
 
 
@@ -73,11 +74,10 @@ def guided_eps_solution(model: torch.nn.Module, x_t: torch.Tensor, t: torch.Tens
     return (1 + w) * cond - w * uncond  # Ho & Salimans, Eq. 6
 
 
-def heun_step_solution(denoiser, x_t: torch.Tensor, t: int, t_prev: int) -> torch.Tensor:
-    a, a_prev = denoiser.schedule.alpha_bar[t].item(), denoiser.schedule.alpha_bar[t_prev].item()
-    s, s_prev = ((1 - a) / a) ** 0.5, ((1 - a_prev) / a_prev) ** 0.5  # sigma~ = sigma / alpha
-    x = x_t / a**0.5  # x~ = x / alpha
-    eps = denoiser(x_t, t).eps
-    euler = x + (s_prev - s) * eps  # Euler's step, in x~
-    eps_end = denoiser(a_prev**0.5 * euler, t_prev).eps  # the slope where it lands (back in x_t's scale)
-    return a_prev**0.5 * (x + (s_prev - s) * (eps + eps_end) / 2)  # the trapezoid rule, then x = alpha x~
+def heun_step_solution(denoiser, x_t: torch.Tensor, p: GridPoint, p_next: GridPoint) -> torch.Tensor:
+    s, s_next = p.sigma / p.alpha, p_next.sigma / p_next.alpha  # sigma~ = sigma / alpha
+    x = x_t / p.alpha  # x~ = x / alpha
+    eps = denoiser(x_t, p).eps
+    euler = x + (s_next - s) * eps  # Euler's step, in x~
+    eps_end = denoiser(p_next.alpha * euler, p_next).eps  # the slope where it lands (back in x_t's scale)
+    return p_next.alpha * (x + (s_next - s) * (eps + eps_end) / 2)  # the trapezoid rule, then x = alpha x~

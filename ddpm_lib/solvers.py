@@ -1,14 +1,15 @@
-"""Solvers: the ways from x_T to a sample, each over a grid of timesteps and seeing only a denoiser.
+"""Solvers: the ways from x_T to a sample, each over a grid of points and seeing only a denoiser.
 
-A solver is a small frozen object: ``timesteps(T)`` gives its grid (0-based t, high to low), and
-calling it with a denoiser (:mod:`ddpm_lib.denoiser`), x_T and a noise source yields a
-:class:`~ddpm_lib.sampling.SamplerStep` at every visited t, then the finished sample at t = -1.
-A multistep solver keeps its history in the generator itself. ``sampling.sample_loop`` runs any
-of them; guidance and clipping arrive already folded into the denoiser.
+A solver is a small frozen object: ``grid(path)`` gives its grid of :class:`~ddpm_lib.paths.GridPoint`
+from pure noise down to the data, and calling it with a denoiser (:mod:`ddpm_lib.denoiser`), x_T, that grid
+and a noise source yields a :class:`~ddpm_lib.sampling.SamplerStep` at every point but the last, then the
+finished sample at the data. A multistep solver keeps its history in the generator itself.
+``sampling.sample_loop`` runs any of them; guidance and clipping arrive already folded into the denoiser.
+A solver reads alpha, sigma and lambda = log(alpha / sigma) from the points, so it runs on any path, and
+:func:`register` adds one to :data:`SOLVERS`, which the CLI, docs/cli.md and the browser page list.
 
-With alpha_t = sqrt(alpha_bar_t) and sigma_t = sqrt(1 - alpha_bar_t), the probability-flow ODE of
-the forward process is, in x~ = x_t / alpha_t and sigma~ = sigma_t / alpha_t, simply
-dx~ / dsigma~ = eps(x_t, t) (Song et al. 2021, DDIM Eq. 14): deterministic DDIM is Euler's
+With x_t = alpha x0 + sigma eps, the probability-flow ODE is, in x~ = x_t / alpha and sigma~ = sigma / alpha,
+simply dx~ / dsigma~ = eps(x_t, t) (Song et al. 2021, DDIM Eq. 14): deterministic DDIM is Euler's
 method on it, :class:`Heun` the trapezoidal correction of Euler (Karras et al. 2022, Alg. 1), and
 :class:`DPMSolverPP2M` integrates its linear part exactly in lambda = log(alpha / sigma) with the
 data prediction x0 extrapolated from two steps (Lu et al. 2022, DPM-Solver++, Alg. 2), and
@@ -26,113 +27,135 @@ from typing import ClassVar
 
 import torch
 
-from .diffusion import x0_from_eps
-from .sampling import VARIANCES, SamplerStep, ddim_timesteps, ddim_update, ddpm_update
-from .schedules import NoiseSchedule
+from .parametrizations import x0_from_eps
+from .paths import VP, GridPoint
+from .sampling import VARIANCES, SamplerStep, ddim_update, ddpm_update
 
 Noise = Callable[[], torch.Tensor]  # draws fresh N(0, I) noise shaped like x_t
+SOLVERS: dict[str, type] = {}  # name -> solver class, in the order the CLI lists them
 
 
-def trailing_grid(T: int, steps: int | None) -> list[int]:
-    return ddim_timesteps(T, steps or T)
+def register(cls: type) -> type:
+    """Add a solver class to :data:`SOLVERS` under its ``name``: the CLI's --sampler, docs/cli.md and the browser's menu follow."""
+    SOLVERS[cls.name] = cls
+    return cls
 
 
 @dataclass(frozen=True)
-class DDPM:
-    """Ancestral sampling (Ho et al. 2020, Alg. 2): all T steps, each adding noise of variance beta tilde or beta."""
+class Solver:
+    """What every solver has: ``steps`` over the trailing grid of the path, one network evaluation a step."""
+
+    steps: int | None = None  # None: the path's default (VP: all T)
+    name: ClassVar[str]  # the CLI's --sampler
+    title: ClassVar[str]  # its name in prose, tables and the browser's menu
+    summary: ClassVar[str]  # one line for the CLI's help and docs/cli.md
+    in_browser: ClassVar[bool] = False  # whether the site's live sampler (scripts/site_sampler/worker.js) has it too
+
+    def grid(self, path) -> list[GridPoint]:
+        """The points this solver visits on ``path``, from pure noise to the data (steps + 1 of them)."""
+        return path.grid(self.steps)
+
+    def evaluations(self, path) -> int:
+        """Network evaluations per image on ``path``."""
+        return len(self.grid(path)) - 1
+
+    def __call__(self, denoiser, x: torch.Tensor, grid: list[GridPoint], noise: Noise) -> Iterator[SamplerStep]:
+        raise NotImplementedError
+
+
+@register
+@dataclass(frozen=True)
+class DDPM(Solver):
+    """Ancestral sampling (Ho et al. 2020, Alg. 2): all T steps, each adding noise of variance beta tilde or beta.
+
+    It needs the betas of a VP path's schedule, so it runs on the VP path alone."""
 
     variance: str = "beta_tilde"  # sigma_t^2 of each step: the posterior's beta tilde_t, or beta_t (Sec. 3.2)
-    steps: int | None = None  # DDPM always visits all T; a number other than T is refused by timesteps()
+    name: ClassVar[str] = "ddpm"
+    title: ClassVar[str] = "DDPM"
+    summary: ClassVar[str] = "ancestral sampling over all T steps (Ho et al.), on the VP path only; --variance beta_tilde or beta"
 
     def __post_init__(self) -> None:
         if self.variance not in VARIANCES:
             raise ValueError(f"unknown variance {self.variance!r}; valid choices: {', '.join(VARIANCES)}")
 
-    def timesteps(self, T: int) -> list[int]:
-        if self.steps not in (None, T):
-            raise ValueError(f"DDPM visits all T={T} steps; use the ddim, heun, dpmpp2m or dpmpp3m solver for {self.steps} steps")
-        return list(range(T - 1, -1, -1))
+    def grid(self, path) -> list[GridPoint]:
+        others = ", ".join(name for name in SOLVERS if name != self.name)
+        if not isinstance(path, VP):
+            raise ValueError(f"ddpm's ancestral steps need the betas of the VP path; this model's path is {path.name}: use one of {others}")
+        if self.steps not in (None, path.schedule.T):
+            raise ValueError(f"DDPM visits all T={path.schedule.T} steps; use one of {others} for {self.steps} steps")
+        return path.grid()
 
-    def evaluations(self, T: int) -> int:
-        return T
-
-    def __call__(self, denoiser, x: torch.Tensor, timesteps: list[int], noise: Noise) -> Iterator[SamplerStep]:
-        for t in timesteps:
-            pred = denoiser(x, t)
-            x_prev = ddpm_update(x, t, pred.x0, denoiser.schedule, noise() if t > 0 else None, self.variance)
-            yield SamplerStep(t, x, pred.x0)
+    def __call__(self, denoiser, x: torch.Tensor, grid: list[GridPoint], noise: Noise) -> Iterator[SamplerStep]:
+        schedule = denoiser.path.schedule
+        for i, p in enumerate(grid[:-1]):
+            pred = denoiser(x, p)
+            x_prev = ddpm_update(x, p.t, pred.x0, schedule, noise() if p.t > 0 else None, self.variance)
+            yield SamplerStep(i, p, x, pred.x0)
             x = x_prev
-        yield SamplerStep(-1, x, x)
+        yield SamplerStep(len(grid) - 1, grid[-1], x, x)
 
 
+@register
 @dataclass(frozen=True)
-class DDIM:
-    """DDIM (Song et al. 2021, Eq. 12) over ``steps`` trailing timesteps; eta = 0 is deterministic, 1 DDPM-like."""
+class DDIM(Solver):
+    """DDIM (Song et al. 2021, Eq. 12) over ``steps`` trailing points; eta = 0 is deterministic (Euler), 1 DDPM-like."""
 
-    steps: int | None = None  # None: all T
     eta: float = 0.0  # the noise scale of Eq. 16
+    name: ClassVar[str] = "ddim"
+    title: ClassVar[str] = "DDIM"
+    summary: ClassVar[str] = "Euler on the probability-flow ODE (Song et al.), --steps K; with --eta > 0, noise in each step"
+    in_browser: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.eta) or self.eta < 0:
             raise ValueError(f"eta must be a finite number >= 0, got {self.eta}")
 
-    def timesteps(self, T: int) -> list[int]:
-        return trailing_grid(T, self.steps)
-
-    def evaluations(self, T: int) -> int:
-        return len(self.timesteps(T))
-
-    def __call__(self, denoiser, x: torch.Tensor, timesteps: list[int], noise: Noise) -> Iterator[SamplerStep]:
-        for t, t_prev in zip(timesteps, [*timesteps[1:], -1], strict=True):
-            pred = denoiser(x, t)
-            x_prev = ddim_update(x, t, t_prev, pred.x0, pred.eps, denoiser.schedule, self.eta, noise() if self.eta > 0 else None)
-            yield SamplerStep(t, x, pred.x0)
-            x = x_prev
-        yield SamplerStep(-1, x, x)
+    def __call__(self, denoiser, x: torch.Tensor, grid: list[GridPoint], noise: Noise) -> Iterator[SamplerStep]:
+        for i, (p, p_next) in enumerate(zip(grid, grid[1:], strict=False)):
+            pred = denoiser(x, p)
+            x_next = ddim_update(p, p_next, pred.x0, pred.eps, self.eta, noise() if self.eta > 0 else None)
+            yield SamplerStep(i, p, x, pred.x0)
+            x = x_next
+        yield SamplerStep(len(grid) - 1, grid[-1], x, x)
 
 
+@register
 @dataclass(frozen=True)
-class Heun:
+class Heun(Solver):
     """Heun's method on the probability-flow ODE (Karras et al. 2022, Alg. 1 without churn): second order.
 
-    Each step takes DDIM's Euler step to t_prev, evaluates eps there, and repeats the step from x_t
-    with the mean of the two eps (the trapezoidal rule). The last step, to the data, is Euler's
-    alone, so ``steps`` steps cost 2 steps - 1 network evaluations.
+    Each step takes DDIM's Euler step to the next point, evaluates eps there, and repeats the step from x_t
+    with the mean of the two eps (the trapezoidal rule). The first step, from pure noise, and the last, to the
+    data, are Euler's alone: at the first point alpha may be 0 (sigma~ infinite), where the trapezoid has no
+    meaning, as at the data sigma is. So ``steps`` steps cost 2 steps - 2 network evaluations (1 for one step).
     """
 
-    steps: int | None = None  # None: all T
+    name: ClassVar[str] = "heun"
+    title: ClassVar[str] = "Heun"
+    summary: ClassVar[str] = "second order (Karras et al.), 2K - 2 network evaluations for K steps"
 
-    def timesteps(self, T: int) -> list[int]:
-        return trailing_grid(T, self.steps)
+    def evaluations(self, path) -> int:
+        steps = len(self.grid(path)) - 1
+        return max(2 * steps - 2, 1)
 
-    def evaluations(self, T: int) -> int:
-        return 2 * len(self.timesteps(T)) - 1
-
-    def __call__(self, denoiser, x: torch.Tensor, timesteps: list[int], noise: Noise) -> Iterator[SamplerStep]:
-        schedule = denoiser.schedule
-        for t, t_prev in zip(timesteps, [*timesteps[1:], -1], strict=True):
-            pred = denoiser(x, t)
-            euler = ddim_update(x, t, t_prev, pred.x0, pred.eps, schedule)  # 1. predictor: Euler, dx~ = eps dsigma~
-            yield SamplerStep(t, x, pred.x0)
-            if t_prev < 0:
+    def __call__(self, denoiser, x: torch.Tensor, grid: list[GridPoint], noise: Noise) -> Iterator[SamplerStep]:
+        for i, (p, p_next) in enumerate(zip(grid, grid[1:], strict=False)):
+            pred = denoiser(x, p)
+            euler = ddim_update(p, p_next, pred.x0, pred.eps)  # 1. predictor: Euler, dx~ = eps dsigma~
+            yield SamplerStep(i, p, x, pred.x0)
+            if i == 0 or p_next.sigma == 0:  # from pure noise, or to the data: Euler alone
                 x = euler
                 continue
-            eps = (pred.eps + denoiser(euler, t_prev).eps) / 2  # 2. the mean of the slopes at both ends
-            x = ddim_update(x, t, t_prev, x0_from_eps(x, t, eps, schedule), eps, schedule)  # 3. trapezoidal corrector
-        yield SamplerStep(-1, x, x)
+            eps = (pred.eps + denoiser(euler, p_next).eps) / 2  # 2. the mean of the slopes at both ends
+            x = ddim_update(p, p_next, x0_from_eps(x, eps, p.alpha, p.sigma), eps)  # 3. trapezoidal corrector
+        yield SamplerStep(len(grid) - 1, grid[-1], x, x)
 
 
-def lambda_alpha_sigma(schedule: NoiseSchedule, t: int) -> tuple[float, float, float]:
-    """(lambda_t, alpha_t, sigma_t) at 0-based t, in float64; t = -1 is the data: (inf, 1, 0)."""
-    if t < 0:
-        return math.inf, 1.0, 0.0
-    a_bar = schedule.alpha_bar[t].item()
-    alpha, sigma = math.sqrt(a_bar), math.sqrt(1 - a_bar)
-    return math.log(alpha / sigma), alpha, sigma
-
-
+@register
 @dataclass(frozen=True)
-class DPMSolverPP2M:
+class DPMSolverPP2M(Solver):
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2): second order from one network evaluation a step.
 
     In lambda = log(alpha / sigma) the ODE's linear part is solved exactly, and the data prediction
@@ -140,40 +163,36 @@ class DPMSolverPP2M:
     x_{t_i} = (sigma_{t_i} / sigma_{t_{i-1}}) x - alpha_{t_i} (e^{-h_i} - 1) x0_{i-1}, h_i = lambda_{t_i} - lambda_{t_{i-1}}
     (deterministic DDIM again); order 2 adds the slope (x0_{i-1} - x0_{i-2}) / r_i with r_i = h_{i-1} / h_i
     (Alg. 2, line 6). The first step has no history and is first order; the last step, to the data
-    (lambda = inf), returns the last x0 prediction (first order, as diffusers' default).
+    (lambda = inf), returns the last x0 prediction (first order, as diffusers' default). Where alpha = 0 at the
+    first point (lambda = -inf), the step after it has r = inf and falls to first order by itself.
     """
 
-    steps: int | None = None  # None: all T
     order: ClassVar[int] = 2  # the polynomial's degree + 1 once the history allows it
     second_derivative: ClassVar[float] = 1.0  # the weight of the h^2 x0'' term (order 3 only): 1 is the Taylor expansion's
-
-    def timesteps(self, T: int) -> list[int]:
-        return trailing_grid(T, self.steps)
-
-    def evaluations(self, T: int) -> int:
-        return len(self.timesteps(T))
+    name: ClassVar[str] = "dpmpp2m"
+    title: ClassVar[str] = "DPM-Solver++(2M)"
+    summary: ClassVar[str] = "second order (Lu et al.), one network evaluation a step"
+    in_browser: ClassVar[bool] = True
 
     def step_order(self, i: int, num_steps: int) -> int:
         """The order of step i (0-based) of num_steps: limited by the history, and lowered near the end."""
         return min(self.order, i + 1)
 
-    def __call__(self, denoiser, x: torch.Tensor, timesteps: list[int], noise: Noise) -> Iterator[SamplerStep]:
-        schedule = denoiser.schedule
+    def __call__(self, denoiser, x: torch.Tensor, grid: list[GridPoint], noise: Noise) -> Iterator[SamplerStep]:
         x0s, lams = [], []  # the x0 predictions and their lambdas so far, newest last (the multistep history)
-        for i, (t, t_next) in enumerate(zip(timesteps, [*timesteps[1:], -1], strict=True)):
-            pred = denoiser(x, t)
-            yield SamplerStep(t, x, pred.x0)
-            lam, _, sigma = lambda_alpha_sigma(schedule, t)
-            x0s, lams = [*x0s[-2:], pred.x0], [*lams[-2:], lam]
-            if t_next < 0:  # to the data: e^{-h} = 0 and sigma_next = 0 leave x0 (first order)
+        for i, (p, p_next) in enumerate(zip(grid, grid[1:], strict=False)):
+            pred = denoiser(x, p)
+            yield SamplerStep(i, p, x, pred.x0)
+            x0s, lams = [*x0s[-2:], pred.x0], [*lams[-2:], p.lam]
+            if p_next.sigma == 0:  # to the data: e^{-h} = 0 and sigma_next = 0 leave x0 (first order)
                 x = pred.x0
                 break
-            lam_next, alpha_next, sigma_next = lambda_alpha_sigma(schedule, t_next)
-            order = self.step_order(i, len(timesteps))
-            x = (sigma_next / sigma) * x + multistep_update(x0s, lams, lam_next, alpha_next, order, self.second_derivative)
-        yield SamplerStep(-1, x, x)
+            order = self.step_order(i, len(grid) - 1)
+            x = (p_next.sigma / p.sigma) * x + multistep_update(x0s, lams, p_next.lam, p_next.alpha, order, self.second_derivative)
+        yield SamplerStep(len(grid) - 1, grid[-1], x, x)
 
 
+@register
 @dataclass(frozen=True)
 class DPMSolverPP3M(DPMSolverPP2M):
     """DPM-Solver++(3M): the same exact linear part with x0 quadratic in lambda through the last three
@@ -186,12 +205,16 @@ class DPMSolverPP3M(DPMSolverPP2M):
     """
 
     order: ClassVar[int] = 3
+    name: ClassVar[str] = "dpmpp3m"
+    title: ClassVar[str] = "DPM-Solver++(3M)"
+    summary: ClassVar[str] = "third order, one network evaluation a step"
 
     def step_order(self, i: int, num_steps: int) -> int:
         lowered = 2 if num_steps < 15 and i == num_steps - 2 else self.order
         return min(lowered, i + 1)
 
 
+@register
 @dataclass(frozen=True)
 class DPMSolverPP3MPublished(DPMSolverPP3M):
     """DPM-Solver++(3M) as diffusers' ``DPMSolverMultistepScheduler(solver_order=3)`` and the original
@@ -201,6 +224,10 @@ class DPMSolverPP3MPublished(DPMSolverPP3M):
     """
 
     second_derivative: ClassVar[float] = 0.5  # their D2 = (D1_0 - D1_1) / (r0 + r1) is about h^2 x0'' / 2, weighted as h^2 x0''
+    name: ClassVar[str] = "dpmpp3m-published"
+    title: ClassVar[str] = "DPM-Solver++(3M) as published"
+    summary: ClassVar[str] = "3M as diffusers and the DPM-Solver code have it: second order, to compare"
+    in_browser: ClassVar[bool] = False
 
 
 def multistep_update(
@@ -231,17 +258,15 @@ def multistep_update(
     return update
 
 
-SOLVERS = {
-    "ddpm": DDPM,
-    "ddim": DDIM,
-    "heun": Heun,
-    "dpmpp2m": DPMSolverPP2M,
-    "dpmpp3m": DPMSolverPP3M,
-    "dpmpp3m-published": DPMSolverPP3MPublished,
-}
+def solver_table() -> str:
+    """:data:`SOLVERS` as the Markdown table docs/cli.md shows (tests/test_packaging.py keeps the two equal)."""
+    lines = ["| --sampler | solver | what it is | in the browser |", "|---|---|---|---|"]
+    for name, cls in SOLVERS.items():
+        lines.append(f"| `{name}` | {cls.title} | {cls.summary} | {'yes' if cls.in_browser else 'no'} |")
+    return "\n".join(lines)
 
 
-def make_solver(name: str, **options) -> DDPM | DDIM | Heun | DPMSolverPP2M:
+def make_solver(name: str, **options) -> Solver:
     """The solver called ``name`` (one of :data:`SOLVERS`) with its ``options`` (steps, eta, variance).
 
     An option the solver does not have is refused unless it is None, so that e.g. an eta meant for

@@ -28,7 +28,7 @@ from torch.utils.data import TensorDataset
 from .denoiser import Prediction
 from .diffusion import DiffusionConfig, q_sample
 from .mlp import MLPConfig
-from .schedules import NoiseSchedule
+from .paths import VP, GridPoint, LinearFlow
 from .training import TrainConfig, Trainer
 
 
@@ -94,21 +94,28 @@ def ring(k: int = 8, radius: float = 1.0, std: float = 0.1) -> Mixture:
     return Mixture(tuple((radius * math.cos(a), radius * math.sin(a)) for a in angles), std)
 
 
-class ExactDenoiser:
-    """The Bayes-optimal denoiser of a :class:`Mixture` at every t: what a perfect network would predict.
+def vp_level(p: GridPoint) -> tuple[float, float]:
+    """(c, a): on any path, c x_t = sqrt(a) x0 + sqrt(1 - a) eps with c = 1 / sqrt(alpha^2 + sigma^2) and
+    a = (c alpha)^2, a point of the VP path with the same noise eps (c = 1 on the VP path itself)."""
+    c = 1 / math.sqrt(p.alpha**2 + p.sigma**2)
+    return c, (c * p.alpha) ** 2
 
-    Called like any denoiser, ``(x_t, t) -> Prediction(eps, x0)``, so every solver and sample_loop take it.
+
+class ExactDenoiser:
+    """The Bayes-optimal denoiser of a :class:`Mixture` at every point of ``path``: what a perfect network would predict.
+
+    Called like any denoiser, ``(x_t, p) -> Prediction(eps, x0)``, so every solver and sample_loop take it.
     Computes in x_t's dtype (float64 for solver-order measurements).
     """
 
     num_classes, batch_size = 0, None
 
-    def __init__(self, mixture: Mixture, schedule: NoiseSchedule):
-        self.mixture, self.schedule, self.device = mixture, schedule, torch.device("cpu")
+    def __init__(self, mixture: Mixture, path: VP | LinearFlow):
+        self.mixture, self.path, self.device = mixture, path, torch.device("cpu")
 
-    def __call__(self, x_t: torch.Tensor, t: int, y: torch.Tensor | None = None) -> Prediction:
-        a = self.schedule.alpha_bar[t].item()
-        return Prediction(self.mixture.eps(x_t, a), self.mixture.posterior_mean(x_t, a))
+    def __call__(self, x_t: torch.Tensor, p: GridPoint, y: torch.Tensor | None = None) -> Prediction:
+        c, a = vp_level(p)
+        return Prediction(self.mixture.eps(c * x_t, a), self.mixture.posterior_mean(c * x_t, a))
 
 
 class GaussianFit(ExactDenoiser):
@@ -117,21 +124,22 @@ class GaussianFit(ExactDenoiser):
 
     For that Gaussian, E[x0 | x_t] = m + (sqrt(a) c / (a c + 1 - a)) (x_t - sqrt(a) m)."""
 
-    def __call__(self, x_t: torch.Tensor, t: int, y: torch.Tensor | None = None) -> Prediction:
-        a = self.schedule.alpha_bar[t].item()
-        mu = self.mixture._mu(x_t)  # (K, 2)
+    def __call__(self, x_t: torch.Tensor, p: GridPoint, y: torch.Tensor | None = None) -> Prediction:
+        scale, a = vp_level(p)
+        x = scale * x_t
+        mu = self.mixture._mu(x)  # (K, 2)
         m = mu.mean(0)
         c = (mu - m).square().sum(1).mean().item() / 2 + self.mixture.std**2
-        x0 = m + math.sqrt(a) * c / (a * c + 1 - a) * (x_t - math.sqrt(a) * m)
-        return Prediction((x_t - math.sqrt(a) * x0) / math.sqrt(1 - a), x0)
+        x0 = m + math.sqrt(a) * c / (a * c + 1 - a) * (x - math.sqrt(a) * m)
+        return Prediction((x - math.sqrt(a) * x0) / math.sqrt(1 - a), x0)
 
 
 def eps_mse(denoiser: Callable, x0: torch.Tensor, t: int, generator: torch.Generator | None = None) -> float:
-    """L_simple at one 0-based t: the mean of ||eps - eps_hat(x_t, t)||^2 / 2 over the points x0 (B, 2),
-    each noised once (per coordinate, as loss_simple averages)."""
+    """L_simple at one 0-based t of the denoiser's VP path: the mean of ||eps - eps_hat(x_t, t)||^2 / 2 over the
+    points x0 (B, 2), each noised once (per coordinate, as loss_simple averages)."""
     eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
-    x_t = q_sample(x0, torch.full((len(x0),), t), denoiser.schedule, eps)
-    return (denoiser(x_t, t).eps - eps).square().mean().item()
+    x_t = q_sample(x0, torch.full((len(x0),), t), denoiser.path.schedule, eps)
+    return (denoiser(x_t, denoiser.path.point(t)).eps - eps).square().mean().item()
 
 
 def energy_distance(a: torch.Tensor, b: torch.Tensor) -> float:

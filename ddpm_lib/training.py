@@ -26,6 +26,7 @@ from .devices import device_name, resolve_device, use_bf16
 from .diffusion import DiffusionConfig, loss_simple, min_snr_weight
 from .divergence import DivergenceError, DivergenceGuard, weight_norm
 from .mlp import MLP, MLPConfig
+from .paths import VP
 from .resources import require_model
 from .sampling import eval_mode, sample
 from .schedules import NoiseSchedule
@@ -204,7 +205,9 @@ class Trainer:
         self.ema = AveragedModel(self.model, multi_avg_fn=self._ema_update, use_buffers=True)
         # fused: one kernel for all parameters (a 4 ms optimizer step takes 1 ms on 2 CPU cores)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-        self.schedule = diffusion_config.make_schedule().to(self.device)
+        self.path = diffusion_config.make_path().to(self.device)
+        if cfg.loss_weighting == "min_snr" and not isinstance(self.path, VP):
+            raise ValueError(f"min_snr weighting reads the VP schedule's SNR; train the {self.path.name} path with loss_weighting uniform")
         self.generator = torch.Generator(self.device).manual_seed(cfg.seed)  # t and eps of every step
         self.bf16 = use_bf16(cfg.precision, self.device)
         self.guard = DivergenceGuard()  # stops a blow-up at its step, before anything of it is saved
@@ -280,7 +283,7 @@ class Trainer:
         # are drawn for all B, in a single process's order, and each rank keeps its share.
         B = len(x0) * self.rank.world_size
         share = self.rank.share(B)
-        t = torch.randint(0, self.schedule.T, (B,), generator=gen, device=gen.device)[share].to(self.device)  # (b,)
+        t = self.path.training_times(B, gen, gen.device)[share].to(self.device)  # (b,)
         num_classes = self.model_config.num_classes
         if num_classes:
             if y is None:
@@ -291,9 +294,9 @@ class Trainer:
             y = None  # an unconditional model ignores the labels a dataset comes with
         noise = torch.randn((B, *x0.shape[1:]), generator=gen, device=gen.device)[share].to(self.device)  # (b, C, H, W)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            per_image = loss_simple(net, x0, self.schedule, prediction, t=t, noise=noise, reduction="none", y=y)  # (b,)
+            per_image = loss_simple(net, x0, self.path, prediction, t=t, noise=noise, reduction="none", y=y)  # (b,)
         if self.config.loss_weighting == "min_snr":
-            loss = (min_snr_weight(t, self.schedule, self.config.min_snr_gamma, prediction) * per_image).mean()
+            loss = (min_snr_weight(t, self.path.schedule, self.config.min_snr_gamma, prediction) * per_image).mean()
         else:
             loss = per_image.mean()
         self.optimizer.zero_grad(set_to_none=True)
@@ -431,7 +434,7 @@ class Trainer:
         k = self.model_config.num_classes
         labels = torch.arange(n) % k if k else None
         denoiser = guided(Denoiser(self.ema.module, self.diffusion_config), labels)
-        return sample(denoiser, shape, DDIM(min(steps, self.schedule.T)), generator=generator).cpu()
+        return sample(denoiser, shape, DDIM(min(steps, self.path.default_steps)), generator=generator).cpu()
 
     def state_dict(self, full: bool = True) -> dict:
         """The checkpoint dict; ``full=False`` keeps only the configs and EMA weights (for sharing a model)."""
@@ -573,7 +576,7 @@ def loss_by_timestep(
     with eval_mode(model):
         for t in centres.tolist():
             t_batch = torch.full((len(x0),), t, dtype=torch.long, device=x0.device)
-            losses.append(loss_simple(model, x0, schedule, prediction, t=t_batch, generator=generator).item())
+            losses.append(loss_simple(model, x0, VP(schedule), prediction, t=t_batch, generator=generator).item())
     return centres, torch.tensor(losses)
 
 

@@ -332,33 +332,38 @@ def forward_viewer(
     return TimestepViewer(lambda t: image_grid(q_sample(x0, t, schedule, noise), nrow, scale=scale), 0, schedule.T - 1, value=0)
 
 
+FORMING = (-0.713, 0.324, 1.072, 1.737)  # lambda = log(alpha / sigma) where MNIST digits form: the linear schedule's t = 400, 200, 100, 50
+
+
+def nearest_steps(steps: Sequence[SamplerStep], lams: Sequence[float]) -> list[int]:
+    """The indices of the steps whose noise levels lambda = log(alpha / sigma) are nearest each of ``lams``."""
+    return [min(range(len(steps)), key=lambda i: abs(steps[i].point.lam - lam)) for lam in lams]
+
+
 def trajectory_viewer(
     steps: Sequence[SamplerStep], nrow: int | None = None, scale: int = 2, show_x0: bool = True, budget: int = OUTPUT_BUDGET
 ) -> TimestepViewer:
-    """Scrub a stored reverse trajectory: x_t and the predicted x0 at the visited t nearest the slider.
+    """Scrub a stored reverse trajectory by its step index: x_t and the predicted x0 at each point of the grid.
 
-    t = -1 shows the finished sample. The kernel-free version's frames crowd toward the end of the
-    run, where the digits form, as the GIF's do.
+    The last step shows the finished sample. The static picture shows pure noise, the steps nearest the
+    noise levels :data:`FORMING` and the sample, on any path and grid; the kernel-free version's frames
+    crowd toward the end of the run, where the digits form, as the GIF's do.
     """
-    by_t = {step.t: step for step in steps}
-    ts = sorted(by_t)
+    steps = list(steps)
+    last = len(steps) - 1
     frames: dict[int, np.ndarray] = {}  # rendered once, then instant
 
-    def render(t: int) -> np.ndarray:
-        nearest = min(ts, key=lambda s: abs(s - t))
-        if nearest not in frames:
-            frames[nearest] = trajectory_frame(by_t[nearest], nrow, scale, show_x0)
-        return frames[nearest]
+    def render(i: int) -> np.ndarray:
+        if i not in frames:
+            frames[i] = trajectory_frame(steps[i], nrow, scale, show_x0)
+        return frames[i]
 
-    wanted = [ts[-1], 400, 200, 100, 50, -1]  # where the digits form: pure noise, then the last few hundred steps
-    static = sorted({min(ts, key=lambda s: abs(s - t)) for t in wanted}, reverse=True)
+    def label(i: int) -> str:
+        return f"step {i}: the finished samples" if i == last else f"step {i}, t = {steps[i].t:g} (left: x_t, right: the predicted x0)"
 
-    def label(t: int) -> str:
-        return "t = -1: the finished samples" if t == -1 else f"t = {t} (left: x_t, right: the predicted x0)"
-
-    order = sorted(ts, reverse=True)  # in sampling order, so that ease > 1 crowds toward t = -1
-    crowded = [order[i] for i in frame_indices(len(order), MAX_SCRUB_FRAMES, ease=2.0)]
-    return TimestepViewer(render, ts[0], ts[-1], value=ts[-1], static_ts=static, label=label, scrub_ts=crowded, budget=budget)
+    static = sorted({0, *nearest_steps(steps, FORMING), last})
+    crowded = frame_indices(len(steps), MAX_SCRUB_FRAMES, ease=2.0)
+    return TimestepViewer(render, 0, last, value=0, description="step", static_ts=static, label=label, scrub_ts=crowded, budget=budget)
 
 
 def forward_explorer(x0: torch.Tensor, schedule: NoiseSchedule, noise: torch.Tensor | None = None, scale: int = 2) -> TimestepViewer:

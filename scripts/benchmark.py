@@ -92,7 +92,7 @@ def solver_costs(checkpoint: str, out: Path, command: str = "scripts/benchmark.p
     ]
     for label, solver in SOLVER_SETTINGS:
         seconds = sampling_seconds(model, diffusion, 64, solver, "cpu", bf16)
-        evals = solver.evaluations(diffusion.T)
+        evals = solver.evaluations(diffusion.make_path())
         lines.append(f"| {label} | {evals} | {seconds:.2f} | {seconds / 64 * 1000:.1f} | {seconds / 64 / evals * 1000:.2f} |")
         print(lines[-1], flush=True)
     write_section(out, "solvers", "\n".join(lines))

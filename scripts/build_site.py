@@ -36,6 +36,7 @@ from nbconvert import HTMLExporter
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the library from this tree
 from ddpm_lib.onnx_export import FORMAT, export_onnx, read_metadata  # noqa: E402
+from ddpm_lib.solvers import SOLVERS  # noqa: E402
 
 SAMPLER_MODELS = ["mnist_ddpm", "mnist_cfg"]  # checkpoints/<name>.pt, sampled live on sampler.html
 SAMPLER_PAGES = {  # the notebooks whose pages embed the live sampler (before their summary): its model there, and what it offers
@@ -185,6 +186,11 @@ def measured_speed() -> str:
     return f'<h2>How fast</h2><p class="measured">{intro}</p><table class="measured">{cells}</table>'
 
 
+def solver_options() -> str:
+    """The sampler page's solver menu: the solvers of ddpm_lib's registry that worker.js runs too."""
+    return "".join(f'<option value="{name}">{html.escape(cls.title)}</option>' for name, cls in SOLVERS.items() if cls.in_browser)
+
+
 def add_sampler(tmp: Path, dist: Path) -> None:
     """sampler.html, its scripts, the runtime and the models, into the site being built in ``tmp``."""
     shutil.copytree(ROOT / "scripts" / "site_sampler", tmp / "sampler", ignore=shutil.ignore_patterns("*.html"))
@@ -198,6 +204,7 @@ def add_sampler(tmp: Path, dist: Path) -> None:
         # onnxruntime-web cannot read the metadata inside the model (microsoft/onnxruntime#16547): the page reads this copy
         (tmp / "models" / f"{name}.json").write_text(json.dumps(read_metadata(model)))
     page = (ROOT / "scripts" / "site_sampler" / "sampler.html").read_text().replace("<!-- measured -->", measured_speed())
+    page = re.sub(r"<!-- solvers:[^>]*-->", solver_options(), page)
     links = [("ddpm-notebooks: the course", "index.html")]
     (tmp / "sampler.html").write_text(with_nav(page, nav(links), nav(links, bottom=True)))
 

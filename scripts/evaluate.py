@@ -86,7 +86,7 @@ def main() -> int:
         any_precision=args.precision == "auto",
         on_row=on_row,
     )
-    table = markdown_table(rows, floor, diffusion.T)
+    table = markdown_table(rows, floor, diffusion.make_path())
     histograms = class_count_table(rows, floor)
     print(table, histograms, sep="\n\n")
     compared = [
@@ -96,7 +96,7 @@ def main() -> int:
         for seed in args.seeds
         for row in evaluate(model, diffusion, classifier, reference, [setting], args.num, seed, args.cache, model_id, on_row, bf16)
     ]
-    spread = spread_table(compared, diffusion.T) if compared else ""
+    spread = spread_table(compared, diffusion.make_path()) if compared else ""
     paired = paired_table(compared, PAIRED) if compared else ""
     print(spread, paired, sep="\n\n")
     precisions = " or ".join(sorted({"bf16 autocast" if row.bf16 else "fp32" for row in rows}))
@@ -122,7 +122,7 @@ def main() -> int:
         )
     if len(rows) == len(SETTINGS):
         with atomic_write(args.plot) as tmp:
-            plot_quality(rows, floor, diffusion.T).savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+            plot_quality(rows, floor, diffusion.make_path()).savefig(tmp, format="png", dpi=100, bbox_inches="tight")
     return 0
 
 

@@ -198,7 +198,10 @@ def test_every_subcommand_has_help(command, option, capsys):
     [
         (["--sampler", "euler"], ["invalid choice: 'euler'"]),
         (["--sampler", "ddim", "--steps", "21"], ["between 1 and T=20"]),
-        (["--sampler", "ddpm", "--steps", "5"], ["DDPM visits all T=20 steps; use the ddim, heun, dpmpp2m or dpmpp3m solver for 5 steps"]),
+        (
+            ["--sampler", "ddpm", "--steps", "5"],
+            ["DDPM visits all T=20 steps; use one of ddim, heun, dpmpp2m, dpmpp3m, dpmpp3m-published for 5 steps"],
+        ),
         (["--sampler", "heun", "--eta", "0.5"], ["the heun solver takes steps, not eta"]),
         (["--num", "0"], ["--num: must be a whole number >= 1, got '0'"]),
         (["--num", "-3"], ["--num: must be a whole number >= 1, got '-3'"]),

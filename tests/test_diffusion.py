@@ -2,7 +2,6 @@ import pytest
 import torch
 
 from ddpm_lib.diffusion import (
-    PREDICTIONS,
     DiffusionConfig,
     correlation_with_x0,
     eps_from_x0,
@@ -15,6 +14,8 @@ from ddpm_lib.diffusion import (
     v_from,
     x0_from_eps,
 )
+from ddpm_lib.parametrizations import PREDICTIONS
+from ddpm_lib.paths import VP
 from ddpm_lib.schedules import get_schedule
 
 SCHEDULE = get_schedule("linear", 1000)
@@ -75,7 +76,7 @@ def test_every_prediction_type_round_trips_to_eps_and_x0(prediction):
     x0, eps = torch.rand(4, 1, 5, 5) * 2 - 1, torch.randn(4, 1, 5, 5)
     t = torch.tensor([0, 10, 500, 990])
     x_t = q_sample(x0, t, SCHEDULE, eps)
-    target = {"eps": eps, "x0": x0, "v": v_from(x0, eps, t, SCHEDULE)}[prediction]
+    target = {"eps": eps, "x0": x0, "v": v_from(x0, eps, t, SCHEDULE), "velocity": eps - x0}[prediction]
     got_eps, got_x0 = to_eps_x0(target, x_t, t, SCHEDULE, prediction)
     torch.testing.assert_close(got_x0, x0, atol=2e-4, rtol=0)
     torch.testing.assert_close(got_eps, eps, atol=2e-4, rtol=0)
@@ -91,14 +92,14 @@ def test_eps_x0_conversions_invert_each_other():
 def test_loss_simple_is_zero_for_an_oracle_and_one_for_a_zero_model(prediction):
     x0, eps = torch.rand(64, 1, 4, 4) * 2 - 1, torch.randn(64, 1, 4, 4)
     t = torch.randint(0, 1000, (64,))
-    target = {"eps": eps, "x0": x0, "v": v_from(x0, eps, t, SCHEDULE)}[prediction]
+    target = {"eps": eps, "x0": x0, "v": v_from(x0, eps, t, SCHEDULE), "velocity": eps - x0}[prediction]
 
     def oracle(x_t, t_in):
         assert torch.equal(t_in, t)
         return target
 
-    assert loss_simple(oracle, x0, SCHEDULE, prediction, t=t, noise=eps).item() == pytest.approx(0, abs=1e-12)
-    per_image = loss_simple(lambda x_t, t: torch.zeros_like(x_t), x0, SCHEDULE, prediction, t=t, noise=eps, reduction="none")
+    assert loss_simple(oracle, x0, VP(SCHEDULE), prediction, t=t, noise=eps).item() == pytest.approx(0, abs=1e-12)
+    per_image = loss_simple(lambda x_t, t: torch.zeros_like(x_t), x0, VP(SCHEDULE), prediction, t=t, noise=eps, reduction="none")
     assert per_image.shape == (64,)
     torch.testing.assert_close(per_image, (target**2).mean(dim=(1, 2, 3)))
 
@@ -109,9 +110,9 @@ def test_loss_simple_draws_t_and_noise_from_the_generator():
     def model(x_t, t):
         return x_t * 0.5
 
-    a = loss_simple(model, x0, SCHEDULE, generator=torch.Generator().manual_seed(1))
-    b = loss_simple(model, x0, SCHEDULE, generator=torch.Generator().manual_seed(1))
-    c = loss_simple(model, x0, SCHEDULE, generator=torch.Generator().manual_seed(2))
+    a = loss_simple(model, x0, VP(SCHEDULE), generator=torch.Generator().manual_seed(1))
+    b = loss_simple(model, x0, VP(SCHEDULE), generator=torch.Generator().manual_seed(1))
+    c = loss_simple(model, x0, VP(SCHEDULE), generator=torch.Generator().manual_seed(2))
     assert a == b and a != c
 
 
@@ -121,8 +122,9 @@ def test_min_snr_weights_clip_the_snr_at_gamma():
     assert snr[0] > 5 > snr[-1]  # both sides of gamma = 5
     torch.testing.assert_close(min_snr_weight(t, SCHEDULE, 5.0, "x0"), snr.clamp(max=5))
     torch.testing.assert_close(min_snr_weight(t, SCHEDULE, 5.0, "eps"), torch.where(snr > 5, 5 / snr, torch.ones_like(snr)))
-    with pytest.raises(ValueError, match="eps, x0, v"):
-        min_snr_weight(t, SCHEDULE, 5.0, "score")
+    # the velocity error eps - x0 is -(alpha + sigma) / sigma times the x0 error: its weight times that squared is min(SNR, 5)
+    alpha, sigma = SCHEDULE.sqrt_alpha_bar[t].float(), SCHEDULE.sqrt_one_minus_alpha_bar[t].float()
+    torch.testing.assert_close(min_snr_weight(t, SCHEDULE, 5.0, "velocity") * ((alpha + sigma) / sigma) ** 2, snr.clamp(max=5))
 
 
 def test_min_snr_weighted_losses_agree_across_predictions():

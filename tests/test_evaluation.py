@@ -22,11 +22,14 @@ from ddpm_lib.evaluation import (
     weights_sha256,
 )
 from ddpm_lib.metrics import Quality, gaussian_stats
+from ddpm_lib.paths import VP
+from ddpm_lib.schedules import get_schedule
 from ddpm_lib.unet import UNet, UNetConfig
 from tests.test_metrics import StubClassifier
 
 MODEL = UNet(UNetConfig(base_channels=8, channel_mults=(1, 2), attention_resolutions=(), num_groups=4, num_heads=2))
 DIFFUSION = DiffusionConfig(schedule="linear", T=10)
+PATH, SHORT = VP(get_schedule("linear", 1000)), VP(get_schedule("linear", 10))
 FAST = (SamplerSetting("DDIM 2", steps=2), SamplerSetting("DDIM 3, eta 1", steps=3, eta=1.0))
 
 
@@ -36,19 +39,19 @@ def test_the_standard_settings_cover_the_issue():
         "DDPM 1000, var beta_tilde", "DDPM 1000, var beta", "DDIM 100", "DDIM 50", "DDIM 20", "DDIM 10", "DDIM 50, eta 1"
     ]  # fmt: skip
     assert {s.variance for s in SETTINGS if s.sampler == "ddpm"} == {"beta", "beta_tilde"}
-    costs = {s.label: s.evaluations(1000) for s in SETTINGS[7:]}  # Heun and DPM-Solver++(2M) at 5-50 evaluations, (3M) at 5-20
+    costs = {s.label: s.evaluations(PATH) for s in SETTINGS[7:]}  # Heun and DPM-Solver++(2M) at 5-50 evaluations, (3M) at 5-20
     assert costs == {
-        "Heun 3": 5, "Heun 5": 9, "Heun 10": 19, "Heun 25": 49,
+        "Heun 3": 4, "Heun 5": 8, "Heun 10": 18, "Heun 25": 48,
         "DPM-Solver++(2M) 5": 5, "DPM-Solver++(2M) 10": 10, "DPM-Solver++(2M) 20": 20, "DPM-Solver++(2M) 50": 50,
         "DPM-Solver++(3M) 5": 5, "DPM-Solver++(3M) 10": 10, "DPM-Solver++(3M) 20": 20,
     }  # fmt: skip
 
 
 def test_the_compared_settings_hold_3m_before_and_after_at_5_to_20_evaluations_and_its_rivals_at_three_seeds():
-    costs = {s.label: s.evaluations(1000) for s in COMPARED}
+    costs = {s.label: s.evaluations(PATH) for s in COMPARED}
     for k in (5, 8, 10, 20):
         assert costs[f"DPM-Solver++(3M) {k}"] == costs[f"DPM-Solver++(3M) as published {k}"] == k
-    assert costs["Heun 25"] == 49 and costs["DDIM 50"] == costs["DDIM 50, eta 1"] == costs["DPM-Solver++(3M) 50"] == 50
+    assert costs["Heun 25"] == 48 and costs["DDIM 50"] == costs["DDIM 50, eta 1"] == costs["DPM-Solver++(3M) 50"] == 50
     assert len(SEEDS) == 3 and len(set(SEEDS)) == 3
 
 
@@ -65,7 +68,7 @@ def test_spreads_give_the_mean_and_sample_standard_deviation_over_seeds_and_refu
     assert first.setting == ddim and first.seeds == (0, 1, 2) and second.setting == heun
     assert first.frechet == pytest.approx((0.5, 0.1)) and first.confident == pytest.approx((0.88, 0.02))
     assert second.frechet == pytest.approx((1.5, 2**-0.5))  # the sample standard deviation: divided by n - 1
-    table = spread_table(rows, T=10)
+    table = spread_table(rows, path=SHORT)
     assert "| DDIM 2 | 2 | 0.500 ± 0.100 | 88.0% ± 2.0 | 2.300 ± 0.000 | 0, 1, 2 | fp32 |" in table
     with pytest.raises(ValueError, match="DDIM 2: a spread needs two or more distinct seeds in one precision"):
         spreads([*rows, Row(ddim, quality(0.5, 0.9), 0.1, 3, True)])
@@ -100,7 +103,7 @@ def test_evaluate_caches_rows_by_model_setting_n_and_seed(tmp_path, monkeypatch)
     # any_precision reads the fp32 rows for a bf16 run, and says they are fp32
     either = {"n": 8, "cache": cache, "model_id": "abc", "bf16": True, "any_precision": True}
     assert evaluate(MODEL, DIFFUSION, StubClassifier(), reference, FAST, **either) == rows
-    assert all(not r.bf16 for r in rows) and "| fp32 |" in markdown_table(rows, rows[0].quality, T=10)
+    assert all(not r.bf16 for r in rows) and "| fp32 |" in markdown_table(rows, rows[0].quality, path=SHORT)
 
 
 def test_with_rows_of_both_precisions_cached_the_bf16_row_is_read(tmp_path):
@@ -125,14 +128,14 @@ def test_weights_sha256_changes_with_any_weight_or_the_diffusion_config():
 def test_table_and_plot_show_every_row_against_the_floor():
     floor = Quality(8, frechet=2.0, confident=1.0, entropy=2.3, counts=(1,) * 10)
     rows = evaluate(MODEL, DIFFUSION, StubClassifier(), gaussian_stats(torch.randn(100, 4)), FAST, n=8)
-    table = markdown_table(rows, floor, T=10)
+    table = markdown_table(rows, floor, path=SHORT)
     assert "| real training images (floor) | - | 2.00 | 1.00 |" in table
     assert table.count("\n") == 2 + len(rows) and "| DDIM 2 | 2 |" in table
     just_over = Row(SETTINGS[3], Quality(8, frechet=6.008, confident=0.9, entropy=2.3, counts=(1,) * 10), 0.1, seed=0, bf16=False)
-    table = markdown_table([just_over], floor, T=1000)
+    table = markdown_table([just_over], floor, path=PATH)
     assert "| DDIM 50 | 50 | 6.01 | 3.01 |" in table  # 3.004x misses the 3x target: it never reads as 3.00
     assert [ratio_up(r) for r in (3.0, 2.3125, 0.999)] == ["3.00", "2.32", "1.00"]
-    fig = plot_quality(rows, floor, T=10)
+    fig = plot_quality(rows, floor, path=SHORT)
     assert list(fig.axes[0].lines[0].get_xdata()) == [2]  # the eta = 0 DDIM line; eta 1 is a separate point
 
 

@@ -14,6 +14,7 @@ from ddpm_lib.exercises import (
     check_q_sample,
     check_timestep_embedding,
 )
+from ddpm_lib.paths import VP
 from ddpm_lib.sampling import ddpm_step
 from ddpm_lib.schedules import extract
 from ddpm_lib.unet import timestep_embedding
@@ -77,7 +78,7 @@ def frechet_via_eigvals(mu_a, sigma_a, mu_b, sigma_b, cross=2.0, mean_power=2):
         (check_timestep_embedding, timestep_embedding),
         (check_ddpm_step, correct_ddpm_step),
         (check_ddim_step, ddim_by_hand),
-        (check_loss_simple, lambda model, x0, t, noise, schedule: loss_simple(model, x0, schedule, t=t, noise=noise)),
+        (check_loss_simple, lambda model, x0, t, noise, schedule: loss_simple(model, x0, VP(schedule), t=t, noise=noise)),
         (check_frechet_distance, frechet_via_eigvals),
         (check_guided_eps, guided_by_hand),
     ],
@@ -101,19 +102,18 @@ def one_based(x0, t, schedule, noise):
     return q_sample(x0, t - 1, schedule, noise)  # the checker's t are all >= 1
 
 
-def heun_by_hand(denoiser, x_t, t, t_prev, euler_only=False, end_slope=False, plain=False):
-    a, a_prev = denoiser.schedule.alpha_bar[t].item(), denoiser.schedule.alpha_bar[t_prev].item()
-    if plain:  # stepping x by the change of sqrt(1 - alpha_bar), as if x~ were x
-        h = (1 - a_prev) ** 0.5 - (1 - a) ** 0.5
-        eps = denoiser(x_t, t).eps
-        return x_t + h * (eps + denoiser(x_t + h * eps, t_prev).eps) / 2
-    h = ((1 - a_prev) / a_prev) ** 0.5 - ((1 - a) / a) ** 0.5
-    eps = denoiser(x_t, t).eps
-    euler = a_prev**0.5 * (x_t / a**0.5 + h * eps)
+def heun_by_hand(denoiser, x_t, p, p_next, euler_only=False, end_slope=False, plain=False):
+    if plain:  # stepping x by the change of sigma, as if x~ were x
+        h = p_next.sigma - p.sigma
+        eps = denoiser(x_t, p).eps
+        return x_t + h * (eps + denoiser(x_t + h * eps, p_next).eps) / 2
+    h = p_next.sigma / p_next.alpha - p.sigma / p.alpha
+    eps = denoiser(x_t, p).eps
+    euler = p_next.alpha * (x_t / p.alpha + h * eps)
     if euler_only:
         return euler
-    end = denoiser(euler, t_prev).eps
-    return a_prev**0.5 * (x_t / a**0.5 + h * (end if end_slope else (eps + end) / 2))
+    end = denoiser(euler, p_next).eps
+    return p_next.alpha * (x_t / p.alpha + h * (end if end_slope else (eps + end) / 2))
 
 
 @pytest.mark.parametrize(

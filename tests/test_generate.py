@@ -1,4 +1,5 @@
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,23 @@ from ddpm_lib.solvers import DDIM, DDPM
 from ddpm_lib.unet import UNet, UNetConfig
 
 DIFFUSION = {"schedule": "linear", "T": 12, "prediction": "eps"}
+ROOT = Path(__file__).parent.parent
+# The shipped checkpoints record no path (they predate it): drawn before the path object (issue 40) into
+# tests/data/path_reference.pt, two images each from seeds 300, 301, ... in this order, in fp32 on the CPU.
+SHIPPED = {
+    "ddpm_ddim_5": {"checkpoint": "mnist_ddpm.pt", "sampler": "ddim", "steps": 5},
+    "ddpm_ddim_5_eta1": {"checkpoint": "mnist_ddpm.pt", "sampler": "ddim", "steps": 5, "eta": 1.0},
+    "ddpm_dpmpp3m_5": {"checkpoint": "mnist_ddpm.pt", "sampler": "dpmpp3m", "steps": 5},
+    "cfg_dpmpp2m_5": {"checkpoint": "mnist_cfg.pt", "sampler": "dpmpp2m", "steps": 5, "label": [3, 7]},
+    "cfg_ddim_5_w0": {"checkpoint": "mnist_cfg.pt", "sampler": "ddim", "steps": 5, "label": [1], "guidance": 0.0},
+    "classifier_dpmpp3m_5": {
+        "checkpoint": "mnist_ddpm.pt",
+        "sampler": "dpmpp3m-published",
+        "steps": 5,
+        "label": [4, 9],
+        "classifier": str(ROOT / "checkpoints" / "mnist_noisy_classifier.pt"),
+    },
+}
 
 
 def save_model(path, num_classes: int):
@@ -39,7 +57,7 @@ def test_a_plain_request_takes_the_defaults(models):
     plan = prepare(SampleRequest(models["uncond"], num=3))
     assert plan.solver == DDPM() and plan.chw == (1, 8, 8) and plan.num_steps == 12 + 1
     assert plan.classes is None and plan.guide == {} and plan.labels(0, 3) is None
-    assert plan.denoiser.schedule.T == 12 and plan.denoiser.batch_size == generate.BATCH
+    assert plan.denoiser.path.schedule.T == 12 and plan.denoiser.batch_size == generate.BATCH
 
 
 def test_images_are_the_trajectorys_end_and_reproducible(models):
@@ -93,3 +111,12 @@ def test_nothing_grows_with_num_before_drawing(models):
 def test_choices_that_cannot_work_are_refused_with_the_flag_to_change(models, model, fields, says):
     with pytest.raises(ValueError, match=says):
         prepare(SampleRequest(models[model], **{"num": 4, **fields}))
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_the_shipped_checkpoints_draw_what_they_drew_before_the_path_object(name):
+    options = {**SHIPPED[name], "checkpoint": str(ROOT / "checkpoints" / SHIPPED[name]["checkpoint"])}
+    seed = 300 + list(SHIPPED).index(name)
+    images = prepare(SampleRequest(num=2, seed=seed, device="cpu", precision="fp32", **options)).images()
+    expected = torch.load(Path(__file__).parent / "data" / "path_reference.pt", weights_only=True)["shipped"][name]
+    assert torch.allclose(images, expected, atol=1e-5), (images - expected).abs().max()  # bit for bit on the machine that drew them

@@ -64,7 +64,8 @@ def test_conditional_sampling_follows_the_labels(conditional, solver):
     by_label = [draw(torch.full((3,), k)) for k in range(3)]
     assert not torch.allclose(by_label[0], by_label[1])
     with torch.no_grad():  # no labels = the "no label" class, 3
-        assert torch.equal(den(x_T, 10).eps, den(x_T, 10, torch.full((3,), 3)).eps)
+        p = den.path.point(10)
+        assert torch.equal(den(x_T, p).eps, den(x_T, p, torch.full((3,), 3)).eps)
     assert draw().shape == by_label[0].shape
 
 
@@ -88,15 +89,15 @@ def test_classifier_guidance_shifts_eps_as_dhariwal_and_nichol_alg_2(tiny_config
     with torch.no_grad():
         eps = model(x_T, torch.full((2,), 9))
     grad = classifier_grad(classifier, x_T, torch.full((2,), 9), y)
-    eps_hat = eps - (1 - den.schedule.alpha_bar[9].item()) ** 0.5 * s * grad  # Alg. 2, for every solver (DDPM too)
+    eps_hat = eps - (1 - den.path.schedule.alpha_bar[9].item()) ** 0.5 * s * grad  # Alg. 2, for every solver (DDPM too)
     steps = sample_loop(guided(den, y, classifier=classifier, classifier_scale=s), x_T.shape, solver, x_T=x_T,
                         generator=torch.Generator().manual_seed(0))  # fmt: skip
     next(steps)
     if isinstance(solver, DDPM):
         z = torch.randn((2, 1, 8, 8), generator=torch.Generator().manual_seed(0))
-        expected = ddpm_step(x_T, 9, eps_hat, den.schedule, z).x_prev
+        expected = ddpm_step(x_T, 9, eps_hat, den.path.schedule, z).x_prev
     else:
-        expected = ddim_step(x_T, 9, 7, eps_hat, den.schedule).x_prev
+        expected = ddim_step(x_T, 9, 7, eps_hat, den.path.schedule).x_prev
     torch.testing.assert_close(next(steps).x_t, expected, atol=1e-5, rtol=1e-5)
 
 

@@ -13,8 +13,9 @@ import torch
 from ddpm_lib.checkpoint import load_checkpoint, load_model, save_checkpoint
 from ddpm_lib.cli import main
 from ddpm_lib.denoiser import ClassifierFree, Denoiser, Prediction
-from ddpm_lib.diffusion import to_eps_x0
 from ddpm_lib.onnx_export import METADATA_KEY, read_metadata
+from ddpm_lib.parametrizations import PARAMETRIZATIONS
+from ddpm_lib.paths import GridPoint
 from ddpm_lib.sampling import sample_loop
 from ddpm_lib.solvers import DDIM
 
@@ -52,15 +53,15 @@ class OnnxDenoiser:
 
     batch_size, device = None, torch.device("cpu")
 
-    def __init__(self, session, meta: dict, schedule):
-        self.session, self.meta, self.schedule, self.num_classes = session, meta, schedule, meta["num_classes"]
+    def __init__(self, session, meta: dict, path):
+        self.session, self.meta, self.path, self.num_classes = session, meta, path, meta["num_classes"]
 
-    def __call__(self, x_t: torch.Tensor, t: int, y: torch.Tensor | None = None) -> Prediction:
-        feeds = {"x": x_t.numpy(), "t": np.full(len(x_t), t, dtype=np.int64)}
+    def __call__(self, x_t: torch.Tensor, p: GridPoint, y: torch.Tensor | None = None) -> Prediction:
+        feeds = {"x": x_t.numpy() * self.path.input_scale(p), "t": np.full(len(x_t), p.t, dtype=self.meta["t_type"])}
         if self.num_classes:
             feeds["y"] = (y if y is not None else torch.full((len(x_t),), self.num_classes)).numpy().astype(np.int64)
         output = torch.from_numpy(self.session.run(None, feeds)[0])
-        return Prediction(*to_eps_x0(output, x_t, t, self.schedule, self.meta["prediction"]))
+        return Prediction(*PARAMETRIZATIONS[self.meta["prediction"]].to_eps_x0(output, x_t, p.alpha, p.sigma))
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -84,10 +85,10 @@ def test_onnxruntime_predicts_what_pytorch_predicts_at_every_t_and_label(exporte
 @pytest.mark.parametrize("name", SHIPPED)
 def test_a_ddim_20_trajectory_through_onnxruntime_matches_the_library_s(exported, name):
     session, meta, model, diffusion, _ = exported[name]
-    schedule = diffusion.make_schedule()
-    assert meta["T"] == diffusion.T and meta["prediction"] == diffusion.prediction
-    assert np.array_equal(np.array(meta["alpha_bar"], dtype=np.float64), schedule.alpha_bar.numpy())  # float64, bit for bit
-    reference, onnx = Denoiser(model, diffusion), OnnxDenoiser(session, meta, schedule)
+    path = diffusion.make_path()
+    assert meta["prediction"] == diffusion.prediction and meta["t_type"] == "int64" and meta["path"]["grid"] == "trailing"
+    assert meta["path"]["points"] == [[*path.point(t), 1.0] for t in range(diffusion.T)]  # float64, bit for bit
+    reference, onnx = Denoiser(model, diffusion), OnnxDenoiser(session, meta, path)
     if meta["num_classes"]:  # classifier-free guidance: one batched pass of 2B, as the library does it
         labels = torch.tensor([3, 7, 0, 9])
         reference, onnx = ClassifierFree(reference, labels, 2.0), ClassifierFree(onnx, labels, 2.0)

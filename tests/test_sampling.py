@@ -5,6 +5,7 @@ import torch
 
 from ddpm_lib.denoiser import Denoiser, guided
 from ddpm_lib.diffusion import DiffusionConfig, q_posterior, q_sample
+from ddpm_lib.paths import GridPoint
 from ddpm_lib.sampling import (
     DegenerateModelError,
     SamplerStep,
@@ -162,7 +163,7 @@ def test_batched_network_passes_give_the_images_of_one_batch(model, solver):
 
 
 def test_bad_sampler_arguments_say_what_is_valid(model):
-    with pytest.raises(ValueError, match="use the ddim, heun, dpmpp2m or dpmpp3m solver for 5 steps"):
+    with pytest.raises(ValueError, match="use one of ddim, heun, dpmpp2m, dpmpp3m, dpmpp3m-published for 5 steps"):
         next(sample_loop(clipped(model), (1, 1, 8, 8), DDPM(steps=5)))
     with pytest.raises(ValueError, match="beta_tilde, beta"):
         ddpm_step(torch.zeros(1), 3, torch.zeros(1), SMALL, variance="learned")
@@ -211,9 +212,10 @@ def test_check_samples_refuses_broken_or_all_flat_samples_and_keeps_real_ones():
 
 def test_check_trajectory_stops_at_flat_finished_samples_after_yielding_the_steps_before():
     zeros = torch.zeros(2, 1, 4, 4)
-    real = [SamplerStep(1, torch.rand(2, 1, 4, 4), zeros), SamplerStep(-1, torch.rand(2, 1, 4, 4), zeros)]
+    noisy, data = GridPoint(1, 0.9, 0.4), GridPoint(-1, 1.0, 0.0)
+    real = [SamplerStep(0, noisy, torch.rand(2, 1, 4, 4), zeros), SamplerStep(1, data, torch.rand(2, 1, 4, 4), zeros)]
     assert list(check_trajectory(real)) == real
-    flat = [real[0], SamplerStep(-1, zeros, zeros)]
+    flat = [real[0], SamplerStep(1, data, zeros, zeros)]
     seen = []
     with pytest.raises(DegenerateModelError, match="flat"):
         for step in check_trajectory(flat):

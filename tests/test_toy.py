@@ -4,12 +4,13 @@ import pytest
 import torch
 
 from ddpm_lib.denoiser import Denoiser
+from ddpm_lib.paths import VP
 from ddpm_lib.schedules import get_schedule
 from ddpm_lib.solvers import DDIM, Heun
 from ddpm_lib.toy import ExactDenoiser, GaussianFit, Mixture, annealed_langevin, energy_distance, energy_distances, eps_mse, ring, train_mlp
 
 TOY = ring()  # 8 Gaussians of std 0.1 on the unit circle
-LINEAR = get_schedule("linear", 1000)
+LINEAR = VP(get_schedule("linear", 1000))
 
 
 def points(n: int, seed: int) -> torch.Tensor:
@@ -64,8 +65,8 @@ def test_the_exact_denoiser_is_the_floor_of_l_simple():
     exact = ExactDenoiser(TOY, LINEAR)
 
     class Shrunk(ExactDenoiser):  # any other eps does worse
-        def __call__(self, x_t, t, y=None):
-            pred = super().__call__(x_t, t)
+        def __call__(self, x_t, p, y=None):
+            pred = super().__call__(x_t, p)
             return pred._replace(eps=0.9 * pred.eps)
 
     for t in (10, 200, 600):
@@ -76,14 +77,16 @@ def test_the_exact_denoiser_is_the_floor_of_l_simple():
 
 def grid_error(solver, n: int, x_T: torch.Tensor, reference: torch.Tensor) -> float:
     """The largest error at t = 39 after n equal steps from t = 999 with the exact denoiser."""
-    grid = [999 - (960 // n) * k for k in range(n + 1)]
-    *_, last, _ = solver(ExactDenoiser(TOY, LINEAR), x_T, grid, None)
+    grid = [LINEAR.point(999 - (960 // n) * k) for k in range(n + 1)]
+    *_, last = solver(ExactDenoiser(TOY, LINEAR), x_T, grid, None)
     return (last.x_t - reference).abs().max().item()
 
 
 def test_on_the_toy_ddim_is_first_order_and_heun_second():
     x_T = torch.randn(500, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    *_, last, _ = Heun()(ExactDenoiser(TOY, LINEAR), x_T, list(range(999, 38, -1)), None)  # 960 steps of one t: the reference
+    *_, last = Heun()(
+        ExactDenoiser(TOY, LINEAR), x_T, [LINEAR.point(t) for t in range(999, 38, -1)], None
+    )  # 960 steps of one t: the reference
     ddim = [grid_error(DDIM(), n, x_T, last.x_t) for n in (40, 80, 160)]
     heun = [grid_error(Heun(), n, x_T, last.x_t) for n in (40, 80, 160)]
     ddim_orders = [math.log2(a / b) for a, b in zip(ddim, ddim[1:], strict=False)]
@@ -113,7 +116,7 @@ def test_energy_distance_is_zero_only_for_the_same_distribution():
 
 def test_annealed_langevin_on_the_exact_score_draws_the_data():
     g = torch.Generator().manual_seed(7)
-    levels = [LINEAR.alpha_bar[t].item() for t in (999, 700, 500, 300, 150, 60, 20, 0)]
+    levels = [LINEAR.schedule.alpha_bar[t].item() for t in (999, 700, 500, 300, 150, 60, 20, 0)]
     x = annealed_langevin(TOY.score, torch.randn(2000, 2, generator=g, dtype=torch.float64), levels, TOY.std, steps=50, generator=g)
     fresh, other = TOY.sample(2000, g, torch.float64), TOY.sample(2000, g, torch.float64)
     assert energy_distance(x, fresh) < 3 * energy_distance(other, fresh) + 0.002
@@ -123,7 +126,7 @@ def test_the_gaussian_fit_is_exact_for_gaussian_data_and_worse_than_exact_for_th
     single = Mixture(((0.3, -0.2),), std=0.5)
     x = points(20, 9)
     for t in (5, 300, 900):
-        fit, truth = GaussianFit(single, LINEAR)(x, t), ExactDenoiser(single, LINEAR)(x, t)
+        fit, truth = GaussianFit(single, LINEAR)(x, LINEAR.point(t)), ExactDenoiser(single, LINEAR)(x, LINEAR.point(t))
         assert torch.allclose(fit.x0, truth.x0) and torch.allclose(fit.eps, truth.eps)
     x0 = TOY.sample(8000, torch.Generator().manual_seed(10), dtype=torch.float64)
     g = torch.Generator

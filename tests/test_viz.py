@@ -9,6 +9,7 @@ from PIL import Image
 from ddpm_lib.denoiser import Denoiser, guided
 from ddpm_lib.diffusion import DiffusionConfig, q_posterior, q_sample
 from ddpm_lib.files import OutputPathError
+from ddpm_lib.paths import VP, LinearFlow
 from ddpm_lib.sampling import SamplerStep, sample_loop
 from ddpm_lib.schedules import get_schedule
 from ddpm_lib.scrubber import OUTPUT_BUDGET, read_scrubber
@@ -76,9 +77,8 @@ def test_eased_frame_indices_are_distinct_keep_both_ends_and_crowd_toward_the_en
 
 
 def fake_trajectory(n=11, b=4):
-    return [
-        SamplerStep(t, torch.full((b, 1, 8, 8), -1 + 2 * i / (n - 1)), torch.zeros(b, 1, 8, 8)) for i, t in enumerate(range(n - 2, -2, -1))
-    ]
+    grid = VP(get_schedule("linear", n - 1)).grid()
+    return [SamplerStep(i, p, torch.full((b, 1, 8, 8), -1 + 2 * i / (n - 1)), torch.zeros(b, 1, 8, 8)) for i, p in enumerate(grid)]
 
 
 def test_gif_has_the_requested_frames_size_duration_and_loop(tmp_path):
@@ -136,7 +136,10 @@ def test_posterize_keeps_levels_evenly_spaced_grey_values_and_256_keeps_all():
 
 def test_gif_grey_levels_shrink_noisy_frames(tmp_path):
     g = torch.Generator().manual_seed(0)
-    steps = [SamplerStep(t, torch.randn(16, 1, 28, 28, generator=g).clamp(-1, 1), torch.zeros(16, 1, 28, 28)) for t in range(4, -2, -1)]
+    grid = VP(get_schedule("linear", 5)).grid()
+    steps = [
+        SamplerStep(i, p, torch.randn(16, 1, 28, 28, generator=g).clamp(-1, 1), torch.zeros(16, 1, 28, 28)) for i, p in enumerate(grid)
+    ]
     full = save_trajectory_gif(steps, tmp_path / "full.gif", levels=256)
     coarse = save_trajectory_gif(steps, tmp_path / "coarse.gif", levels=16)
     assert len(np.unique(iio.imread(coarse, index=None))) <= 16
@@ -179,10 +182,10 @@ def test_forward_viewer_shows_q_sample_at_the_slider_value():
 def test_trajectory_viewer_shows_the_stored_step_at_the_slider_value():
     steps = fake_trajectory()
     viewer = trajectory_viewer(steps, nrow=2, scale=1)
-    assert (viewer.slider.min, viewer.slider.max, viewer.t) == (-1, 9, 9)
-    viewer.slider.value = 4
+    assert (viewer.slider.min, viewer.slider.max, viewer.t) == (0, 10, 0)  # by step, from pure noise to the finished samples
+    viewer.slider.value = 5
     assert np.array_equal(viewer.frame, trajectory_frame(steps[5], 2, 1))
-    viewer.slider.value = -1
+    viewer.slider.value = 10
     assert np.array_equal(viewer.frame, trajectory_frame(steps[-1], 2, 1))
 
 
@@ -224,10 +227,12 @@ def test_posterior_explorer_shows_x_t_the_posterior_mean_and_a_draw_from_it():
 
 
 def test_static_frames_are_captioned_with_what_they_show():
-    steps = [SamplerStep(t, torch.zeros(4, 1, 8, 8), torch.zeros(4, 1, 8, 8)) for t in range(999, -2, -1)]
+    steps = [SamplerStep(i, p, torch.zeros(4, 1, 8, 8), torch.zeros(4, 1, 8, 8)) for i, p in enumerate(VP(SCHEDULE).grid())]
     viewer = trajectory_viewer(steps, nrow=2)
-    assert viewer.static_ts == [999, 400, 200, 100, 50, -1]  # the noise, then where the digits form
-    assert viewer.label(-1) == "t = -1: the finished samples" and viewer.label(400).startswith("t = 400")
+    assert [steps[i].t for i in viewer.static_ts] == [999, 400, 200, 100, 50, -1]  # the noise, then where the digits form
+    assert viewer.label(1000) == "step 1000: the finished samples" and viewer.label(599).startswith("step 599, t = 400")
+    flow = [SamplerStep(i, p, torch.zeros(4, 1, 8, 8), torch.zeros(4, 1, 8, 8)) for i, p in enumerate(LinearFlow().grid(50))]
+    assert [round(flow[i].point.sigma, 2) for i in trajectory_viewer(flow, nrow=2).static_ts] == [1.0, 0.68, 0.42, 0.26, 0.14, 0.0]
     schedules = {name: get_schedule(name, 100) for name in ("linear", "cosine")}
     assert schedule_explorer(torch.zeros(1, 1, 8, 8), schedules).label(25) == "t = 25: linear, cosine, left to right"
     framed = caption(np.zeros((10, 30), np.uint8), "x")
@@ -272,7 +277,7 @@ def test_the_kernel_free_scrubber_shows_what_the_live_slider_shows_at_every_t_it
     assert ts[0] == viewer.scrub_ts[0] and ts[-1] == viewer.scrub_ts[-1] and set(ts) <= set(viewer.scrub_ts)
     assert scrubber.image_format == "webp"
     if make == "trajectory":  # crowded toward the finished samples, where the digits form
-        assert sum(t < 100 for t in ts) > len(ts) / 2  # a quarter if evenly spaced
+        assert sum(i >= 300 for i in ts) > len(ts) / 2  # a quarter if evenly spaced
     start = ts[scrubber.start[0]]
     assert abs(start - viewer.slider.value) == min(abs(t - viewer.slider.value) for t in ts)  # it opens where the widget is
     for (i,), frame in scrubber.frames.items():

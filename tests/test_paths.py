@@ -1,0 +1,76 @@
+import math
+
+import pytest
+import torch
+
+from ddpm_lib.paths import PATHS, VP, GridPoint, LinearFlow, ddim_timesteps
+from ddpm_lib.schedules import get_schedule
+
+COSINE = VP(get_schedule("cosine", 1000))
+
+
+def test_vp_points_are_the_schedules_square_roots_and_the_data_ends_it():
+    schedule = COSINE.schedule
+    for t in (0, 1, 500, 999):
+        p = COSINE.point(t)
+        assert p == GridPoint(t, math.sqrt(schedule.alpha_bar[t].item()), math.sqrt(1 - schedule.alpha_bar[t].item()))
+        assert p.alpha**2 + p.sigma**2 == pytest.approx(1, abs=1e-15)
+        assert p.lam == pytest.approx(0.5 * math.log(schedule.snr[t].item()), abs=1e-12)
+    data = COSINE.point(-1)
+    assert (data.alpha, data.sigma, data.lam) == (1.0, 0.0, math.inf)
+    assert COSINE.point(999).alpha < 1e-4  # the cosine schedule's end: almost pure noise
+    with pytest.raises(ValueError, match="from -1 .* to T-1=999, got 1000"):
+        COSINE.point(1000)
+
+
+def test_the_linear_flow_goes_from_pure_noise_to_the_data_in_a_straight_line():
+    flow = LinearFlow()
+    assert flow.point(1.0) == GridPoint(1000.0, 0.0, 1.0) and flow.point(1.0).lam == -math.inf
+    assert flow.point(0.0) == GridPoint(0.0, 1.0, 0.0) and flow.point(0.0).lam == math.inf
+    p = flow.point(0.25)
+    assert (p.t, p.alpha, p.sigma) == (250.0, 0.75, 0.25) and p.lam == pytest.approx(math.log(3))
+    assert flow.input_scale(p) == pytest.approx(1 / math.sqrt(0.75**2 + 0.25**2))
+    with pytest.raises(ValueError, match=r"s must lie in \[0, 1\]"):
+        flow.point(1.5)
+
+
+@pytest.mark.parametrize("path", [COSINE, LinearFlow()], ids=lambda p: p.name)
+@pytest.mark.parametrize("steps", [1, 4, 10])
+def test_a_grid_runs_from_its_noisiest_point_down_to_the_data(path, steps):
+    grid = path.grid(steps)
+    assert len(grid) == steps + 1
+    assert grid[-1].sigma == 0 and grid[-1].alpha == 1
+    lams = [p.lam for p in grid]
+    assert all(a < b for a, b in zip(lams, lams[1:], strict=False))  # every step removes noise
+    assert grid[0] == (path.point(999) if isinstance(path, VP) else path.point(1.0))
+
+
+def test_the_vp_grid_is_the_trailing_one():
+    assert [p.t for p in COSINE.grid(10)] == [*ddim_timesteps(1000, 10), -1]
+    assert [p.t for p in COSINE.grid()] == [*range(999, -1, -1), -1]  # all T by default
+    assert len(LinearFlow().grid()) == LinearFlow.default_steps + 1
+
+
+@pytest.mark.parametrize("path", [COSINE, LinearFlow()], ids=lambda p: p.name)
+def test_a_batch_of_points_broadcasts_and_matches_the_single_points(path):
+    g = torch.Generator().manual_seed(0)
+    times = path.training_times(6, g)
+    batch = path.points(times, (6, 1, 4, 4))
+    assert batch.alpha.shape == batch.sigma.shape == (6, 1, 1, 1) and batch.alpha.dtype == torch.float32
+    for i, time in enumerate(times.tolist()):
+        p = path.point(time)
+        assert batch.alpha[i].item() == pytest.approx(p.alpha, rel=1e-6) and batch.sigma[i].item() == pytest.approx(p.sigma, rel=1e-6)
+        assert batch.t[i].item() == pytest.approx(p.t)
+
+
+def test_training_times_cover_each_paths_range():
+    g = torch.Generator().manual_seed(1)
+    vp_times = COSINE.training_times(20_000, g)
+    assert vp_times.dtype == torch.long and vp_times.min() == 0 and vp_times.max() == 999
+    s = LinearFlow().training_times(20_000, g)
+    assert s.dtype == torch.float64 and 0 <= s.min() < 0.001 and 0.999 < s.max() < 1
+    assert s.mean().item() == pytest.approx(0.5, abs=0.01)
+
+
+def test_the_paths_are_listed_by_name():
+    assert PATHS == {"vp": VP, "linear_flow": LinearFlow}
