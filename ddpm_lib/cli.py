@@ -33,6 +33,7 @@ from .guidance import DEFAULT_CLASSIFIER_SCALE, DEFAULT_GUIDANCE
 from .likelihood import Bound, bound_table, variational_bound
 from .onnx_export import export_onnx
 from .parametrizations import PREDICTIONS
+from .paths import PATHS
 from .resources import format_bytes, require
 from .runs import RESUMABLE, flag, new_run, resumed_run
 from .sampling import VARIANCES
@@ -167,7 +168,13 @@ def build_parser() -> Parser:
     t.add_argument("--image-size", type=positive_int, help="resize and crop images to this size (default: the dataset's own)")
     t.add_argument("--schedule", choices=list(SCHEDULES), help=f"(default: {d.schedule})")
     t.add_argument("--T", type=positive_int, help=f"diffusion steps (default: {d.T})")
-    t.add_argument("--prediction", choices=PREDICTIONS, help=f"(default: {d.prediction})")
+    t.add_argument("--prediction", choices=PREDICTIONS, help=f"what the network predicts (default: {d.prediction})")
+    t.add_argument(
+        "--path",
+        choices=list(PATHS),
+        help="the noise levels: vp, Ho et al.'s variance-preserving path over --schedule and --T (the default); linear_flow, "
+        "flow matching's straight line in continuous time (with --prediction velocity, v or x0, and --loss-weighting uniform)",
+    )
     length = t.add_mutually_exclusive_group()
     length.add_argument("--steps", type=positive_int, help=f"optimizer steps in total (default: {c.steps})")
     length.add_argument("--epochs", type=positive_int, help="passes over the training set in total, instead of --steps")
@@ -439,6 +446,8 @@ def cmd_nll(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     state = load_checkpoint(args.checkpoint)
     model, diffusion = sound_model(state, args.checkpoint)  # a blown-up network is refused before T passes per image
+    if diffusion.path != "vp":
+        raise UsageError(f"nll computes the VP path's discrete bound (Ho et al. Eq. 5); {args.checkpoint} is a {diffusion.path} model")
     saved = state.get("train_config")
     name = args.dataset or (saved.get("dataset") if isinstance(saved, dict) else None) or "mnist"
     if name == "folder":

@@ -72,3 +72,23 @@ def _deflated_bomb(path, declared: int) -> None:
 def deflated_bomb():
     """Builds a compressed "bomb" in torch.save's format: deflated_bomb(path, declared bytes)."""
     return _deflated_bomb
+
+
+@pytest.fixture(scope="session")
+def flow_checkpoint(tmp_path_factory):
+    """A linear-flow checkpoint (path linear_flow, velocity prediction) of a tiny U-Net, trained by the CLI for 300 steps
+    on 8x8 RGB images of one bright bar on a dark ground: a model of a path other than DDPM's, from the command line."""
+    from ddpm_lib.cli import main
+
+    folder = tmp_path_factory.mktemp("bars")
+    for i in range(16):
+        image = np.full((8, 8, 3), 20, dtype=np.uint8)
+        image[i % 8, :] = 235 if i < 8 else 20
+        image[:, i % 8] = 235 if i >= 8 else image[:, i % 8]
+        Image.fromarray(image).save(folder / f"{i}.png")
+    out = tmp_path_factory.mktemp("flow") / "flow.pt"
+    tiny = ["--base-channels", "8", "--channel-mults", "1,2", "--num-res-blocks", "1", "--attention-resolutions", "4"]
+    flow = ["--path", "linear_flow", "--prediction", "velocity", "--loss-weighting", "uniform"]
+    common = ["--dataset", "folder", "--data-root", str(folder), "--image-size", "8", "--steps", "300", "--batch-size", "16"]
+    assert main(["train", *common, *flow, *tiny, "--lr", "3e-3", "--sample-every", "0", "--seed", "0", "--out", str(out)]) == 0
+    return out

@@ -9,6 +9,7 @@ build/screenshots/.
 """
 
 import base64
+import json
 import os
 import secrets
 import shutil
@@ -370,3 +371,42 @@ def test_the_browser_draws_what_the_python_sampler_draws_from_the_same_noise(sam
     options = {"model": model, "xT": x_T.flatten().tolist(), "labels": labels, "w": w, "steps": steps, "solver": solver}
     got = torch.tensor(page.evaluate("async (o) => Array.from(await window.ddpmSampler.run(o))", options)).reshape(x_T.shape)
     assert (got - expected).abs().max() <= 1e-3, (got - expected).abs().max()
+
+
+@pytest.fixture(scope="module")
+def flow_in_the_site(sampler_page, site_server, flow_checkpoint):
+    """The test's linear-flow checkpoint exported beside the shipped models in the served site (models/flow.*), and a
+    copy of mnist_ddpm whose metadata names a parametrization no page knows (models/unknown.*)."""
+    from ddpm_lib.onnx_export import export_onnx, read_metadata
+
+    _, site = site_server
+    export_onnx(flow_checkpoint, site / "models" / "flow.onnx")
+    (site / "models" / "flow.json").write_text(json.dumps(read_metadata(site / "models" / "flow.onnx")))
+    shutil.copy2(site / "models" / "mnist_ddpm.onnx", site / "models" / "unknown.onnx")
+    meta = json.loads((site / "models" / "mnist_ddpm.json").read_text())
+    (site / "models" / "unknown.json").write_text(json.dumps({**meta, "prediction": "score"}))
+    return sampler_page
+
+
+@pytest.mark.parametrize("solver", ["ddim", "dpmpp2m", "dpmpp3m"])
+def test_the_browser_samples_a_linear_flow_model_as_python_does(flow_in_the_site, flow_checkpoint, solver):
+    page, outside = flow_in_the_site
+    x_T = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    expected = sample(Denoiser.from_checkpoint(flow_checkpoint), x_T.shape, SOLVERS[solver](8), x_T=x_T)
+    options = {"model": "flow", "xT": x_T.flatten().tolist(), "steps": 8, "solver": solver}
+    got = torch.tensor(page.evaluate("async (o) => Array.from(await window.ddpmSampler.run(o))", options)).reshape(x_T.shape)
+    assert (got - expected).abs().max() <= 1e-3, (got - expected).abs().max()
+    assert outside == [], outside
+
+
+def test_the_sampler_page_refuses_a_parametrization_it_does_not_know_with_a_message(flow_in_the_site):
+    page, _ = flow_in_the_site
+    page.evaluate("() => document.getElementById('model').add(new Option('unknown', 'unknown'))")
+    page.select_option("#model", "unknown")
+    page.evaluate("() => { document.body.dataset.state = 'running'; }")
+    page.click("#sample")
+    page.wait_for_function("() => document.body.dataset.state !== 'running'", timeout=60_000)
+    assert page.evaluate("() => document.body.dataset.state") == "error"
+    shown = page.inner_text("#progress")
+    assert "this model's parametrization score is unknown to this page (it knows eps, x0, v, velocity)" in shown, shown
+    page.select_option("#model", "mnist_ddpm")

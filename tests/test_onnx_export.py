@@ -17,7 +17,7 @@ from ddpm_lib.onnx_export import METADATA_KEY, read_metadata
 from ddpm_lib.parametrizations import PARAMETRIZATIONS
 from ddpm_lib.paths import GridPoint
 from ddpm_lib.sampling import sample_loop
-from ddpm_lib.solvers import DDIM
+from ddpm_lib.solvers import DDIM, DPMSolverPP3M
 
 ort = pytest.importorskip("onnxruntime", reason="the onnx extra is not installed (pip install '.[onnx]')")
 pytest.importorskip("onnxscript", reason="the onnx extra is not installed (pip install '.[onnx]')")
@@ -152,3 +152,19 @@ def test_a_failed_export_leaves_the_old_file_whole(exported, tmp_path, capsys, m
     assert "no space left on device" in err and "unchanged" in err and err.count("\n") == 1, err
     assert out.read_bytes() == before and read_metadata(out)["num_classes"] == 10  # still the conditional model, whole
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]  # no temporary file, no lock file
+
+
+def test_a_linear_flow_export_carries_its_path_and_drives_the_library_solvers(flow_checkpoint, tmp_path):
+    out = tmp_path / "flow.onnx"
+    assert main(["export", "--format", "onnx", "--checkpoint", str(flow_checkpoint), "--out", str(out)]) == 0
+    meta = read_metadata(out)
+    assert meta["prediction"] == "velocity" and meta["t_type"] == "float32"
+    assert meta["path"] == {"name": "linear_flow", "grid": "uniform", "noise": [1000.0, 0.0, 1.0], "data": [0.0, 1.0, 0.0]}
+    model, diffusion = load_model(flow_checkpoint)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    reference, onnx = Denoiser(model, diffusion), OnnxDenoiser(session, meta, diffusion.make_path())
+    x_T = torch.randn(4, *meta["image_shape"], generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected, got = (list(sample_loop(den, x_T.shape, DPMSolverPP3M(8), x_T=x_T)) for den in (reference, onnx))
+    for a, b in zip(expected, got, strict=True):
+        assert a.point == b.point and (a.x_t - b.x_t).abs().max() <= 1e-4, a.index

@@ -1,10 +1,17 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
+from ddpm_lib.checkpoint import load_model
+from ddpm_lib.cli import main
+from ddpm_lib.denoiser import Denoiser, guided
 from ddpm_lib.paths import PATHS, VP, GridPoint, LinearFlow, ddim_timesteps
+from ddpm_lib.sampling import check_samples, sample, sample_loop
 from ddpm_lib.schedules import get_schedule
+from ddpm_lib.solvers import DDIM, SOLVERS, DPMSolverPP3M
+from ddpm_lib.viz import trajectory_viewer
 
 COSINE = VP(get_schedule("cosine", 1000))
 
@@ -74,3 +81,52 @@ def test_training_times_cover_each_paths_range():
 
 def test_the_paths_are_listed_by_name():
     assert PATHS == {"vp": VP, "linear_flow": LinearFlow}
+
+
+# --- A model of another path needs nothing outside paths.py and the parametrization table --------------------------
+
+
+def test_a_linear_flow_checkpoint_records_its_path_and_samples_through_every_ode_solver(flow_checkpoint):
+    model, diffusion = load_model(flow_checkpoint)
+    assert (diffusion.path, diffusion.prediction) == ("linear_flow", "velocity")
+    denoiser = guided(Denoiser.from_checkpoint(flow_checkpoint, clip=False))
+    assert isinstance(denoiser.path, LinearFlow)
+    x_T = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    finished = {}
+    for name, cls in SOLVERS.items():
+        if name == "ddpm":
+            with pytest.raises(ValueError, match="ddpm's ancestral steps need the betas of the VP path; this model's path is linear_flow"):
+                sample(denoiser, x_T.shape, cls(), x_T=x_T)
+            continue
+        steps = list(sample_loop(denoiser, x_T.shape, cls(steps=10), x_T=x_T))
+        assert [s.index for s in steps] == list(range(11)) and steps[0].point == LinearFlow().point(1.0)
+        assert steps[-1].point.sigma == 0 and steps[-1].t == 0.0
+        finished[name] = check_samples(steps[-1].x_t)
+    # the trained flow turns noise into bars: every ODE solver lands on nearly the same images from the same noise
+    reference = sample(denoiser, x_T.shape, DPMSolverPP3M(50), x_T=x_T)
+    for name, x in finished.items():
+        assert (x - reference).abs().mean() < 0.1, name
+    viewer = trajectory_viewer(list(sample_loop(denoiser, x_T.shape, DDIM(20), x_T=x_T)), nrow=4)
+    assert (viewer.slider.min, viewer.slider.max) == (0, 20) and viewer.static_ts[0] == 0 and viewer.static_ts[-1] == 20
+    viewer.slider.value = 7
+    assert viewer.t == 7 and viewer.label(7).startswith("step 7, t = 650")
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "heun", "dpmpp2m", "dpmpp3m"])
+def test_the_cli_samples_a_linear_flow_checkpoint_and_writes_its_gif(flow_checkpoint, sampler, tmp_path, capsys):
+    out = tmp_path / "x.npy"
+    assert (
+        main(["sample", "--checkpoint", str(flow_checkpoint), "--num", "4", "--sampler", sampler, "--steps", "6", "--out", str(out)]) == 0
+    )
+    assert np.load(out).shape == (4, 3, 8, 8)
+    gif = tmp_path / "x.gif"
+    assert main(["gif", "--checkpoint", str(flow_checkpoint), "--num", "4", "--sampler", sampler, "--steps", "6", "--out", str(gif)]) == 0
+    assert gif.stat().st_size > 0
+    capsys.readouterr()
+    for command, says in (
+        (["sample", "--sampler", "ddpm", "--out", str(out)], "need the betas of the VP path"),
+        (["nll"], "a linear_flow model"),
+    ):
+        assert main([command[0], "--checkpoint", str(flow_checkpoint), *command[1:]]) == 2
+        err = capsys.readouterr().err
+        assert says in err and len(err.strip().splitlines()) == 1

@@ -80,8 +80,6 @@
     $("t-readout").textContent = frame.t >= 0 ? `t = ${frame.t}` : "the sample";
   }
 
-  const SOLVER_NAMES = { ddim: "DDIM", dpmpp2m: "DPM-Solver++(2M)", dpmpp3m: "DPM-Solver++(3M)" };
-
   async function run({ model, xT, labels = null, w = 0, steps = 20, solver = "ddim", onStep = null }) {
     const { worker, meta } = await load(model);
     const shape = meta.image_shape;
@@ -125,7 +123,7 @@
       show(frames.length - 1);
       const seconds = (performance.now() - start) / 1000;
       const evaluations = steps * (conditional && w !== 0 ? 2 : 1);
-      const name = SOLVER_NAMES[solver];
+      const name = $("solver").selectedOptions[0].textContent; // the menu make site writes from ddpm_lib's registry
       $("progress").textContent = `${n} digits, ${steps} ${name} steps (${evaluations} network evaluations of the batch) in ${seconds.toFixed(1)} s`;
       const slider = $("t-slider");
       slider.max = String(frames.length - 1);
