@@ -22,26 +22,25 @@ import numpy as np
 import torch
 
 from . import distributed
-from .checkpoint import CheckpointError, check_output, export_ema, load_checkpoint, sound_model
-from .data import DATASETS, DatasetNotFoundError, ImageChanged, ImageFiles, get_dataset, skipped_summary
+from .checkpoint import CheckpointError, check_output, export_ema
+from .data import DATASETS, DatasetNotFoundError, ImageChanged, ImageFiles, skipped_summary
 from .devices import device_name, resolve_device
 from .diffusion import DiffusionConfig
 from .divergence import DivergenceError
 from .files import OutputPathError, check_writable, exclusive_lock, write_atomic
 from .generate import BATCH, SampleRequest, prepare
 from .guidance import DEFAULT_CLASSIFIER_SCALE, DEFAULT_GUIDANCE
-from .likelihood import Bound, bound_table, variational_bound
+from .likelihood import bound_of_test_images, bound_table
 from .onnx_export import export_onnx
 from .parametrizations import PREDICTIONS
 from .paths import PATHS
-from .resources import format_bytes, require
 from .runs import RESUMABLE, flag, new_run, resumed_run
 from .sampling import VARIANCES
 from .schedules import SCHEDULES
-from .solvers import SOLVERS
+from .solvers import SOLVERS, make_solver
 from .training import LOSS_WEIGHTINGS, LR_SCHEDULES, PRECISIONS, TrainConfig, max_workers, snapshot_path
 from .unet import UNetConfig
-from .viz import GIF_MAX_MS, auto_scale, check_levels, save_grid, save_trajectory_gif, to_uint8
+from .viz import GIF_MAX_MS, check_levels, save_grid, save_trajectory_gif, to_uint8
 
 
 class UsageError(Exception):
@@ -378,34 +377,14 @@ def sample_request(args: argparse.Namespace, suffixes: tuple[str, ...]) -> Sampl
     if Path(args.out).suffix.lower() not in suffixes:
         raise UsageError(f"--out must end in {' or '.join(suffixes)}, got {args.out}")
     check_writable(args.out)
-    return SampleRequest(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SampleRequest)})
-
-
-def require_output(args: argparse.Namespace, chw: tuple[int, int, int], num_steps: int) -> None:
-    """Refuse a --num whose samples or output file cannot fit in this machine's memory or disk, before sampling.
-
-    Estimates, generous on purpose: sample keeps every image as float32 and tiles a float grid for a
-    PNG; gif keeps every frame, each a grid of --num images upscaled (x_t beside the predicted x0).
-    """
-    c, h, w = chw
-    n = args.num
-    if args.command == "sample":
-        grid = n * (h + 2) * (w + 2) * 3  # make_grid's padded RGB tiling
-        memory = 4 * n * c * h * w + (8 * grid if args.out.lower().endswith(".png") else 0)
-        disk = n * c * h * w if args.out.lower().endswith(".npy") else grid
-    else:
-        rows = math.ceil(math.sqrt(n))
-        scale = auto_scale(w, rows)
-        frame = n * (h * scale + 2) * (w * scale + 2) * c * (1 if args.no_x0 else 2)
-        frames = min(args.frames, num_steps)
-        memory = 16 * n * c * h * w + 3 * frames * frame  # x_t, x0 and eps of every image; every frame, stacked, and encoded
-        disk = frames * frame
-    require(f"--num {n:,} ({format_bytes(4 * n * c * h * w)} of samples)", memory=memory, disk=disk, out=args.out)
+    solver = make_solver(args.sampler, steps=args.steps, eta=args.eta, variance=args.variance)  # refuses an option it lacks
+    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(SampleRequest) if f.name != "solver"}
+    return SampleRequest(**options, solver=solver)
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
     plan = prepare(sample_request(args, (".png", ".npy")))
-    require_output(args, plan.chw, plan.num_steps)
+    plan.require_room(args.out)
     x = plan.images()  # (N, C, H, W); blank or broken samples are an error, not a black picture
     if args.out.lower().endswith(".npy"):
         buffer = io.BytesIO()
@@ -418,7 +397,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 def cmd_gif(args: argparse.Namespace) -> None:
     plan = prepare(sample_request(args, (".gif",)))
-    require_output(args, plan.chw, plan.num_steps)
+    plan.require_room(args.out, frames=args.frames, show_x0=not args.no_x0)
     steps = plan.trajectory()  # raises at the finished samples if they are blank or broken: no GIF is written
     show_x0 = not args.no_x0
     save_trajectory_gif(steps, args.out, plan.num_steps, args.frames, duration_ms=args.duration_ms, show_x0=show_x0, levels=args.levels)
@@ -444,32 +423,9 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def cmd_nll(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
-    state = load_checkpoint(args.checkpoint)
-    model, diffusion = sound_model(state, args.checkpoint)  # a blown-up network is refused before T passes per image
-    if diffusion.path != "vp":
-        raise UsageError(f"nll computes the VP path's discrete bound (Ho et al. Eq. 5); {args.checkpoint} is a {diffusion.path} model")
-    saved = state.get("train_config")
-    name = args.dataset or (saved.get("dataset") if isinstance(saved, dict) else None) or "mnist"
-    if name == "folder":
-        raise UsageError(f"{args.checkpoint} was trained on a folder of images, which has no test split; pass --dataset")
-    test = get_dataset(name, args.data_root, train=False)
-    if args.num > len(test):
-        raise UsageError(f"--num {args.num}: the {name} test set has {len(test)} images")
-    x0 = torch.stack([test[i][0] for i in range(args.num)])  # (N, C, H, W)
-    c = model.config
-    if tuple(x0.shape[1:]) != (c.in_channels, c.image_size, c.image_size):
-        raise UsageError(f"{name} images are {tuple(x0.shape[1:])}, but the model takes {(c.in_channels, c.image_size, c.image_size)}")
-    model, schedule = model.to(device), diffusion.make_schedule()
-    generator = torch.Generator().manual_seed(args.seed)
     started = time.perf_counter()
-    bounds = [variational_bound(model, batch, schedule, diffusion.prediction, generator) for batch in x0.split(BATCH)]
-    bound = Bound(*(torch.cat(parts) for parts in zip(*bounds, strict=True)))
+    name, bound = bound_of_test_images(args.checkpoint, args.num, args.seed, args.dataset, args.data_root, device, BATCH)
     seconds = time.perf_counter() - started
-    if not torch.isfinite(bound.total).all():  # never "bits/dim: nan" with status 0
-        bad = (~torch.isfinite(bound.total)).sum().item()
-        raise CheckpointError(
-            f"the bound of {bad} of the {args.num} images is NaN or infinite: {args.checkpoint}'s network is unsound there"
-        )
     print(f"{args.num} images in {seconds:.0f} s ({seconds / args.num:.2f} s each) on {device} ({device_name(device)})", file=sys.stderr)
     print(f"variational bound on the first {args.num} {name} test images (seed {args.seed}), bits/dim, 0-based t:")
     for label, bits in bound_table(bound):

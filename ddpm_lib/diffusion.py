@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from . import parametrizations
 from .parametrizations import PARAMETRIZATIONS, check_prediction
-from .paths import PATHS, VP, LinearFlow
+from .paths import PATHS, VP, GaussianPath, LinearFlow
 from .schedules import SCHEDULES, NoiseSchedule, extract, get_schedule
 
 MAX_T = 100_000  # diffusion steps; papers use up to 4,000. A checkpoint asking for 10^12 is refused before its schedule is built.
@@ -45,7 +45,7 @@ class DiffusionConfig:
     def make_schedule(self) -> NoiseSchedule:
         return get_schedule(self.schedule, self.T)
 
-    def make_path(self) -> VP | LinearFlow:
+    def make_path(self) -> GaussianPath:
         """The path of this config: the VP path of its schedule, or the linear flow (which has no schedule)."""
         return VP(self.make_schedule()) if self.path == VP.name else LinearFlow()
 
@@ -158,7 +158,7 @@ def min_snr_weight(t: torch.Tensor, schedule: NoiseSchedule, gamma: float, predi
 def loss_simple(
     model: torch.nn.Module,
     x0: torch.Tensor,
-    path: VP | LinearFlow,
+    path: GaussianPath,
     prediction: str = "eps",
     t: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,

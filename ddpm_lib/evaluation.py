@@ -25,58 +25,37 @@ import torch
 from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
 from .classifier import MnistClassifier
-from .denoiser import Denoiser, guided
+from .denoiser import Denoiser
 from .diffusion import DiffusionConfig
 from .files import atomic_write
+from .generate import draw_batches
 from .metrics import GaussianStats, Quality, score
-from .sampling import sample
-from .solvers import make_solver
+from .paths import VP, GaussianPath
+from .solvers import DDIM, DDPM, SOLVERS, DPMSolverPP2M, DPMSolverPP3M, DPMSolverPP3MPublished, Heun, Solver
 
-
-@dataclass(frozen=True)
-class SamplerSetting:
-    """One way to sample: the arguments of sampling.sample that matter, and a label for tables."""
-
-    label: str
-    sampler: str = "ddim"  # one of solvers.SOLVERS: "ddpm", "ddim", "heun", "dpmpp2m", "dpmpp3m"
-    steps: int | None = None  # the solver's steps (None: T; DDPM always takes T)
-    eta: float = 0.0  # DDIM noise scale: 0 deterministic, 1 DDPM-like
-    variance: str = "beta_tilde"  # DDPM step variance: beta_tilde (posterior) or beta
-
-    def solver(self):
-        """The solver of this setting: its steps, with eta for DDIM and the variance for DDPM."""
-        if self.sampler == "ddpm":
-            return make_solver("ddpm", variance=self.variance)
-        return make_solver(self.sampler, steps=self.steps, eta=self.eta if self.sampler == "ddim" else None)
-
-    def evaluations(self, path) -> int:
-        """U-Net evaluations per image on ``path``: the cost axis (Heun's steps cost two, but for the first and last)."""
-        return self.solver().evaluations(path)
-
-
-SETTINGS = (
-    SamplerSetting("DDPM 1000, var beta_tilde", sampler="ddpm", variance="beta_tilde"),
-    SamplerSetting("DDPM 1000, var beta", sampler="ddpm", variance="beta"),
-    SamplerSetting("DDIM 100", steps=100),
-    SamplerSetting("DDIM 50", steps=50),
-    SamplerSetting("DDIM 20", steps=20),
-    SamplerSetting("DDIM 10", steps=10),
-    SamplerSetting("DDIM 50, eta 1", steps=50, eta=1.0),
-    *(SamplerSetting(f"Heun {k}", sampler="heun", steps=k) for k in (3, 5, 10, 25)),  # 4, 8, 18 and 48 evaluations
-    *(SamplerSetting(f"DPM-Solver++(2M) {k}", sampler="dpmpp2m", steps=k) for k in (5, 10, 20, 50)),
-    *(SamplerSetting(f"DPM-Solver++(3M) {k}", sampler="dpmpp3m", steps=k) for k in (5, 10, 20)),
+SETTINGS: tuple[Solver, ...] = (  # the rows of the main table, each a solver with its options
+    DDPM(),
+    DDPM(variance="beta"),
+    DDIM(100),
+    DDIM(50),
+    DDIM(20),
+    DDIM(10),
+    DDIM(50, eta=1.0),
+    *(Heun(k) for k in (3, 5, 10, 25)),  # 4, 8, 18 and 48 evaluations
+    *(DPMSolverPP2M(k) for k in (5, 10, 20, 50)),
+    *(DPMSolverPP3M(k) for k in (5, 10, 20)),
 )
 
 SEEDS = (0, 1, 2)  # the seeds of the comparisons with error bars (COMPARED)
-COMPARED = (  # the settings the course compares with one another, each measured at every one of SEEDS
-    *(SamplerSetting(f"DPM-Solver++(3M) {k}", sampler="dpmpp3m", steps=k) for k in (5, 8, 10, 20)),
-    *(SamplerSetting(f"DPM-Solver++(3M) as published {k}", sampler="dpmpp3m-published", steps=k) for k in (5, 8, 10, 20)),
-    SamplerSetting("Heun 25", sampler="heun", steps=25),
-    SamplerSetting("DDIM 50", steps=50),
-    SamplerSetting("DPM-Solver++(3M) 50", sampler="dpmpp3m", steps=50),  # the ODE solved finely
-    SamplerSetting("DDIM 50, eta 1", steps=50, eta=1.0),  # the same 50 steps with fresh noise in each
+COMPARED: tuple[Solver, ...] = (  # the settings the course compares with one another, each measured at every one of SEEDS
+    *(DPMSolverPP3M(k) for k in (5, 8, 10, 20)),
+    *(DPMSolverPP3MPublished(k) for k in (5, 8, 10, 20)),
+    Heun(25),
+    DDIM(50),
+    DPMSolverPP3M(50),  # the ODE solved finely
+    DDIM(50, eta=1.0),  # the same 50 steps with fresh noise in each
 )
-PAIRED = (  # (a, b): the differences a - b, seed by seed (the same starting noise), that the course quotes
+PAIRED = (  # (a, b) of labels (Solver.label): the differences a - b, seed by seed (the same starting noise), that the course quotes
     *((f"DPM-Solver++(3M) {k}", f"DPM-Solver++(3M) as published {k}") for k in (5, 8, 10, 20)),
     ("DDIM 50", "DPM-Solver++(3M) 50"),  # Euler's error: 50 steps of DDIM against the ODE solved finely
     ("DDIM 50, eta 1", "DPM-Solver++(3M) 50"),  # the stochastic sampler against the ODE solved finely
@@ -85,20 +64,50 @@ PAIRED = (  # (a, b): the differences a - b, seed by seed (the same starting noi
 
 @dataclass(frozen=True)
 class Row:
-    """The evaluation of one sampler setting."""
+    """The evaluation of one solver."""
 
-    setting: SamplerSetting
+    label: str  # the solver as tables name it (Solver.label)
+    solver: Solver
     quality: Quality
     seconds_per_image: float  # sampling wall time / N, the classifier's time excluded
     seed: int
     bf16: bool  # whether the U-Net ran under bf16 autocast
+
+    def to_dict(self) -> dict:
+        """The row as docs/quality.json holds it, the solver as :func:`setting_key` names it."""
+        quality = dataclasses.asdict(self.quality)
+        return {"setting": setting_key(self.label, self.solver), "quality": quality, "seconds_per_image": self.seconds_per_image,
+                "seed": self.seed, "bf16": self.bf16}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Row:
+        setting = d["setting"]
+        solver = SOLVERS[setting["sampler"]]
+        options = {f.name: setting[f.name] for f in dataclasses.fields(solver)}  # steps, and eta or variance where it has them
+        quality = Quality(**{**d["quality"], "counts": tuple(d["quality"]["counts"])})
+        return cls(setting["label"], solver(**options), quality, d["seconds_per_image"], d["seed"], d["bf16"])
+
+
+def setting_key(label: str, solver: Solver) -> dict:
+    """A solver as docs/quality.json names it in its keys and rows, in the form the cache has had from its first row."""
+    options = {"eta": getattr(solver, "eta", 0.0), "variance": getattr(solver, "variance", "beta_tilde")}
+    return {"label": label, "sampler": solver.name, "steps": solver.steps, **options}
+
+
+def config_repr(diffusion: DiffusionConfig) -> str:
+    """The config as the cache names it: its repr, without the path where that is the VP path, so that a model of the VP
+    path keeps the fingerprint it had before configs recorded a path (and the rows cached for it stay valid)."""
+    fields = {f.name: getattr(diffusion, f.name) for f in dataclasses.fields(diffusion)}
+    if fields["path"] == VP.name:
+        del fields["path"]
+    return f"{type(diffusion).__name__}({', '.join(f'{name}={value!r}' for name, value in fields.items())})"
 
 
 def weights_sha256(model: torch.nn.Module, diffusion: DiffusionConfig) -> str:
     """A fingerprint of what decides the samples: the diffusion config and every weight, bit for bit.
 
     A training snapshot and the checkpoint exported from it share it, unlike their file bytes."""
-    digest = hashlib.sha256(repr(diffusion).encode())
+    digest = hashlib.sha256(config_repr(diffusion).encode())
     for name, tensor in model.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
@@ -108,7 +117,7 @@ def weights_sha256(model: torch.nn.Module, diffusion: DiffusionConfig) -> str:
 def draw(
     model: torch.nn.Module,
     diffusion: DiffusionConfig,
-    setting: SamplerSetting,
+    solver: Solver,
     n: int,
     seed: int = 0,
     batch_size: int = 250,
@@ -116,29 +125,45 @@ def draw(
     labels: torch.Tensor | None = None,
     **guide,
 ) -> tuple[torch.Tensor, float]:
-    """n samples (n, C, H, W) in [-1, 1] drawn with ``setting`` in batches, and the seconds it took.
+    """n samples (n, C, H, W) in [-1, 1] drawn with ``solver`` in batches, and the seconds it took.
 
     ``bf16`` runs the U-Net under bf16 autocast (see denoiser.Denoiser). Batches of 250 are the
     fastest on a 2-core CPU: larger ones fall out of its caches. ``labels`` (n,) and ``guide``
     (guidance, classifier, classifier_scale) steer the samples as in denoiser.guided.
     """
-    denoiser = Denoiser(model, diffusion, bf16=bf16)
-    config = model.config
-    generator = torch.Generator().manual_seed(seed)
-    batches = []
+    c = model.config
     start = time.perf_counter()
-    for first in range(0, n, batch_size):
-        size = min(batch_size, n - first)
-        shape = (size, config.in_channels, config.image_size, config.image_size)
-        batches.append(
-            sample(
-                guided(denoiser, labels[first : first + size] if labels is not None else None, **guide),
-                shape,
-                setting.solver(),
-                generator=generator,
-            ).cpu()
-        )
-    return torch.cat(batches), time.perf_counter() - start
+    chw = (c.in_channels, c.image_size, c.image_size)
+    images = draw_batches(Denoiser(model, diffusion, bf16=bf16), solver, chw, n, seed, batch_size, labels, **guide)
+    return images, time.perf_counter() - start
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """How rows are drawn and kept, for :func:`evaluate` and ``guided_evaluation.guided_sweep`` alike."""
+
+    n: int = 1000  # samples per row
+    seed: int = 0  # seeds x_T and every step's noise
+    bf16: bool = False  # the U-Net under bf16 autocast (see denoiser.Denoiser)
+    cache: str | os.PathLike | None = None  # a JSON file of finished rows, read back and added to as rows finish
+    model_id: str | None = None  # weights_sha256 of the weights that decide the samples: without it, nothing is cached
+    any_precision: bool = False  # read a cached row of either precision, bf16 first (each row records its own)
+    on_row: Callable[[Any], None] | None = None  # called with each row as it is ready
+
+    def precision(self) -> str:
+        return "bf16" if self.bf16 else "fp32"
+
+    def row(self, key: list, compute: Callable[[], Any], from_dict: Callable[[dict], Any], to_dict: Callable[[Any], dict]) -> Any:
+        """The row under ``[model_id, *key, precision]`` in the cache (of either precision if ``any_precision``), else
+        ``compute()``, cached (as ``to_dict`` writes it) as soon as it is done; reported to ``on_row`` either way."""
+        full = [self.model_id, *key, self.precision()]
+        row = cached_row(self.cache, full, compute, from_dict, to_dict, read=either_precision(full) if self.any_precision else None)
+        if self.on_row is not None:
+            self.on_row(row)
+        return row
+
+
+MEASUREMENT = Measurement()  # 1000 samples from seed 0, the U-Net in fp32, nothing cached
 
 
 def evaluate(
@@ -146,35 +171,23 @@ def evaluate(
     diffusion: DiffusionConfig,
     classifier: MnistClassifier,
     reference: GaussianStats,
-    settings: Iterable[SamplerSetting] = SETTINGS,
-    n: int = 1000,
-    seed: int = 0,
-    cache: str | os.PathLike | None = None,
-    model_id: str | None = None,
-    on_row: Callable[[Row], None] | None = None,
-    bf16: bool = False,
-    any_precision: bool = False,
+    settings: Iterable[Solver] = SETTINGS,
+    measurement: Measurement = MEASUREMENT,
 ) -> list[Row]:
-    """One :class:`Row` per setting, each from n samples drawn from ``seed`` (the U-Net in bf16 if ``bf16``).
+    """One :class:`Row` per solver in ``settings``, each from ``measurement.n`` samples drawn from ``measurement.seed``.
 
-    With ``cache`` (a JSON file) and ``model_id`` (:func:`weights_sha256` of the model), rows already in the
-    cache for this model, setting, n, seed and precision are read instead of recomputed, and new rows are
-    added to it as soon as they are done. With ``any_precision``, a cached row of either precision is read,
-    bf16 first (each row records its own): a CPU without fast bf16 then adds fp32 rows to a bf16 table.
+    With a cache and a model id (:func:`weights_sha256` of the model), rows already in the cache for this model,
+    setting, n, seed and precision are read instead of recomputed (see :class:`Measurement`); with ``any_precision``
+    a CPU without fast bf16 adds fp32 rows to a bf16 table.
     """
-    rows = []
-    for setting in settings:
+    m, path = measurement, diffusion.make_path()
 
-        def compute(setting: SamplerSetting = setting) -> Row:
-            images, seconds = draw(model, diffusion, setting, n, seed, bf16=bf16)
-            return Row(setting, score(classifier, images, reference), seconds / n, seed, bf16)
+    def compute(solver: Solver) -> Row:
+        images, seconds = draw(model, diffusion, solver, m.n, m.seed, bf16=m.bf16)
+        return Row(solver.label(path), solver, score(classifier, images, reference), seconds / m.n, m.seed, m.bf16)
 
-        key = [model_id, dataclasses.asdict(setting), n, seed, "bf16" if bf16 else "fp32"]
-        row = cached_row(cache, key, compute, row_from_dict, read=either_precision(key) if any_precision else None)
-        rows.append(row)
-        if on_row is not None:
-            on_row(row)
-    return rows
+    keys = [[setting_key(s.label(path), s), m.n, m.seed] for s in settings]
+    return [m.row(key, lambda s=s: compute(s), Row.from_dict, Row.to_dict) for key, s in zip(keys, settings, strict=True)]
 
 
 def cached_row(
@@ -182,6 +195,7 @@ def cached_row(
     key: list,
     compute: Callable[[], Any],
     from_dict: Callable[[dict], Any],
+    to_dict: Callable[[Any], dict],
     read: list[list] | None = None,
 ) -> Any:
     """The row stored under ``key`` (a list that starts with the model id) in the JSON file ``cache``, or under the
@@ -194,7 +208,7 @@ def cached_row(
         if json.dumps(candidate) in stored:
             return from_dict(stored[json.dumps(candidate)])
     row = compute()
-    write_cache(cache, {**read_cache(cache), json.dumps(key): dataclasses.asdict(row)})
+    write_cache(cache, {**read_cache(cache), json.dumps(key): to_dict(row)})
     return row
 
 
@@ -213,17 +227,12 @@ def write_cache(path: str | os.PathLike, entries: dict) -> None:
         Path(tmp).write_text(json.dumps(entries, indent=1, sort_keys=True) + "\n")
 
 
-def row_from_dict(d: dict) -> Row:
-    quality = Quality(**{**d["quality"], "counts": tuple(d["quality"]["counts"])})
-    return Row(SamplerSetting(**d["setting"]), quality, d["seconds_per_image"], d["seed"], d["bf16"])
-
-
 def ratio_up(ratio: float) -> str:
     """``ratio`` with two decimals, rounded up, so that a ratio over a target of 3 never reads as 3.00 or less."""
     return f"{math.ceil(round(ratio * 100, 6)) / 100:.2f}"
 
 
-def markdown_table(rows: list[Row], floor: Quality, path) -> str:
+def markdown_table(rows: list[Row], floor: Quality, path: GaussianPath) -> str:
     """The rows and the real-data floor as a Markdown table; FD / floor is the Frechet distance over the floor's,
     rounded up to two decimals (:func:`ratio_up`); the last column is the U-Net's precision. Cost is counted in
     network evaluations: a row's seconds per image, kept in the cache, depend on the machine and what else it ran."""
@@ -235,7 +244,7 @@ def markdown_table(rows: list[Row], floor: Quality, path) -> str:
     for row in rows:
         q = row.quality
         lines.append(
-            f"| {row.setting.label} | {row.setting.evaluations(path)} | {q.frechet:.2f} | {ratio_up(q.frechet / floor.frechet)} "
+            f"| {row.label} | {row.solver.evaluations(path)} | {q.frechet:.2f} | {ratio_up(q.frechet / floor.frechet)} "
             f"| {q.confident:.1%} | {q.entropy:.3f} | {'bf16' if row.bf16 else 'fp32'} |"
         )
     return "\n".join(lines)
@@ -245,7 +254,8 @@ def markdown_table(rows: list[Row], floor: Quality, path) -> str:
 class Spread:
     """One setting over several seeds: the mean and the sample standard deviation of each measure."""
 
-    setting: SamplerSetting
+    label: str
+    solver: Solver
     seeds: tuple[int, ...]
     frechet: tuple[float, float]  # (mean, standard deviation)
     confident: tuple[float, float]
@@ -264,18 +274,19 @@ def spreads(rows: Iterable[Row]) -> list[Spread]:
 
     A group must hold one precision (a comparison across precisions is not one of seeds) and at least two seeds.
     """
-    groups: dict[SamplerSetting, list[Row]] = {}
+    groups: dict[str, list[Row]] = {}
     for row in rows:
-        groups.setdefault(row.setting, []).append(row)
+        groups.setdefault(row.label, []).append(row)
     out = []
-    for setting, members in groups.items():
+    for label, members in groups.items():
         if len({r.bf16 for r in members}) > 1 or len({r.seed for r in members}) < len(members) or len(members) < 2:
-            raise ValueError(f"{setting.label}: a spread needs two or more distinct seeds in one precision")
+            raise ValueError(f"{label}: a spread needs two or more distinct seeds in one precision")
 
         qualities = [r.quality for r in members]
         out.append(
             Spread(
-                setting,
+                label,
+                members[0].solver,
                 tuple(r.seed for r in members),
                 mean_sd([q.frechet for q in qualities]),
                 mean_sd([q.confident for q in qualities]),
@@ -286,7 +297,7 @@ def spreads(rows: Iterable[Row]) -> list[Spread]:
     return out
 
 
-def spread_table(rows: Iterable[Row], path) -> str:
+def spread_table(rows: Iterable[Row], path: GaussianPath) -> str:
     """The rows of several seeds as a Markdown table of mean +- standard deviation per setting (:func:`spreads`)."""
     lines = [
         "| sampler | U-Net evals | Frechet distance | confident | class entropy | seeds | U-Net in |",
@@ -295,7 +306,7 @@ def spread_table(rows: Iterable[Row], path) -> str:
     for s in spreads(rows):
         (fd, fd_sd), (conf, conf_sd), (ent, ent_sd) = s.frechet, s.confident, s.entropy
         lines.append(
-            f"| {s.setting.label} | {s.setting.evaluations(path)} | {fd:.3f} ± {fd_sd:.3f} | {conf:.1%} ± {100 * conf_sd:.1f} "
+            f"| {s.label} | {s.solver.evaluations(path)} | {fd:.3f} ± {fd_sd:.3f} | {conf:.1%} ± {100 * conf_sd:.1f} "
             f"| {ent:.3f} ± {ent_sd:.3f} | {', '.join(map(str, s.seeds))} | {'bf16' if s.bf16 else 'fp32'} |"
         )
     return "\n".join(lines)
@@ -305,7 +316,7 @@ def paired_table(rows: Iterable[Row], pairs: Iterable[tuple[str, str]]) -> str:
     """For each pair (a, b) of setting labels, the differences a - b of seeds that both rows have, as mean +- sample
     standard deviation: the same seed starts both samplers from the same noise, so its difference is more precise
     than the two spreads suggest. Pairs with fewer than two shared seeds are left out."""
-    by = {(r.setting.label, r.seed): r.quality for r in rows}
+    by = {(r.label, r.seed): r.quality for r in rows}
     lines = [
         "| a - b | Frechet distance | confident (points) | seeds |",
         "|---|---:|---:|---|",
@@ -326,7 +337,7 @@ def class_count_table(rows: list[Row], floor: Quality) -> str:
         "| sampler | " + " | ".join(str(d) for d in range(10)) + " | class entropy |",
         "|---|" + "---:|" * 11,
     ]
-    for label, q in [("real training images (floor)", floor)] + [(row.setting.label, row.quality) for row in rows]:
+    for label, q in [("real training images (floor)", floor)] + [(row.label, row.quality) for row in rows]:
         lines.append(f"| {label} | " + " | ".join(str(c) for c in q.counts) + f" | {q.entropy:.3f} |")
     return "\n".join(lines)
 
@@ -337,7 +348,7 @@ def plot_class_counts(rows: list[Row], floor: Quality) -> plt.Figure:
     Each cell shows the number of images predicted as that digit; its colour is the share's difference
     from the real images' share of that digit, in percentage points (red: too few, blue: too many).
     """
-    labels = ["real training images"] + [row.setting.label for row in rows]
+    labels = ["real training images"] + [row.label for row in rows]
     qualities = [floor] + [row.quality for row in rows]
     counts = torch.tensor([q.counts for q in qualities], dtype=torch.float64)  # (rows, 10)
     shares = 100 * counts / counts.sum(dim=1, keepdim=True)
@@ -358,7 +369,7 @@ def plot_class_counts(rows: list[Row], floor: Quality) -> plt.Figure:
     return fig
 
 
-def plot_quality(rows: list[Row], floor: Quality, path) -> plt.Figure:
+def plot_quality(rows: list[Row], floor: Quality, path: GaussianPath) -> plt.Figure:
     """Frechet distance and confident share against U-Net evaluations per image, one marker per row.
 
     Each deterministic solver (DDIM with eta = 0, Heun, DPM-Solver++(2M) and (3M)) is a line through its step
@@ -366,8 +377,14 @@ def plot_quality(rows: list[Row], floor: Quality, path) -> plt.Figure:
     """
     fig, (ax_fd, ax_conf) = plt.subplots(1, 2, figsize=(10, 4.6))
     families = {"DDIM, eta = 0": ("ddim",), "Heun": ("heun",), "DPM-Solver++(2M)": ("dpmpp2m",), "DPM-Solver++(3M)": ("dpmpp3m",)}
+
+    def cost(r: Row) -> int:
+        return r.solver.evaluations(path)
+
     lines = {
-        name: sorted((r for r in rows if r.setting.sampler in kinds and r.setting.eta == 0), key=lambda r: r.setting.evaluations(path))
+        name: sorted(
+            (r for r in rows if r.solver.name in kinds and not getattr(r.solver, "eta", 0)), key=lambda r: r.solver.evaluations(path)
+        )
         for name, kinds in families.items()
     }
     others = [r for r in rows if not any(r in members for members in lines.values())]
@@ -377,9 +394,9 @@ def plot_quality(rows: list[Row], floor: Quality, path) -> plt.Figure:
     ):
         for (family, members), style in zip(lines.items(), ("o-", "s-", "^-", "v-"), strict=True):
             if members:
-                ax.plot([r.setting.evaluations(path) for r in members], [value(r.quality) for r in members], style, label=family)
+                ax.plot([r.solver.evaluations(path) for r in members], [value(r.quality) for r in members], style, label=family)
         for r, marker in zip(others, "DPXh", strict=False):
-            ax.plot([r.setting.evaluations(path)], [value(r.quality)], marker, ls="none", label=r.setting.label)
+            ax.plot([r.solver.evaluations(path)], [value(r.quality)], marker, ls="none", label=r.label)
         ax.axhline(floor_value, color="gray", ls="--", label="real training images")
         ax.set(xscale="log", xlabel="U-Net evaluations per image", ylabel=name)
     ax_fd.axhline(3 * floor.frechet, color="gray", ls=":", label="3 x the floor (a reference point)")

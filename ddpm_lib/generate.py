@@ -10,6 +10,8 @@ each field as its command-line flag (``classifier_scale`` is ``--classifier-scal
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -20,8 +22,10 @@ from .denoiser import Denoiser, guided
 from .devices import resolve_device, use_bf16
 from .guidance import DEFAULT_CLASSIFIER_SCALE, DEFAULT_GUIDANCE, class_blocks
 from .noisy_classifier import check_matches, load_noisy_classifier
+from .resources import format_bytes, require
 from .sampling import SamplerStep, check_network, check_samples, check_trajectory, sample, sample_loop
-from .solvers import make_solver
+from .solvers import DDPM, Solver
+from .viz import auto_scale
 
 BATCH = 256  # images the network sees at once: memory stays flat however many are drawn
 
@@ -32,10 +36,7 @@ class SampleRequest:
 
     checkpoint: str  # a checkpoint written by train or export
     num: int = 64  # images to draw
-    sampler: str = "ddpm"  # one of solvers.SOLVERS
-    steps: int | None = None  # the solver's steps (None: T; DDPM always takes T)
-    eta: float | None = None  # DDIM's noise scale (None: 0, deterministic)
-    variance: str | None = None  # DDPM's step variance (None: beta_tilde)
+    solver: Solver = DDPM()  # how: any of solvers.SOLVERS with its options (the CLI's --sampler, --steps, --eta, --variance)
     seed: int = 0  # seeds x_T and every step's noise
     device: str | None = None  # cpu, cuda or cuda:N (None: cuda when available)
     precision: str = "auto"  # auto (bf16 where the hardware runs it fast), bf16 or fp32
@@ -51,7 +52,7 @@ class SamplePlan:
 
     request: SampleRequest
     denoiser: Denoiser  # unguided; guidance is added per batch, for that batch's labels
-    solver: object  # a solvers.SOLVERS instance
+    solver: Solver  # the request's
     chw: tuple[int, int, int]  # the images' (C, H, W)
     classes: list[int] | None  # the classes drawn in equal blocks, or None
     guide: dict  # denoiser.guided's guidance, classifier and classifier_scale
@@ -60,6 +61,26 @@ class SamplePlan:
     def num_steps(self) -> int:
         """The steps a trajectory yields: every visited point and the finished sample."""
         return len(self.solver.grid(self.denoiser.path))
+
+    def require_room(self, out: str | os.PathLike, frames: int | None = None, show_x0: bool = True) -> None:
+        """Refuse a --num whose samples or output file cannot fit in this machine's memory or disk, before sampling.
+
+        ``out`` is a .png grid or a .npy array of the images, or with ``frames`` a GIF of that many frames (x_t beside
+        the predicted x0 when ``show_x0``). Estimates, generous on purpose: the images are kept as float32 and a PNG is
+        tiled as a float grid; a GIF keeps every frame, each a grid of --num images upscaled.
+        """
+        (c, h, w), n, name = self.chw, self.request.num, str(out).lower()
+        if frames is None:
+            grid = n * (h + 2) * (w + 2) * 3  # make_grid's padded RGB tiling
+            memory = 4 * n * c * h * w + (8 * grid if name.endswith(".png") else 0)
+            disk = n * c * h * w if name.endswith(".npy") else grid
+        else:
+            scale = auto_scale(w, math.ceil(math.sqrt(n)))
+            frame = n * (h * scale + 2) * (w * scale + 2) * c * (2 if show_x0 else 1)
+            frames = min(frames, self.num_steps)
+            memory = 16 * n * c * h * w + 3 * frames * frame  # x_t, x0 and eps of every image; every frame, stacked, and encoded
+            disk = frames * frame
+        require(f"--num {n:,} ({format_bytes(4 * n * c * h * w)} of samples)", memory=memory, disk=disk, out=out)
 
     def labels(self, start: int, count: int) -> torch.Tensor | None:
         """The (count,) labels of images start ... start + count - 1, or None without labels."""
@@ -71,13 +92,10 @@ class SamplePlan:
         """The request's images (num, C, H, W) on the CPU, in batches of :data:`BATCH`, each from its own x_T.
 
         Raises :class:`~ddpm_lib.sampling.DegenerateModelError` if they are broken or blank."""
-        generator = torch.Generator().manual_seed(self.request.seed)
-        batches = []
-        for start in range(0, self.request.num, BATCH):
-            n = min(BATCH, self.request.num - start)
-            denoiser = guided(self.denoiser, self.labels(start, n), **self.guide)
-            batches.append(sample(denoiser, (n, *self.chw), self.solver, generator=generator).cpu())
-        return check_samples(torch.cat(batches))
+        labels = self.labels(0, self.request.num)
+        return check_samples(
+            draw_batches(self.denoiser, self.solver, self.chw, self.request.num, self.request.seed, BATCH, labels, **self.guide)
+        )
 
     def trajectory(self) -> Iterator[SamplerStep]:
         """Every step of the reverse process of all num images at once (for a GIF); the finished samples are
@@ -87,23 +105,44 @@ class SamplePlan:
         return check_trajectory(sample_loop(denoiser, (self.request.num, *self.chw), self.solver, generator=generator))
 
 
+def draw_batches(
+    denoiser: Denoiser,
+    solver,
+    chw: tuple[int, int, int],
+    num: int,
+    seed: int = 0,
+    batch: int = BATCH,
+    labels: torch.Tensor | None = None,
+    **guide,
+) -> torch.Tensor:
+    """num images (num, C, H, W) on the CPU drawn with ``solver`` in batches of at most ``batch``, all from one generator
+    seeded ``seed``: the one loop over batches. Each batch is guided toward its slice of ``labels`` (num,) with
+    ``guide`` (guidance, classifier, classifier_scale), as :func:`~ddpm_lib.denoiser.guided` takes them."""
+    generator = torch.Generator().manual_seed(seed)
+    parts = []
+    for start in range(0, num, batch):
+        n = min(batch, num - start)
+        steered = guided(denoiser, None if labels is None else labels[start : start + n], **guide)
+        parts.append(sample(steered, (n, *chw), solver, generator=generator).cpu())
+    return torch.cat(parts)
+
+
 def prepare(request: SampleRequest) -> SamplePlan:
-    """Check ``request`` and load its model: the solver's options first, then the checkpoint, the labels and
-    guidance against it, and finally a few predictions of the network (``sampling.check_network``).
+    """Check ``request`` and load its model: the checkpoint, the solver on its path, the labels and guidance against
+    it, and finally a few predictions of the network (``sampling.check_network``).
 
     Nothing here allocates in proportion to ``request.num``, so a caller can check that the output fits
     (with ``plan.chw`` and ``plan.num_steps``) before drawing.
     """
-    solver = make_solver(request.sampler, steps=request.steps, eta=request.eta, variance=request.variance)  # checks its options
     device = resolve_device(request.device)
     model, diffusion = load_model(request.checkpoint, device)
-    solver.grid(diffusion.make_path())  # raises for steps outside 1 ... T, and DDPM with fewer than T or off the VP path
+    request.solver.grid(diffusion.make_path())  # raises for steps outside 1 ... T, and DDPM with fewer than T or off the VP path
     c = model.config
     chw = (c.in_channels, c.image_size, c.image_size)
     classes, guide = guidance(request, c.num_classes, diffusion, chw, device)
     denoiser = Denoiser(model, diffusion, bf16=use_bf16(request.precision, device), batch_size=BATCH)
     check_network(denoiser, chw)  # a blown-up or untrained model is refused before the long run
-    return SamplePlan(request, denoiser, solver, chw, classes, guide)
+    return SamplePlan(request, denoiser, request.solver, chw, classes, guide)
 
 
 def guidance(request: SampleRequest, model_classes: int, diffusion, chw: tuple, device: torch.device) -> tuple[list[int] | None, dict]:

@@ -17,8 +17,8 @@ Rows are cached in a JSON file keyed by the SHA-256 of the weights, like ``evalu
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Iterable
+import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import matplotlib.pyplot as plt
@@ -27,9 +27,10 @@ from matplotlib.ticker import ScalarFormatter
 
 from .classifier import MnistClassifier, predict
 from .diffusion import DiffusionConfig
-from .evaluation import SamplerSetting, cached_row, draw, either_precision
+from .evaluation import MEASUREMENT, Measurement, draw
 from .guidance import class_blocks
 from .metrics import GaussianStats, Quality, frechet_distance, gaussian_stats, score
+from .solvers import DDIM
 
 METHODS = ("cfg", "classifier")  # classifier-free guidance (strength w), classifier guidance (scale s)
 
@@ -99,44 +100,30 @@ def guided_sweep(
     overall: GaussianStats,
     method: str,
     strengths: Iterable[float],
-    n: int = 1000,
     steps: int = 50,
     classifier: torch.nn.Module | None = None,
-    seed: int = 0,
-    cache: str | os.PathLike | None = None,
-    model_id: str | None = None,
-    on_row: Callable[[GuidedRow], None] | None = None,
-    bf16: bool = False,
-    any_precision: bool = False,
+    measurement: Measurement = MEASUREMENT,
 ) -> list[GuidedRow]:
-    """One :class:`GuidedRow` per strength: n DDIM samples (``steps`` steps) of every digit in equal shares.
+    """One :class:`GuidedRow` per strength: ``measurement.n`` DDIM-``steps`` samples of every digit in equal shares.
 
     ``method`` "cfg" guides a class-conditional ``model`` with weight w; "classifier" guides any
-    ``model`` with the noisy ``classifier`` at scale s. With ``cache`` and ``model_id`` (naming the
-    weights of the model and, for "classifier", of the classifier too) finished rows are read back; with
-    ``any_precision`` also rows of the other precision, bf16 first (as ``evaluation.evaluate``).
+    ``model`` with the noisy ``classifier`` at scale s. Rows are cached and read back as ``measurement`` says (its
+    model id naming the weights of the model and, for "classifier", of the classifier too).
     """
     if method not in METHODS:
         raise ValueError(f"unknown guidance method {method!r}; valid choices: {', '.join(METHODS)}")
     if method == "classifier" and classifier is None:
         raise ValueError("classifier guidance needs the noisy classifier")
-    asked = class_blocks(list(range(len(references))), n)
-    setting = SamplerSetting(f"DDIM {steps}", steps=steps)
-    rows = []
-    for strength in strengths:
+    m = measurement
+    asked = class_blocks(list(range(len(references))), m.n)
 
-        def compute(strength: float = strength) -> GuidedRow:
-            guide = {"guidance": strength} if method == "cfg" else {"classifier": classifier, "classifier_scale": strength}
-            images, seconds = draw(model, diffusion, setting, n, seed, bf16=bf16, labels=asked, **guide)
-            scores = score_guided(judge, images, asked, references, overall)
-            return GuidedRow(method, float(strength), scores, seconds / n, steps, seed, bf16)
+    def compute(strength: float) -> GuidedRow:
+        guide = {"guidance": strength} if method == "cfg" else {"classifier": classifier, "classifier_scale": strength}
+        images, seconds = draw(model, diffusion, DDIM(steps), m.n, m.seed, bf16=m.bf16, labels=asked, **guide)
+        scores = score_guided(judge, images, asked, references, overall)
+        return GuidedRow(method, float(strength), scores, seconds / m.n, steps, m.seed, m.bf16)
 
-        key = [model_id, method, float(strength), n, steps, seed, "bf16" if bf16 else "fp32"]
-        row = cached_row(cache, key, compute, row_from_dict, read=either_precision(key) if any_precision else None)
-        rows.append(row)
-        if on_row is not None:
-            on_row(row)
-    return rows
+    return [m.row([method, float(s), m.n, steps, m.seed], lambda s=s: compute(s), row_from_dict, dataclasses.asdict) for s in strengths]
 
 
 def row_from_dict(d: dict) -> GuidedRow:

@@ -18,12 +18,16 @@ Images are (B, C, H, W) with pixels k / 127.5 - 1 for k = 0 ... 255.
 from __future__ import annotations
 
 import math
+import os
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from .checkpoint import CheckpointError, load_checkpoint, sound_model
+from .data import get_dataset
 from .diffusion import q_posterior, q_sample, to_eps_x0
+from .paths import VP
 from .sampling import eval_mode
 from .schedules import NoiseSchedule, extract
 
@@ -138,3 +142,44 @@ def bound_table(bound: Bound) -> list[tuple[str, float]]:
             rows.append((f"KL terms, t = {lo} ... {hi - 1}", bound.terms[:, lo:hi].sum(1).mean().item()))
     rows.append(("L_0 (t = 0, 256 bins)", bound.terms[:, 0].mean().item()))
     return rows
+
+
+def bound_of_test_images(
+    checkpoint: str | os.PathLike,
+    num: int,
+    seed: int = 0,
+    dataset: str | None = None,
+    data_root: str | os.PathLike | None = None,
+    device: torch.device | str = "cpu",
+    batch: int = 256,
+) -> tuple[str, Bound]:
+    """The bound of the first ``num`` test images of ``dataset`` (None: the one the checkpoint was trained on, else
+    mnist) under the checkpoint's EMA model, in batches of ``batch`` images, the noise of every x_t seeded ``seed``:
+    the dataset's name and the :class:`Bound`. What ``python -m ddpm_lib nll`` runs.
+
+    A checkpoint whose network is unsound, a path other than VP (the bound is Ho et al.'s discrete one), a folder
+    dataset (no test split), too many images or images of another shape are refused, before T passes per image, with
+    a ValueError naming the flag to change; a bound that is NaN or infinite anywhere is a CheckpointError.
+    """
+    state = load_checkpoint(checkpoint)
+    model, diffusion = sound_model(state, checkpoint)  # a blown-up network is refused before T passes per image
+    if diffusion.path != VP.name:
+        raise ValueError(f"nll computes the VP path's discrete bound (Ho et al. Eq. 5); {checkpoint} is a {diffusion.path} model")
+    saved = state.get("train_config")
+    name = dataset or (saved.get("dataset") if isinstance(saved, dict) else None) or "mnist"
+    if name == "folder":
+        raise ValueError(f"{checkpoint} was trained on a folder of images, which has no test split; pass --dataset")
+    test = get_dataset(name, data_root, train=False)
+    if num > len(test):
+        raise ValueError(f"--num {num}: the {name} test set has {len(test)} images")
+    x0 = torch.stack([test[i][0] for i in range(num)])  # (N, C, H, W)
+    c = model.config
+    if tuple(x0.shape[1:]) != (c.in_channels, c.image_size, c.image_size):
+        raise ValueError(f"{name} images are {tuple(x0.shape[1:])}, but the model takes {(c.in_channels, c.image_size, c.image_size)}")
+    model, schedule, generator = model.to(device), diffusion.make_schedule(), torch.Generator().manual_seed(seed)
+    bounds = [variational_bound(model, part, schedule, diffusion.prediction, generator) for part in x0.split(batch)]
+    bound = Bound(*(torch.cat(parts) for parts in zip(*bounds, strict=True)))
+    if not torch.isfinite(bound.total).all():  # never "bits/dim: nan" with status 0
+        bad = (~torch.isfinite(bound.total)).sum().item()
+        raise CheckpointError(f"the bound of {bad} of the {num} images is NaN or infinite: {checkpoint}'s network is unsound there")
+    return name, bound

@@ -152,3 +152,4 @@ class LinearFlow:
 
 
 PATHS = {VP.name: VP, LinearFlow.name: LinearFlow}  # a DiffusionConfig's path names one of these
+GaussianPath = VP | LinearFlow  # any of them, for type hints

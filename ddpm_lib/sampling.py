@@ -19,10 +19,8 @@ import torch
 from torch import nn
 
 from .diffusion import eps_from_x0, q_posterior, x0_from_eps
-from .paths import VP, GridPoint, ddim_timesteps
+from .paths import VP, GridPoint
 from .schedules import NoiseSchedule, extract
-
-__all__ = ["ddim_timesteps"]  # the notebooks' import of the trailing grid
 
 VARIANCES = ("beta_tilde", "beta")
 

@@ -28,7 +28,7 @@ from typing import ClassVar
 import torch
 
 from .parametrizations import x0_from_eps
-from .paths import VP, GridPoint
+from .paths import VP, GaussianPath, GridPoint
 from .sampling import VARIANCES, SamplerStep, ddim_update, ddpm_update
 
 Noise = Callable[[], torch.Tensor]  # draws fresh N(0, I) noise shaped like x_t
@@ -51,13 +51,17 @@ class Solver:
     summary: ClassVar[str]  # one line for the CLI's help and docs/cli.md
     in_browser: ClassVar[bool] = False  # whether the site's live sampler (scripts/site_sampler/worker.js) has it too
 
-    def grid(self, path) -> list[GridPoint]:
+    def grid(self, path: GaussianPath) -> list[GridPoint]:
         """The points this solver visits on ``path``, from pure noise to the data (steps + 1 of them)."""
         return path.grid(self.steps)
 
-    def evaluations(self, path) -> int:
+    def evaluations(self, path: GaussianPath) -> int:
         """Network evaluations per image on ``path``."""
         return len(self.grid(path)) - 1
+
+    def label(self, path: GaussianPath) -> str:
+        """How tables name this solver on ``path``: its title and steps, "Heun 25", "DPM-Solver++(3M) 10"."""
+        return f"{self.title} {len(self.grid(path)) - 1}"
 
     def __call__(self, denoiser, x: torch.Tensor, grid: list[GridPoint], noise: Noise) -> Iterator[SamplerStep]:
         raise NotImplementedError
@@ -79,13 +83,16 @@ class DDPM(Solver):
         if self.variance not in VARIANCES:
             raise ValueError(f"unknown variance {self.variance!r}; valid choices: {', '.join(VARIANCES)}")
 
-    def grid(self, path) -> list[GridPoint]:
+    def grid(self, path: GaussianPath) -> list[GridPoint]:
         others = ", ".join(name for name in SOLVERS if name != self.name)
         if not isinstance(path, VP):
             raise ValueError(f"ddpm's ancestral steps need the betas of the VP path; this model's path is {path.name}: use one of {others}")
         if self.steps not in (None, path.schedule.T):
             raise ValueError(f"DDPM visits all T={path.schedule.T} steps; use one of {others} for {self.steps} steps")
         return path.grid()
+
+    def label(self, path: GaussianPath) -> str:
+        return f"{super().label(path)}, var {self.variance}"  # "DDPM 1000, var beta_tilde"
 
     def __call__(self, denoiser, x: torch.Tensor, grid: list[GridPoint], noise: Noise) -> Iterator[SamplerStep]:
         schedule = denoiser.path.schedule
@@ -112,6 +119,9 @@ class DDIM(Solver):
         if not math.isfinite(self.eta) or self.eta < 0:
             raise ValueError(f"eta must be a finite number >= 0, got {self.eta}")
 
+    def label(self, path: GaussianPath) -> str:
+        return super().label(path) + (f", eta {self.eta:g}" if self.eta else "")  # "DDIM 50, eta 1"
+
     def __call__(self, denoiser, x: torch.Tensor, grid: list[GridPoint], noise: Noise) -> Iterator[SamplerStep]:
         for i, (p, p_next) in enumerate(zip(grid, grid[1:], strict=False)):
             pred = denoiser(x, p)
@@ -136,7 +146,7 @@ class Heun(Solver):
     title: ClassVar[str] = "Heun"
     summary: ClassVar[str] = "second order (Karras et al.), 2K - 2 network evaluations for K steps"
 
-    def evaluations(self, path) -> int:
+    def evaluations(self, path: GaussianPath) -> int:
         steps = len(self.grid(path)) - 1
         return max(2 * steps - 2, 1)
 

@@ -28,7 +28,7 @@ from torch.utils.data import TensorDataset
 from .denoiser import Prediction
 from .diffusion import DiffusionConfig, q_sample
 from .mlp import MLPConfig
-from .paths import VP, GridPoint, LinearFlow
+from .paths import GaussianPath, GridPoint
 from .training import TrainConfig, Trainer
 
 
@@ -110,7 +110,7 @@ class ExactDenoiser:
 
     num_classes, batch_size = 0, None
 
-    def __init__(self, mixture: Mixture, path: VP | LinearFlow):
+    def __init__(self, mixture: Mixture, path: GaussianPath):
         self.mixture, self.path, self.device = mixture, path, torch.device("cpu")
 
     def __call__(self, x_t: torch.Tensor, p: GridPoint, y: torch.Tensor | None = None) -> Prediction:

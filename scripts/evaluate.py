@@ -13,6 +13,7 @@ docs/quality.md and the quality-vs-steps plot to figures/quality_vs_steps.png.
 """
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from ddpm_lib.evaluation import (
     PAIRED,
     SEEDS,
     SETTINGS,
+    Measurement,
     class_count_table,
     evaluate,
     markdown_table,
@@ -63,38 +65,28 @@ def main() -> int:
     classifier = load_classifier(args.classifier)
     reference = reference_stats(classifier, mnist_tensors(args.data_root, train=False)[0])
     floor = real_data_floor(classifier, mnist_tensors(args.data_root, train=True)[0], reference, args.num, args.seed)
-    settings = [s for s in SETTINGS if not args.only or s.label in args.only]
+    path = diffusion.make_path()
+    settings = [s for s in SETTINGS if not args.only or s.label(path) in args.only]
     bf16 = use_bf16(args.precision, torch.device("cpu"))
     precision = "bf16 autocast" if bf16 else "fp32"
     print(f"{args.checkpoint}: {args.num} samples per row, U-Net in {precision}, on {device_name('cpu')}")
     model_id = weights_sha256(model, diffusion)
 
     def on_row(row):
-        print(f"  {row.setting.label}, seed {row.seed}: FD {row.quality.frechet:.2f}", flush=True)
+        print(f"  {row.label}, seed {row.seed}: FD {row.quality.frechet:.2f}", flush=True)
 
-    rows = evaluate(
-        model,
-        diffusion,
-        classifier,
-        reference,
-        settings,
-        args.num,
-        args.seed,
-        cache=args.cache,
-        model_id=model_id,
-        bf16=bf16,
-        any_precision=args.precision == "auto",
-        on_row=on_row,
-    )
+    measured = Measurement(args.num, args.seed, bf16, args.cache, model_id, any_precision=args.precision == "auto", on_row=on_row)
+    rows = evaluate(model, diffusion, classifier, reference, settings, measured)
     table = markdown_table(rows, floor, diffusion.make_path())
     histograms = class_count_table(rows, floor)
     print(table, histograms, sep="\n\n")
+    compared_settings = [solver for solver in COMPARED if not args.only or solver.label(path) in args.only]
     compared = [
         row
-        for setting in COMPARED
-        if not args.only or setting.label in args.only
         for seed in args.seeds
-        for row in evaluate(model, diffusion, classifier, reference, [setting], args.num, seed, args.cache, model_id, on_row, bf16)
+        for row in evaluate(
+            model, diffusion, classifier, reference, compared_settings, dataclasses.replace(measured, seed=seed, any_precision=False)
+        )
     ]
     spread = spread_table(compared, diffusion.make_path()) if compared else ""
     paired = paired_table(compared, PAIRED) if compared else ""

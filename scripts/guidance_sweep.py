@@ -11,6 +11,7 @@ run continues where it stopped; the table goes to docs/guidance.md, the plot to 
 """
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import torch
 from ddpm_lib.checkpoint import load_model
 from ddpm_lib.classifier import load_classifier, mnist_tensors, predict
 from ddpm_lib.devices import device_name, use_bf16
-from ddpm_lib.evaluation import weights_sha256
+from ddpm_lib.evaluation import Measurement, weights_sha256
 from ddpm_lib.files import atomic_write
 from ddpm_lib.guided_evaluation import class_references, guided_floor, guided_sweep, markdown_table, plot_sweep
 from ddpm_lib.metrics import gaussian_stats
@@ -58,7 +59,7 @@ def main() -> int:
     references, overall = class_references(judge, x_test, y_test), gaussian_stats(predict(judge, x_test)[0])
     floor = guided_floor(judge, x_train, y_train, references, overall, args.num, args.seed)
     bf16 = use_bf16(args.precision, torch.device("cpu"))
-    common = dict(n=args.num, steps=args.steps, seed=args.seed, cache=args.cache, bf16=bf16, any_precision=args.precision == "auto")
+    measured = Measurement(args.num, args.seed, bf16, args.cache, any_precision=args.precision == "auto", on_row=None)
     print(f"{args.num} DDIM-{args.steps} samples per strength, U-Net in {'bf16' if bf16 else 'fp32'}, on {device_name('cpu')}")
 
     def report(row):
@@ -69,13 +70,14 @@ def main() -> int:
     if args.only in (None, "cfg"):
         model, diffusion = load_model(args.cfg_checkpoint)
         model_id = weights_sha256(model, diffusion)
-        rows += guided_sweep(model, diffusion, judge, references, overall, "cfg", WEIGHTS, model_id=model_id, on_row=report, **common)
+        measurement = dataclasses.replace(measured, model_id=model_id, on_row=report)
+        rows += guided_sweep(model, diffusion, judge, references, overall, "cfg", WEIGHTS, args.steps, measurement=measurement)
     if args.only in (None, "classifier"):
         model, diffusion = load_model(args.checkpoint)
         classifier, _ = load_noisy_classifier(args.classifier)
         model_id = f"{weights_sha256(model, diffusion)}+{weights_sha256(classifier, diffusion)}"
-        guide = dict(classifier=classifier, model_id=model_id, on_row=report)
-        rows += guided_sweep(model, diffusion, judge, references, overall, "classifier", SCALES, **guide, **common)
+        measurement = dataclasses.replace(measured, model_id=model_id, on_row=report)
+        rows += guided_sweep(model, diffusion, judge, references, overall, "classifier", SCALES, args.steps, classifier, measurement)
     table = markdown_table(rows, floor)
     print(table)
     header = (

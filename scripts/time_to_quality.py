@@ -17,11 +17,12 @@ from pathlib import Path
 from ddpm_lib.checkpoint import load_checkpoint, load_model
 from ddpm_lib.classifier import load_classifier, mnist_tensors
 from ddpm_lib.devices import resolve_device, use_bf16
-from ddpm_lib.evaluation import SETTINGS, evaluate, weights_sha256
+from ddpm_lib.evaluation import Measurement, evaluate, weights_sha256
 from ddpm_lib.metrics import real_data_floor, reference_stats, target_misses
+from ddpm_lib.solvers import DDIM, DDPM
 from ddpm_lib.training import PRECISIONS
 
-DDIM50, DDPM1000 = (next(s for s in SETTINGS if s.label == label) for label in ("DDIM 50", "DDPM 1000, var beta_tilde"))
+DDIM50, DDPM1000 = DDIM(50), DDPM()  # two rows of the quality table
 
 
 def main() -> int:
@@ -57,11 +58,12 @@ def main() -> int:
         met = True
         for setting in (DDIM50, DDPM1000):
             model_id = weights_sha256(model, diffusion)
-            (row,) = evaluate(model, diffusion, classifier, reference, [setting], args.num, cache=args.cache, model_id=model_id, bf16=bf16)
+            measurement = Measurement(args.num, cache=args.cache, model_id=model_id, bf16=bf16)
+            (row,) = evaluate(model, diffusion, classifier, reference, [setting], measurement)
             q, misses = row.quality, target_misses(row.quality, floor)
             verdict = "meets the targets" if not misses else "; ".join(misses)
             print(
-                f"{path.name:<28} {minutes:>7.1f}  {setting.label:<26} {q.frechet:>6.2f} {q.frechet / floor.frechet:>8.1f} "
+                f"{path.name:<28} {minutes:>7.1f}  {row.label:<26} {q.frechet:>6.2f} {q.frechet / floor.frechet:>8.1f} "
                 f"{q.confident:>9.1%} {q.entropy:>7.3f}  {verdict}",
                 flush=True,
             )

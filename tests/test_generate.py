@@ -10,7 +10,7 @@ from ddpm_lib.diffusion import DiffusionConfig
 from ddpm_lib.generate import SampleRequest, prepare
 from ddpm_lib.guidance import DEFAULT_CLASSIFIER_SCALE, DEFAULT_GUIDANCE, class_blocks
 from ddpm_lib.noisy_classifier import NoisyClassifier, NoisyClassifierConfig, save_noisy_classifier
-from ddpm_lib.solvers import DDIM, DDPM
+from ddpm_lib.solvers import DDIM, DDPM, DPMSolverPP2M, DPMSolverPP3M, DPMSolverPP3MPublished
 from ddpm_lib.unet import UNet, UNetConfig
 
 DIFFUSION = {"schedule": "linear", "T": 12, "prediction": "eps"}
@@ -18,15 +18,14 @@ ROOT = Path(__file__).parent.parent
 # The shipped checkpoints record no path (they predate it): drawn before the path object (issue 40) into
 # tests/data/path_reference.pt, two images each from seeds 300, 301, ... in this order, in fp32 on the CPU.
 SHIPPED = {
-    "ddpm_ddim_5": {"checkpoint": "mnist_ddpm.pt", "sampler": "ddim", "steps": 5},
-    "ddpm_ddim_5_eta1": {"checkpoint": "mnist_ddpm.pt", "sampler": "ddim", "steps": 5, "eta": 1.0},
-    "ddpm_dpmpp3m_5": {"checkpoint": "mnist_ddpm.pt", "sampler": "dpmpp3m", "steps": 5},
-    "cfg_dpmpp2m_5": {"checkpoint": "mnist_cfg.pt", "sampler": "dpmpp2m", "steps": 5, "label": [3, 7]},
-    "cfg_ddim_5_w0": {"checkpoint": "mnist_cfg.pt", "sampler": "ddim", "steps": 5, "label": [1], "guidance": 0.0},
+    "ddpm_ddim_5": {"checkpoint": "mnist_ddpm.pt", "solver": DDIM(5)},
+    "ddpm_ddim_5_eta1": {"checkpoint": "mnist_ddpm.pt", "solver": DDIM(5, eta=1.0)},
+    "ddpm_dpmpp3m_5": {"checkpoint": "mnist_ddpm.pt", "solver": DPMSolverPP3M(5)},
+    "cfg_dpmpp2m_5": {"checkpoint": "mnist_cfg.pt", "solver": DPMSolverPP2M(5), "label": [3, 7]},
+    "cfg_ddim_5_w0": {"checkpoint": "mnist_cfg.pt", "solver": DDIM(5), "label": [1], "guidance": 0.0},
     "classifier_dpmpp3m_5": {
         "checkpoint": "mnist_ddpm.pt",
-        "sampler": "dpmpp3m-published",
-        "steps": 5,
+        "solver": DPMSolverPP3MPublished(5),
         "label": [4, 9],
         "classifier": str(ROOT / "checkpoints" / "mnist_noisy_classifier.pt"),
     },
@@ -61,7 +60,7 @@ def test_a_plain_request_takes_the_defaults(models):
 
 
 def test_images_are_the_trajectorys_end_and_reproducible(models):
-    request = SampleRequest(models["cfg"], num=5, sampler="ddim", steps=4, seed=3, label=[2, 0])
+    request = SampleRequest(models["cfg"], num=5, solver=DDIM(4), seed=3, label=[2, 0])
     plan = prepare(request)
     assert plan.solver == DDIM(4) and plan.num_steps == 5 and plan.guide == {"guidance": DEFAULT_GUIDANCE}
     assert plan.labels(0, 5).tolist() == [2, 2, 2, 0, 0]
@@ -78,19 +77,19 @@ def test_batches_carry_their_own_labels(models, monkeypatch):
     seen = []
     real = generate.guided
     monkeypatch.setattr(generate, "guided", lambda den, labels=None, **guide: seen.append(labels.tolist()) or real(den, labels, **guide))
-    prepare(SampleRequest(models["cfg"], num=6, sampler="ddim", steps=2, label="all")).images()
+    prepare(SampleRequest(models["cfg"], num=6, solver=DDIM(2), label="all")).images()
     assert seen == [[0, 0, 1, 1], [2, 2]] == [class_blocks([0, 1, 2], 6)[i : i + 4].tolist() for i in (0, 4)]
 
 
 def test_a_classifier_guides_an_unconditional_model_with_its_default_scale(models):
-    plan = prepare(SampleRequest(models["uncond"], num=3, sampler="ddim", steps=3, label=[1], classifier=models["classifier"]))
+    plan = prepare(SampleRequest(models["uncond"], num=3, solver=DDIM(3), label=[1], classifier=models["classifier"]))
     assert plan.classes == [1] and plan.guide["classifier_scale"] == DEFAULT_CLASSIFIER_SCALE and "guidance" not in plan.guide
-    plain = prepare(SampleRequest(models["uncond"], num=3, sampler="ddim", steps=3))
+    plain = prepare(SampleRequest(models["uncond"], num=3, solver=DDIM(3)))
     assert not torch.equal(plan.images(), plain.images())  # the same noise, steered
 
 
 def test_nothing_grows_with_num_before_drawing(models):
-    plan = prepare(SampleRequest(models["cfg"], num=10**30, sampler="ddim", steps=2, label="all"))  # checkable before any drawing
+    plan = prepare(SampleRequest(models["cfg"], num=10**30, solver=DDIM(2), label="all"))  # checkable before any drawing
     assert plan.chw == (1, 8, 8) and plan.labels(10**30 - 2, 2).tolist() == [2, 2]
 
 
@@ -103,9 +102,8 @@ def test_nothing_grows_with_num_before_drawing(models):
         ("cfg", {"guidance": 1.0}, "--guidance needs --label"),
         ("cfg", {"label": [3]}, r"--label 3 is out of range: this model knows classes 0 \.\.\. 2"),
         ("cfg", {"label": "all", "num": 2}, "--num 2 is fewer images than the 3 classes"),
-        ("cfg", {"sampler": "euler"}, "unknown solver 'euler'"),
-        ("cfg", {"sampler": "ddpm", "steps": 5}, "DDPM visits all T=12 steps"),
-        ("cfg", {"sampler": "heun", "eta": 0.5}, "the heun solver takes steps, not eta"),
+        ("cfg", {"solver": DDPM(steps=5)}, "DDPM visits all T=12 steps"),
+        ("cfg", {"solver": DDIM(13)}, "between 1 and T=12"),
     ],
 )
 def test_choices_that_cannot_work_are_refused_with_the_flag_to_change(models, model, fields, says):

@@ -1,9 +1,12 @@
+import dataclasses
+
 import pytest
 import torch
 
 from ddpm_lib import guided_evaluation
 from ddpm_lib.classifier import MnistClassifier, predict
 from ddpm_lib.diffusion import DiffusionConfig
+from ddpm_lib.evaluation import Measurement
 from ddpm_lib.guidance import class_blocks
 from ddpm_lib.guided_evaluation import class_references, guided_floor, guided_sweep, markdown_table, score_guided
 from ddpm_lib.metrics import frechet_distance, gaussian_stats
@@ -79,17 +82,18 @@ def test_sweep_gives_a_row_per_strength_and_reads_its_cache_back(judge, data, ti
     _, _, references, overall = data
     conditional, unconditional, classifier = tiny_models
     diffusion = DiffusionConfig(T=10)
-    args = dict(n=6, steps=2, cache=tmp_path / "c.json", model_id="m")
-    rows = guided_sweep(conditional, diffusion, judge, references, overall, "cfg", [0, 2], **args)
+    measured = Measurement(n=6, cache=tmp_path / "c.json", model_id="m")
+    rows = guided_sweep(conditional, diffusion, judge, references, overall, "cfg", [0, 2], 2, measurement=measured)
     assert [(r.method, r.strength, r.steps) for r in rows] == [("cfg", 0.0, 2), ("cfg", 2.0, 2)]
     assert rows[0].guided != rows[1].guided  # the weight changed the samples
     monkeypatch.setattr(guided_evaluation, "draw", lambda *a, **k: pytest.fail("a cached row was drawn again"))
-    assert guided_sweep(conditional, diffusion, judge, references, overall, "cfg", [0, 2], **args) == rows
-    assert guided_sweep(conditional, diffusion, judge, references, overall, "cfg", [0, 2], **args, bf16=True, any_precision=True) == rows
+    assert guided_sweep(conditional, diffusion, judge, references, overall, "cfg", [0, 2], 2, measurement=measured) == rows
+    either = dataclasses.replace(measured, bf16=True, any_precision=True)
+    assert guided_sweep(conditional, diffusion, judge, references, overall, "cfg", [0, 2], 2, measurement=either) == rows
     table = markdown_table(rows, rows[0].guided)
     assert "| w = 0 |" in table and table.count("| 2 U-Net |") == 1 and table.count("| 4 U-Net |") == 1  # w = 2: 2B images a step
     monkeypatch.undo()
-    (row,) = guided_sweep(unconditional, diffusion, judge, references, overall, "classifier", [1.5], n=6, steps=2, classifier=classifier)
+    (row,) = guided_sweep(unconditional, diffusion, judge, references, overall, "classifier", [1.5], 2, classifier, Measurement(n=6))
     assert (row.method, row.strength, row.guided.quality.n) == ("classifier", 1.5, 6)
     assert markdown_table([row], rows[0].guided).endswith("| 2 U-Net + 2 classifier gradients |")
 

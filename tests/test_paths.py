@@ -1,3 +1,4 @@
+import itertools
 import math
 
 import numpy as np
@@ -50,6 +51,17 @@ def test_a_grid_runs_from_its_noisiest_point_down_to_the_data(path, steps):
     lams = [p.lam for p in grid]
     assert all(a < b for a, b in zip(lams, lams[1:], strict=False))  # every step removes noise
     assert grid[0] == (path.point(999) if isinstance(path, VP) else path.point(1.0))
+
+
+def test_ddim_timesteps_spacing():
+    assert ddim_timesteps(1000, 1000) == list(range(999, -1, -1))
+    ts = ddim_timesteps(1000, 50)
+    assert len(ts) == 50 and ts[0] == 999 and ts[-1] == 19 and all(a - b == 20 for a, b in itertools.pairwise(ts))
+    ts = ddim_timesteps(1000, 7)
+    assert len(set(ts)) == 7 and ts[0] == 999 and ts == sorted(ts, reverse=True)
+    for bad in (0, 1001):
+        with pytest.raises(ValueError, match="between 1 and T=1000"):
+            ddim_timesteps(1000, bad)
 
 
 def test_the_vp_grid_is_the_trailing_one():

@@ -1,5 +1,3 @@
-import itertools
-
 import pytest
 import torch
 
@@ -13,7 +11,6 @@ from ddpm_lib.sampling import (
     check_samples,
     check_trajectory,
     ddim_step,
-    ddim_timesteps,
     ddpm_step,
     sample,
     sample_loop,
@@ -73,17 +70,6 @@ def test_ddim_with_eta_1_and_every_step_is_the_ddpm_step():
     ddpm = ddpm_step(x_t, t, eps_hat, SCHEDULE, noise=z, variance="beta_tilde", clip_x0=False)
     ddim = ddim_step(x_t, t, t - 1, eps_hat, SCHEDULE, eta=1.0, noise=z, clip_x0=False)
     torch.testing.assert_close(ddim.x_prev, ddpm.x_prev, atol=1e-5, rtol=1e-5)
-
-
-def test_ddim_timesteps_spacing():
-    assert ddim_timesteps(1000, 1000) == list(range(999, -1, -1))
-    ts = ddim_timesteps(1000, 50)
-    assert len(ts) == 50 and ts[0] == 999 and ts[-1] == 19 and all(a - b == 20 for a, b in itertools.pairwise(ts))
-    ts = ddim_timesteps(1000, 7)
-    assert len(set(ts)) == 7 and ts[0] == 999 and ts == sorted(ts, reverse=True)
-    for bad in (0, 1001):
-        with pytest.raises(ValueError, match="between 1 and T=1000"):
-            ddim_timesteps(1000, bad)
 
 
 @pytest.fixture
