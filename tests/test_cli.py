@@ -9,13 +9,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
 
-from ddpm_lib import cli, generate, resources, sampling
+from ddpm_lib import cli, generate, resources, sampling, solvers
 from ddpm_lib.checkpoint import load_checkpoint, save_checkpoint
 from ddpm_lib.cli import main
 from ddpm_lib.data import ImageFiles, data_root
@@ -895,3 +896,42 @@ def test_a_short_fashion_mnist_run_trains_and_samples(capsys, tmp_path):
     code, err = run(capsys, "sample", "--checkpoint", out, "--num", "4", "--sampler", "ddim", "--steps", "5", "--out", tmp_path / "x.npy")
     assert code == 0, err
     assert np.load(tmp_path / "x.npy").shape == (4, 1, 28, 28)
+
+
+def test_a_solver_registered_in_one_class_is_a_sampler_of_the_cli(checkpoint, capsys, tmp_path, monkeypatch):
+    @dataclasses.dataclass(frozen=True)
+    class Euler(solvers.Solver):  # Euler's method on the probability-flow ODE, written afresh: DDIM with eta = 0
+        name: ClassVar[str] = "euler"
+        title: ClassVar[str] = "Euler (a test)"
+        summary: ClassVar[str] = "a solver added by one class"
+
+        def __call__(self, denoiser, x, grid, noise):
+            for i, (p, p_next) in enumerate(zip(grid, grid[1:], strict=False)):
+                pred = denoiser(x, p)
+                yield sampling.SamplerStep(i, p, x, pred.x0)
+                x = p_next.alpha * pred.x0 + p_next.sigma * pred.eps
+            yield sampling.SamplerStep(len(grid) - 1, grid[-1], x, x)
+
+    monkeypatch.setitem(solvers.SOLVERS, "euler", None)  # taken out again after the test
+    solvers.register(Euler)
+    parser_help = cli.build_parser()._subparsers._group_actions[0].choices["sample"].format_help()
+    assert "euler: a solver added by one class" in " ".join(parser_help.split())
+    for sampler in ("euler", "ddim"):
+        code, err = run(
+            capsys,
+            "sample",
+            "--checkpoint",
+            checkpoint,
+            "--num",
+            3,
+            "--sampler",
+            sampler,
+            "--steps",
+            4,
+            "--out",
+            tmp_path / f"{sampler}.npy",
+        )
+        assert code == 0, err
+    assert np.array_equal(np.load(tmp_path / "euler.npy"), np.load(tmp_path / "ddim.npy"))  # Euler is deterministic DDIM
+    code, err = run(capsys, "sample", "--checkpoint", checkpoint, "--sampler", "midpoint", "--out", tmp_path / "x.npy")
+    assert_one_line_error(code, err, "invalid choice: 'midpoint'", "'euler'")

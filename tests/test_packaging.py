@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ddpm_lib.solvers import solver_table
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -138,3 +140,7 @@ def test_the_readme_quotes_guidance_as_docs_guidance_md_has_it():
     for label, cells in quoted.items():
         strength = re.search(r"[ws] = [\d.]+", label).group(0)  # the guidance.md row: "w = 1", "s = 4"
         assert measured[strength][:3] == cells, label  # asked digit drawn, confident, class-wise FD
+
+
+def test_docs_cli_md_lists_the_solvers_as_their_registry_has_them():
+    assert solver_table() in (ROOT / "docs" / "cli.md").read_text()  # paste ddpm_lib.solvers.solver_table() there
