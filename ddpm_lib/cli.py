@@ -232,7 +232,7 @@ def build_parser() -> Parser:
         "--format",
         choices=("pt", "onnx"),
         default="pt",
-        help="pt: configs and EMA weights for PyTorch (the default); onnx: the EMA network as ONNX, its schedule inside the file",
+        help="pt: configs and EMA weights for PyTorch (the default); onnx: the EMA network as ONNX, the path's grid inside the file",
     )
     e.add_argument("--force", action="store_true", help="replace --out if it exists")
 
@@ -415,7 +415,7 @@ def cmd_export(args: argparse.Namespace) -> None:
             except ImportError as e:
                 raise UsageError(str(e)) from e
             size = Path(args.out).stat().st_size / 2**20
-            print(f"wrote {args.out} ({size:.1f} MiB, EMA weights at step {meta['step']}, with its schedule inside)", file=sys.stderr)
+            print(f"wrote {args.out} ({size:.1f} MiB, EMA weights at step {meta['step']}, with its grid inside)", file=sys.stderr)
             return
         state = export_ema(args.checkpoint, args.out, overwrite=args.force)
     print(f"wrote {args.out} (EMA weights at step {state['step']}, {Path(args.out).stat().st_size / 2**20:.1f} MiB)", file=sys.stderr)

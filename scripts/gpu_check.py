@@ -35,8 +35,8 @@ except ImportError:
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the library from this tree, with any python3
 
-from ddpm_lib.checkpoint import load_checkpoint, load_model  # noqa: E402
-from ddpm_lib.denoiser import Denoiser, guided  # noqa: E402
+from ddpm_lib.checkpoint import load_checkpoint  # noqa: E402
+from ddpm_lib.denoiser import Denoiser  # noqa: E402
 from ddpm_lib.devices import device_name  # noqa: E402
 from ddpm_lib.diffusion import DiffusionConfig  # noqa: E402
 from ddpm_lib.files import write_atomic, write_section  # noqa: E402
@@ -113,9 +113,8 @@ def training_speed(device: torch.device, batch: int, tiny: bool, data_root: str 
 
 def sampling_speed(device: torch.device, tiny: bool) -> dict:
     """DDIM-50 of 1,000 digits from the shipped model, bf16, in batches of 500."""
-    model, diffusion = load_model(ROOT / "checkpoints" / "mnist_ddpm.pt", device)
     n, batch = (8, 8) if tiny else (1000, 500)
-    denoiser = guided(Denoiser(model, diffusion, bf16=precision(device) == "bf16"))
+    denoiser = Denoiser.from_checkpoint(ROOT / "checkpoints" / "mnist_ddpm.pt", device, bf16=precision(device) == "bf16")
     generator = torch.Generator().manual_seed(0)
     sample(denoiser, (batch, 1, 28, 28), DDIM(50), generator=generator)  # warm-up
     _sync(device)

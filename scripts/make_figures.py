@@ -17,9 +17,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from ddpm_lib.checkpoint import load_model  # noqa: E402
 from ddpm_lib.data import get_dataset  # noqa: E402
-from ddpm_lib.denoiser import Denoiser, guided  # noqa: E402
+from ddpm_lib.denoiser import Denoiser  # noqa: E402
 from ddpm_lib.devices import default_device, fast_bf16  # noqa: E402
 from ddpm_lib.diffusion import q_sample  # noqa: E402
 from ddpm_lib.sampling import sample, sample_loop  # noqa: E402
@@ -67,12 +66,13 @@ def main() -> None:
     forward_strip(out)
     schedule_plot(out)
     device = default_device()
-    model, diffusion = load_model(args.checkpoint, device)
-    denoiser = guided(Denoiser(model, diffusion, bf16=fast_bf16(device)))
+    denoiser = Denoiser.from_checkpoint(args.checkpoint, device, bf16=fast_bf16(device))  # x0 clipped, as sample draws
     x = sample(denoiser, (100, 1, 28, 28), DDPM(), generator=torch.Generator().manual_seed(0))
     save_grid(x, out / "samples.png", nrow=10)
     steps = sample_loop(denoiser, (16, 1, 28, 28), DDPM(), generator=torch.Generator().manual_seed(1))
-    save_trajectory_gif(steps, out / "reverse_diffusion.gif", num_steps=diffusion.T + 1, frames=50, duration_ms=70, hold_ms=2000)
+    save_trajectory_gif(
+        steps, out / "reverse_diffusion.gif", num_steps=len(DDPM().grid(denoiser.path)), frames=50, duration_ms=70, hold_ms=2000
+    )
     print(f"wrote {', '.join(sorted(p.name for p in out.iterdir()))} in {out}/")
 
 

@@ -47,7 +47,7 @@ def test_the_standard_settings_cover_the_issue():
         "DDPM 1000, var beta_tilde", "DDPM 1000, var beta", "DDIM 100", "DDIM 50", "DDIM 20", "DDIM 10", "DDIM 50, eta 1"
     ]  # fmt: skip
     assert {s.variance for s in SETTINGS if s.name == "ddpm"} == {"beta", "beta_tilde"}
-    costs = {s.label(PATH): s.evaluations(PATH) for s in SETTINGS[7:]}  # Heun and DPM-Solver++(2M) at 5-50 evaluations, (3M) at 5-20
+    costs = {s.label(PATH): s.evaluations(PATH) for s in SETTINGS[7:]}  # Heun at 4-48 evaluations, DPM-Solver++(2M) at 5-50, (3M) at 5-20
     assert costs == {
         "Heun 3": 4, "Heun 5": 8, "Heun 10": 18, "Heun 25": 48,
         "DPM-Solver++(2M) 5": 5, "DPM-Solver++(2M) 10": 10, "DPM-Solver++(2M) 20": 20, "DPM-Solver++(2M) 50": 50,

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ddpm_lib import generate
-from ddpm_lib.checkpoint import save_checkpoint
+from ddpm_lib.checkpoint import load_checkpoint, save_checkpoint
 from ddpm_lib.diffusion import DiffusionConfig
 from ddpm_lib.generate import SampleRequest, prepare
 from ddpm_lib.guidance import DEFAULT_CLASSIFIER_SCALE, DEFAULT_GUIDANCE, class_blocks
@@ -118,3 +118,14 @@ def test_the_shipped_checkpoints_draw_what_they_drew_before_the_path_object(name
     images = prepare(SampleRequest(num=2, seed=seed, device="cpu", precision="fp32", **options)).images()
     expected = torch.load(Path(__file__).parent / "data" / "path_reference.pt", weights_only=True)["shipped"][name]
     assert torch.allclose(images, expected, atol=1e-5), (images - expected).abs().max()  # bit for bit on the machine that drew them
+
+
+def test_a_checkpoint_that_records_no_path_samples_bit_for_bit_as_the_vp_path(models, tmp_path):
+    state = load_checkpoint(models["cfg"])
+    assert "path" not in state["diffusion_config"]  # as every checkpoint saved before paths were recorded
+    save_checkpoint(tmp_path / "vp.pt", {**state, "diffusion_config": {**state["diffusion_config"], "path": "vp"}})
+    for solver in (DDPM(), DDIM(5, eta=0.5), DPMSolverPP3M(6)):
+        old, new = (
+            prepare(SampleRequest(str(c), num=4, solver=solver, seed=9, label=[1])).images() for c in (models["cfg"], tmp_path / "vp.pt")
+        )
+        assert torch.equal(old, new)
