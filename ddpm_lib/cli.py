@@ -28,7 +28,7 @@ from .devices import device_name, resolve_device
 from .diffusion import DiffusionConfig
 from .divergence import DivergenceError
 from .files import OutputPathError, check_writable, exclusive_lock, write_atomic
-from .generate import BATCH, SampleRequest, prepare
+from .generate import BATCH, SampleRequest, default_sampler, prepare
 from .guidance import DEFAULT_CLASSIFIER_SCALE, DEFAULT_GUIDANCE
 from .likelihood import bound_of_test_images, bound_table
 from .onnx_export import export_onnx
@@ -38,9 +38,10 @@ from .runs import RESUMABLE, flag, new_run, resumed_run
 from .sampling import VARIANCES
 from .schedules import SCHEDULES
 from .solvers import SOLVERS, make_solver
-from .training import LOSS_WEIGHTINGS, LR_SCHEDULES, PRECISIONS, TrainConfig, max_workers, snapshot_path
+from .training import LR_SCHEDULES, PRECISIONS, TIME_SAMPLINGS, TrainConfig, max_workers, snapshot_path
 from .unet import UNetConfig
 from .viz import GIF_MAX_MS, check_levels, save_grid, save_trajectory_gif, to_uint8
+from .weightings import LOSS_WEIGHTINGS
 
 
 class UsageError(Exception):
@@ -189,6 +190,11 @@ def build_parser() -> Parser:
     t.add_argument("--warmup-steps", type=nonnegative_int, help=f"(default: {c.warmup_steps})")
     t.add_argument("--ema-decay", type=finite_float, help=f"in [0, 1) (default: {c.ema_decay})")
     t.add_argument("--loss-weighting", choices=LOSS_WEIGHTINGS, help=f"min_snr (Hang et al.) or uniform (default: {c.loss_weighting})")
+    t.add_argument(
+        "--time-sampling",
+        choices=TIME_SAMPLINGS,
+        help=f"training times: uniform, or logit_normal on the linear_flow path (Esser et al. 2024) (default: {c.time_sampling})",
+    )
     t.add_argument("--precision", choices=PRECISIONS, help="auto (the default): bf16 where the hardware runs it fast, else fp32")
     t.add_argument("--seed", type=seed, help=f"0 ... 2^32 - 1 (default: {c.seed})")
     t.add_argument("--patch-size", type=positive_int, help=f"fold p x p pixel patches into channels first (default: {m.patch_size})")
@@ -246,10 +252,12 @@ def build_parser() -> Parser:
         s.add_argument(
             "--sampler",
             choices=list(SOLVERS),
-            default="ddpm",
-            help="; ".join(f"{name}: {cls.summary}" for name, cls in SOLVERS.items()) + " (default: ddpm)",
+            help="; ".join(f"{name}: {cls.summary}" for name, cls in SOLVERS.items())
+            + " (default: the checkpoint's path's, "
+            + ", ".join(f"{path.default_solver} on {name}" for name, path in PATHS.items())
+            + ")",
         )
-        s.add_argument("--steps", type=positive_int, help="steps of every sampler but ddpm (default: T)")
+        s.add_argument("--steps", type=positive_int, help="steps of every sampler but ddpm (default: T on the vp path, 100 on linear_flow)")
         s.add_argument("--eta", type=finite_float, help="ddim's noise: 0 deterministic (the default), 1 DDPM-like")
         s.add_argument("--variance", choices=VARIANCES, help="ddpm's step variance (default: beta_tilde)")
         s.add_argument("--seed", type=seed, default=0, help="0 ... 2^32 - 1 (default: 0)")
@@ -377,7 +385,8 @@ def sample_request(args: argparse.Namespace, suffixes: tuple[str, ...]) -> Sampl
     if Path(args.out).suffix.lower() not in suffixes:
         raise UsageError(f"--out must end in {' or '.join(suffixes)}, got {args.out}")
     check_writable(args.out)
-    solver = make_solver(args.sampler, steps=args.steps, eta=args.eta, variance=args.variance)  # refuses an option it lacks
+    sampler = args.sampler or default_sampler(args.checkpoint)
+    solver = make_solver(sampler, steps=args.steps, eta=args.eta, variance=args.variance)  # refuses an option it lacks
     options = {f.name: getattr(args, f.name) for f in dataclasses.fields(SampleRequest) if f.name != "solver"}
     return SampleRequest(**options, solver=solver)
 

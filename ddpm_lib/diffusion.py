@@ -20,6 +20,7 @@ from . import parametrizations
 from .parametrizations import PARAMETRIZATIONS, check_prediction
 from .paths import PATHS, VP, GaussianPath, LinearFlow
 from .schedules import SCHEDULES, NoiseSchedule, extract, get_schedule
+from .weightings import WEIGHTINGS
 
 MAX_T = 100_000  # diffusion steps; papers use up to 4,000. A checkpoint asking for 10^12 is refused before its schedule is built.
 
@@ -142,17 +143,16 @@ def to_eps_x0(
 
 
 def min_snr_weight(t: torch.Tensor, schedule: NoiseSchedule, gamma: float, prediction: str = "eps") -> torch.Tensor:
-    """Min-SNR-gamma loss weights (Hang et al. 2023, Eq. 8) for a (B,) tensor of 0-based t, shape (B,).
+    """Min-SNR-gamma loss weights (Hang et al. 2023, Eq. 8) for a (B,) tensor of 0-based t of the VP path, shape (B,).
 
     Weighting the x0 error by min(SNR_t, gamma) stops the many nearly noise-free steps (huge SNR)
     from dominating training. In terms of the eps error (which is SNR_t times the x0 error) the weight
     is min(SNR_t, gamma) / SNR_t, in terms of the v error min(SNR_t, gamma) / (SNR_t + 1), and of the
-    velocity error min(SNR_t, gamma) / (sqrt(SNR_t) + 1)^2.
+    velocity error min(SNR_t, gamma) / (sqrt(SNR_t) + 1)^2: ``weightings.WEIGHTINGS["min_snr"]`` on the path's points.
     """
-    snr = schedule.snr.to(t.device)[t].float()
-    clipped = snr.clamp(max=gamma)
-    x0_error_scale = {"eps": snr, "x0": 1.0, "v": snr + 1, "velocity": (snr.sqrt() + 1) ** 2}  # |target error|^2 / |x0 error|^2
-    return clipped / x0_error_scale[prediction]
+    path = VP(schedule)
+    p, snr = path.points(t, t.shape), path.snr(t).float()
+    return WEIGHTINGS["min_snr"](snr, PARAMETRIZATIONS[prediction].x0_error_scale2(snr, p.alpha, p.sigma), gamma)
 
 
 def loss_simple(

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .checkpoint import load_model
+from .checkpoint import load_checkpoint, load_model, model_from_state
 from .denoiser import Denoiser, guided
 from .devices import resolve_device, use_bf16
 from .guidance import DEFAULT_CLASSIFIER_SCALE, DEFAULT_GUIDANCE, class_blocks
@@ -125,6 +125,12 @@ def draw_batches(
         steered = guided(denoiser, None if labels is None else labels[start : start + n], **guide)
         parts.append(sample(steered, (n, *chw), solver, generator=generator).cpu())
     return torch.cat(parts)
+
+
+def default_sampler(checkpoint: str | os.PathLike) -> str:
+    """The solver that ``sample`` and ``gif`` use on ``checkpoint`` without --sampler: its path's ``default_solver``."""
+    _, diffusion = model_from_state(load_checkpoint(checkpoint), checkpoint)
+    return diffusion.make_path().default_solver
 
 
 def prepare(request: SampleRequest) -> SamplePlan:

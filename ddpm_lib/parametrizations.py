@@ -42,6 +42,7 @@ class Parametrization(NamedTuple):
     learns: str  # what the network's output means, in words
     target: Callable  # (x0, eps, alpha, sigma) -> what the network is trained to output
     to_eps_x0: Callable  # (output, x_t, alpha, sigma) -> (eps, x0)
+    x0_error_scale2: Callable  # (snr, alpha, sigma) -> |target error|^2 / |x0 error|^2 at fixed x_t (see ddpm_lib.weightings)
 
 
 def _eps_x0_from_x0(x0: Tensor, x_t: Tensor, alpha, sigma) -> tuple[Tensor, Tensor]:
@@ -53,17 +54,22 @@ PARAMETRIZATIONS = {
         "the noise eps (Ho et al. 2020)",
         lambda x0, eps, alpha, sigma: eps,
         lambda out, x_t, alpha, sigma: (out, x0_from_eps(x_t, out, alpha, sigma)),
+        lambda snr, alpha, sigma: snr,  # eps error = -(alpha / sigma) x0 error
     ),
-    "x0": Parametrization("the clean image x0", lambda x0, eps, alpha, sigma: x0, _eps_x0_from_x0),
+    "x0": Parametrization(
+        "the clean image x0", lambda x0, eps, alpha, sigma: x0, _eps_x0_from_x0, lambda snr, alpha, sigma: torch.ones_like(snr)
+    ),
     "v": Parametrization(
         "v = alpha eps - sigma x0 (Salimans & Ho 2022)",
         lambda x0, eps, alpha, sigma: alpha * eps - sigma * x0,
         lambda out, x_t, alpha, sigma: _eps_x0_from_x0((alpha * x_t - sigma * out) / (alpha * alpha + sigma * sigma), x_t, alpha, sigma),
+        lambda snr, alpha, sigma: (alpha * alpha + sigma * sigma) ** 2 / (sigma * sigma),  # SNR + 1 on the VP path
     ),
     "velocity": Parametrization(
         "the flow velocity eps - x0 (Lipman et al. 2023; Liu et al. 2023)",
         lambda x0, eps, alpha, sigma: eps - x0,
         lambda out, x_t, alpha, sigma: _eps_x0_from_x0((x_t - sigma * out) / (alpha + sigma), x_t, alpha, sigma),
+        lambda snr, alpha, sigma: (alpha + sigma) ** 2 / (sigma * sigma),
     ),
 }
 PREDICTIONS = tuple(PARAMETRIZATIONS)

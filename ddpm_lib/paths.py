@@ -6,7 +6,8 @@ A path gives
 * :meth:`point`: the point at any time;
 * :meth:`grid`: a trailing grid of points for a step count, from pure noise down to the data;
 * :meth:`points`: the points of a batch of training times, shaped to broadcast against the images;
-* :meth:`training_times`: training times drawn for a batch;
+* :meth:`training_times`: training times drawn for a batch (``time_samplers`` name the ways), and :meth:`snr`, their
+  signal-to-noise ratios alpha^2 / sigma^2;
 * :meth:`input_scale`: the factor x_t is multiplied by before the network sees it;
 * :meth:`export`: the grid as JSON for runtimes without Python (the site's live sampler, worker.js).
 
@@ -64,6 +65,8 @@ class VP:
     """The variance-preserving path of a discrete :class:`~ddpm_lib.schedules.NoiseSchedule` (Ho et al. 2020, Eq. 4)."""
 
     name: ClassVar[str] = "vp"
+    time_samplers: ClassVar[tuple[str, ...]] = ("uniform",)  # how training times can be drawn
+    default_solver: ClassVar[str] = "ddpm"  # what sample and gif use without --sampler: ancestral sampling (Ho et al.)
 
     def __init__(self, schedule: NoiseSchedule):
         self.schedule = schedule
@@ -89,9 +92,15 @@ class VP:
         """The points of a (B,) tensor of 0-based t, alpha and sigma as float32 (B, 1, ...) broadcasting against ``shape``."""
         return GridPoint(t, extract(self.schedule.sqrt_alpha_bar, t, shape), extract(self.schedule.sqrt_one_minus_alpha_bar, t, shape))
 
-    def training_times(self, n: int, generator: torch.Generator | None = None, device: torch.device | None = None) -> torch.Tensor:
+    def training_times(
+        self, n: int, generator: torch.Generator | None = None, device: torch.device | None = None, sampler: str = "uniform"
+    ) -> torch.Tensor:
         """(n,) 0-based timesteps drawn uniformly from 0 ... T-1 (Ho et al., Alg. 1), on the generator's device."""
         return torch.randint(0, self.schedule.T, (n,), generator=generator, device=device)
+
+    def snr(self, t: torch.Tensor) -> torch.Tensor:
+        """alpha_bar / (1 - alpha_bar) of a (B,) tensor of 0-based t, float64 (B,), as the schedule holds it."""
+        return self.schedule.snr.to(t.device)[t]
 
     def input_scale(self, p: GridPoint) -> float:
         """1: the VP path keeps x_t at about unit variance for data of unit variance."""
@@ -112,6 +121,8 @@ class LinearFlow:
     """The linear path x_s = (1 - s) x0 + s eps, s in [0, 1] (Liu et al. 2023; Lipman et al. 2023): alpha = 1 - s, sigma = s."""
 
     name: ClassVar[str] = "linear_flow"
+    time_samplers: ClassVar[tuple[str, ...]] = ("uniform", "logit_normal")  # uniform s, or s = sigmoid(n), n ~ N(0, 1) (Esser et al. 2024)
+    default_solver: ClassVar[str] = "ddim"  # Euler's method, rectified flow's sampler
     TIME_SCALE: ClassVar[float] = 1000.0  # the network is fed t = 1000 s: the range the U-Net's time embedding was built for
     default_steps: ClassVar[int] = 100  # the steps a solver takes when none are asked for
 
@@ -133,9 +144,18 @@ class LinearFlow:
         s64 = s.double().reshape(len(s), *([1] * (len(shape) - 1)))
         return GridPoint(self.TIME_SCALE * s, (1 - s64).float(), s64.float())
 
-    def training_times(self, n: int, generator: torch.Generator | None = None, device: torch.device | None = None) -> torch.Tensor:
-        """(n,) times s drawn uniformly from [0, 1), in float64, on the generator's device."""
+    def training_times(
+        self, n: int, generator: torch.Generator | None = None, device: torch.device | None = None, sampler: str = "uniform"
+    ) -> torch.Tensor:
+        """(n,) times s in (0, 1), float64, on the generator's device: uniform, or "logit_normal", s = sigmoid(n) with
+        n ~ N(0, 1), which draws the middle of the path more often (Esser et al. 2024, Stable Diffusion 3, Sec. 3.1)."""
+        if sampler == "logit_normal":
+            return torch.sigmoid(torch.randn(n, generator=generator, device=device, dtype=torch.float64))
         return torch.rand(n, generator=generator, device=device, dtype=torch.float64)
+
+    def snr(self, s: torch.Tensor) -> torch.Tensor:
+        """((1 - s) / s)^2 of a (B,) tensor of s, float64 (B,): infinite at the data."""
+        return ((1 - s.double()) / s.double()) ** 2
 
     def to(self, device: torch.device | str) -> LinearFlow:
         """The same path: it holds no tensors."""

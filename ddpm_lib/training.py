@@ -23,15 +23,17 @@ from .checkpoint import CheckpointError, check_finite, config_from_dict, load_ch
 from .data import ImageChanged, dataset_info, get_dataset
 from .denoiser import Denoiser, guided
 from .devices import device_name, resolve_device, use_bf16
-from .diffusion import DiffusionConfig, loss_simple, min_snr_weight
+from .diffusion import DiffusionConfig, loss_simple
 from .divergence import DivergenceError, DivergenceGuard, weight_norm
 from .mlp import MLP, MLPConfig
+from .parametrizations import PARAMETRIZATIONS
 from .paths import VP
 from .resources import require_model
 from .sampling import eval_mode, sample
 from .schedules import NoiseSchedule
 from .solvers import DDIM
 from .unet import UNet, UNetConfig
+from .weightings import LOSS_WEIGHTINGS, WEIGHTINGS
 
 NETWORKS = {UNetConfig: UNet, MLPConfig: MLP}  # the network each model config builds
 STOPPED, BROKEN_IMAGE = 1, 2  # why fit stops before its last step (see Trainer.fit); the larger wins when ranks differ
@@ -45,7 +47,7 @@ def max_workers() -> int:
 
 
 LR_SCHEDULES = ("cosine", "constant")
-LOSS_WEIGHTINGS = ("min_snr", "uniform")
+TIME_SAMPLINGS = ("uniform", "logit_normal")  # how training times are drawn; a path has some of them (paths.*.time_samplers)
 
 
 @dataclass(frozen=True)
@@ -58,8 +60,9 @@ class TrainConfig:
     warmup_steps: int = 200  # the learning rate rises linearly over these first steps
     lr_schedule: str = "cosine"  # after warm-up: "cosine" decays to 0 at the last step, "constant" stays (Ho et al.)
     weight_decay: float = 0.0  # AdamW weight decay
-    loss_weighting: str = "min_snr"  # "uniform": L_simple as in Ho et al.; "min_snr": Min-SNR-gamma (Hang et al. 2023)
+    loss_weighting: str = "min_snr"  # one of weightings.WEIGHTINGS: "uniform", L_simple (Ho et al.); "min_snr", Min-SNR-gamma (Hang et al.)
     min_snr_gamma: float = 5.0  # gamma of Min-SNR weighting (the paper's default)
+    time_sampling: str = "uniform"  # training times: "uniform", or "logit_normal" on a continuous path (Esser et al. 2024)
     ema_decay: float = 0.999  # EMA decay per step, warmed up as min(decay, (1 + n) / (10 + n)); Ho et al.: 0.9999 over 800k steps
     grad_clip: float = 1.0  # clip the global gradient norm to this (Ho et al.: 1.0)
     precision: str = "auto"  # "auto": bf16 autocast where the hardware runs it fast (fast_bf16), else fp32
@@ -79,6 +82,8 @@ class TrainConfig:
             raise ValueError(f"unknown precision {self.precision!r}; valid choices: {', '.join(PRECISIONS)}")
         if self.loss_weighting not in LOSS_WEIGHTINGS:
             raise ValueError(f"unknown loss_weighting {self.loss_weighting!r}; valid choices: {', '.join(LOSS_WEIGHTINGS)}")
+        if self.time_sampling not in TIME_SAMPLINGS:
+            raise ValueError(f"unknown time_sampling {self.time_sampling!r}; valid choices: {', '.join(TIME_SAMPLINGS)}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}; valid choices: {', '.join(LR_SCHEDULES)}")
         for name in ("batch_size", "steps"):
@@ -206,8 +211,10 @@ class Trainer:
         # fused: one kernel for all parameters (a 4 ms optimizer step takes 1 ms on 2 CPU cores)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
         self.path = diffusion_config.make_path().to(self.device)
-        if cfg.loss_weighting == "min_snr" and not isinstance(self.path, VP):
-            raise ValueError(f"min_snr weighting reads the VP schedule's SNR; train the {self.path.name} path with loss_weighting uniform")
+        if cfg.time_sampling not in self.path.time_samplers:
+            raise ValueError(
+                f"the {self.path.name} path draws training times {' or '.join(self.path.time_samplers)}, not {cfg.time_sampling}"
+            )
         self.generator = torch.Generator(self.device).manual_seed(cfg.seed)  # t and eps of every step
         self.bf16 = use_bf16(cfg.precision, self.device)
         self.guard = DivergenceGuard()  # stops a blow-up at its step, before anything of it is saved
@@ -259,6 +266,13 @@ class Trainer:
         if self.device.type == "cuda":
             self.cuda_rng_state = torch.cuda.get_rng_state(self.device)
 
+    def loss_weights(self, t: torch.Tensor) -> torch.Tensor:
+        """The (b,) weights of the per-image losses at training times ``t``: the run's weighting (weightings.WEIGHTINGS)
+        of each time's SNR and of how the parametrization's error scales with the x0 error there."""
+        p, snr = self.path.points(t, t.shape), self.path.snr(t).float()
+        scale = PARAMETRIZATIONS[self.diffusion_config.prediction].x0_error_scale2(snr, p.alpha, p.sigma)
+        return WEIGHTINGS[self.config.loss_weighting](snr, scale, self.config.min_snr_gamma)
+
     def train_step(self, x0: torch.Tensor, y: torch.Tensor | None = None) -> float:
         """One optimizer step on a batch x0 (B, C, H, W) in [-1, 1] (Alg. 1); returns the batch's L_simple.
 
@@ -271,7 +285,7 @@ class Trainer:
         the step made non-finite or blew up raise it after the step; the trainer then refuses to
         save them (see :mod:`ddpm_lib.divergence`).
 
-        With min_snr weighting, the step minimises the per-image losses weighted by min_snr_weight;
+        The step minimises the per-image losses weighted by the run's weighting (:meth:`loss_weights`);
         the returned (and logged) value is always the unweighted L_simple, so runs compare.
         """
         self.model.train()
@@ -283,7 +297,7 @@ class Trainer:
         # are drawn for all B, in a single process's order, and each rank keeps its share.
         B = len(x0) * self.rank.world_size
         share = self.rank.share(B)
-        t = self.path.training_times(B, gen, gen.device)[share].to(self.device)  # (b,)
+        t = self.path.training_times(B, gen, gen.device, self.config.time_sampling)[share].to(self.device)  # (b,)
         num_classes = self.model_config.num_classes
         if num_classes:
             if y is None:
@@ -295,10 +309,7 @@ class Trainer:
         noise = torch.randn((B, *x0.shape[1:]), generator=gen, device=gen.device)[share].to(self.device)  # (b, C, H, W)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             per_image = loss_simple(net, x0, self.path, prediction, t=t, noise=noise, reduction="none", y=y)  # (b,)
-        if self.config.loss_weighting == "min_snr":
-            loss = (min_snr_weight(t, self.path.schedule, self.config.min_snr_gamma, prediction) * per_image).mean()
-        else:
-            loss = per_image.mean()
+        loss = (self.loss_weights(t) * per_image).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # with DDP, the gradients are averaged over the ranks here: the global batch's
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)

@@ -935,3 +935,23 @@ def test_a_solver_registered_in_one_class_is_a_sampler_of_the_cli(checkpoint, ca
     assert np.array_equal(np.load(tmp_path / "euler.npy"), np.load(tmp_path / "ddim.npy"))  # Euler is deterministic DDIM
     code, err = run(capsys, "sample", "--checkpoint", checkpoint, "--sampler", "midpoint", "--out", tmp_path / "x.npy")
     assert_one_line_error(code, err, "invalid choice: 'midpoint'", "'euler'")
+
+
+@pytest.mark.parametrize("path", ["vp", "linear_flow"])
+def test_a_short_run_of_each_path_trains_resumes_bit_exactly_and_samples(images, capsys, tmp_path, path):
+    objective = ["--path", path] + (["--prediction", "velocity", "--time-sampling", "logit_normal"] if path == "linear_flow" else [])
+    whole, split = tmp_path / "whole.pt", tmp_path / "split.pt"
+    assert run(capsys, *tiny_train(images, whole, *objective, "--steps", "6"))[0] == 0
+    assert run(capsys, *tiny_train(images, split, *objective, "--steps", "3"))[0] == 0
+    code, err = run(capsys, *tiny_train(images, split, *objective, "--steps", "6", "--resume"))
+    assert code == 0, err
+    a, b = load_checkpoint(whole), load_checkpoint(split)
+    assert torch.equal(a["losses"], b["losses"]) and len(a["losses"]) == 6  # as if never stopped
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+    assert a["diffusion_config"]["path"] == path
+    assert a["train_config"]["time_sampling"] == ("logit_normal" if path == "linear_flow" else "uniform")
+    steps = ["--steps", 4] if path == "linear_flow" else []  # without --sampler: ddim on the flow, ddpm (all T) on vp
+    code, err = run(capsys, "sample", "--checkpoint", whole, "--num", 2, *steps, "--out", tmp_path / "x.npy")
+    assert code == 0, err
+    code, err = run(capsys, *tiny_train(images, tmp_path / "vp.pt", "--time-sampling", "logit_normal", "--steps", "1"))
+    assert_one_line_error(code, err, "the vp path draws training times uniform, not logit_normal")

@@ -189,3 +189,33 @@ def test_on_the_linear_flow_path_the_toy_samples_through_every_ode_solver_and_th
     viewer = field_viewer(TOY, {"exact": exact, "MLP": learned}, trajectories, budget=300_000)
     assert (viewer.slider.min, viewer.slider.max) == (0, 19) and viewer.static_ts[0] == 0 and viewer.static_ts[-1] == 19
     assert viewer.label(0).startswith("step 0") and viewer.frame.ndim == 3
+
+
+@pytest.mark.parametrize("path", [VP(get_schedule("cosine", 1000)), LinearFlow()], ids=["vp", "linear_flow"])
+def test_on_either_path_the_exact_eps_is_minus_sigma_times_the_score_of_q(path):
+    # the score by finite differences of log q(x_t), with q(x_t) on any Gaussian path the VP density at c x_t (times c^2)
+    x = points(50, 12)
+    for p in path.grid(8)[1:-1]:
+        c = 1 / math.sqrt(p.alpha**2 + p.sigma**2)
+        h = 1e-5
+        score = torch.stack(
+            [(TOY.log_prob(c * (x + h * e), (c * p.alpha) ** 2) - TOY.log_prob(c * (x - h * e), (c * p.alpha) ** 2)) / (2 * h)
+             for e in torch.eye(2, dtype=torch.float64)], dim=1
+        )  # fmt: skip
+        torch.testing.assert_close(ExactDenoiser(TOY, path)(x, p).eps, -p.sigma * score, atol=1e-5, rtol=1e-5)
+
+
+def test_the_flow_matching_loss_is_minimised_by_the_exact_conditional_velocity():
+    # E|u(x_s) - (eps - x0)|^2 is least at u* = E[eps - x0 | x_s] = eps* - x0*, whose residual is orthogonal to any f(x_s)
+    flow, g = LinearFlow(), torch.Generator().manual_seed(13)
+    exact = ExactDenoiser(TOY, flow)
+    for s in (0.2, 0.5, 0.8):
+        x0, eps = TOY.sample(100_000, g, torch.float64), torch.randn(100_000, 2, generator=g, dtype=torch.float64)
+        x_s, target = (1 - s) * x0 + s * eps, eps - x0
+        pred = exact(x_s, flow.point(s))
+        best = pred.eps - pred.x0
+        loss = (best - target).square().sum(1)
+        for worse in (0.9 * best, best + 0.05, best + 0.1 * torch.tanh(x_s)):
+            assert loss.mean() < (worse - target).square().sum(1).mean()
+        residual = ((target - best) * torch.tanh(x_s)).sum(1)  # any function of x_s
+        assert residual.mean().abs() < 4 * residual.std() / math.sqrt(len(residual))
