@@ -11,7 +11,18 @@ from ddpm_lib.paths import VP, LinearFlow
 from ddpm_lib.sampling import sample, sample_loop
 from ddpm_lib.schedules import get_schedule
 from ddpm_lib.solvers import DDIM, SOLVERS, Heun
-from ddpm_lib.toy import ExactDenoiser, GaussianFit, Mixture, annealed_langevin, energy_distance, energy_distances, eps_mse, ring, train_mlp
+from ddpm_lib.toy import (
+    ExactDenoiser,
+    GaussianFit,
+    Mixture,
+    annealed_langevin,
+    energy_distance,
+    energy_distances,
+    eps_mse,
+    ring,
+    straightness,
+    train_mlp,
+)
 from ddpm_lib.toy_viz import field_viewer
 from ddpm_lib.training import TrainConfig, Trainer
 
@@ -219,3 +230,15 @@ def test_the_flow_matching_loss_is_minimised_by_the_exact_conditional_velocity()
             assert loss.mean() < (worse - target).square().sum(1).mean()
         residual = ((target - best) * torch.tanh(x_s)).sum(1)  # any function of x_s
         assert residual.mean().abs() < 4 * residual.std() / math.sqrt(len(residual))
+
+
+def test_straightness_is_one_for_the_linear_flow_to_a_point_and_more_on_the_vp_path():
+    point = Mixture(((0.5, -0.3),), std=1e-3)  # nearly one point: the linear flow's paths to it are straight lines
+    x_T = torch.randn(500, 2, generator=torch.Generator().manual_seed(14), dtype=torch.float64)
+    measured = {}
+    for path in (LinearFlow(), VP(get_schedule("linear", 1000))):
+        steps = list(sample_loop(ExactDenoiser(point, path), x_T.shape, DDIM(200), x_T=x_T))
+        measured[path.name] = straightness([s.x_t for s in steps])
+    assert measured["linear_flow"] == pytest.approx(1, abs=1e-6) and measured["vp"] > 1.05, measured
+    zigzag = [torch.zeros(1, 2), torch.tensor([[1.0, 1.0]]), torch.tensor([[2.0, 0.0]])]
+    assert straightness(zigzag) == pytest.approx(math.sqrt(2))
