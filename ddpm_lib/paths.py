@@ -102,6 +102,10 @@ class VP:
         """alpha_bar / (1 - alpha_bar) of a (B,) tensor of 0-based t, float64 (B,), as the schedule holds it."""
         return self.schedule.snr.to(t.device)[t]
 
+    def time_density(self, t: torch.Tensor, sampler: str = "uniform") -> torch.Tensor:
+        """The density of ``training_times`` at the 0-based t: 1 / T at each."""
+        return torch.full(t.shape, 1 / self.schedule.T, dtype=torch.float64)
+
     def input_scale(self, p: GridPoint) -> float:
         """1: the VP path keeps x_t at about unit variance for data of unit variance."""
         return 1.0
@@ -156,6 +160,14 @@ class LinearFlow:
     def snr(self, s: torch.Tensor) -> torch.Tensor:
         """((1 - s) / s)^2 of a (B,) tensor of s, float64 (B,): infinite at the data."""
         return ((1 - s.double()) / s.double()) ** 2
+
+    def time_density(self, s: torch.Tensor, sampler: str = "uniform") -> torch.Tensor:
+        """The density of ``training_times(sampler=sampler)`` at s in (0, 1), float64: 1, or the logit-normal's
+        exp(-logit(s)^2 / 2) / (sqrt(2 pi) s (1 - s))."""
+        s = s.double()
+        if sampler == "logit_normal":
+            return torch.exp(-(torch.logit(s) ** 2) / 2) / (math.sqrt(2 * math.pi) * s * (1 - s))
+        return torch.ones_like(s)
 
     def to(self, device: torch.device | str) -> LinearFlow:
         """The same path: it holds no tensors."""

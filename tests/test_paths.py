@@ -142,3 +142,15 @@ def test_the_cli_samples_a_linear_flow_checkpoint_and_writes_its_gif(flow_checkp
         assert main([command[0], "--checkpoint", str(flow_checkpoint), *command[1:]]) == 2
         err = capsys.readouterr().err
         assert says in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_linear_flows_time_densities_integrate_to_one_and_match_its_draws():
+    s = torch.linspace(1e-6, 1 - 1e-6, 200_001, dtype=torch.float64)
+    draws = LinearFlow().training_times(200_000, torch.Generator().manual_seed(2), sampler="logit_normal")
+    for sampler in ("uniform", "logit_normal"):
+        assert torch.trapezoid(LinearFlow().time_density(s, sampler), s).item() == pytest.approx(1, abs=1e-3)
+    counts = torch.histc(draws, bins=10, min=0, max=1) / len(draws)  # the share of draws in each tenth of [0, 1]
+    edges = torch.linspace(1e-9, 1 - 1e-9, 11, dtype=torch.float64)
+    tenths = [torch.linspace(a, b, 2001, dtype=torch.float64) for a, b in zip(edges, edges[1:], strict=False)]
+    expected = torch.tensor([torch.trapezoid(LinearFlow().time_density(x, "logit_normal"), x) for x in tenths])
+    torch.testing.assert_close(counts.double(), expected, atol=3e-3, rtol=0)
