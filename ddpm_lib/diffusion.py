@@ -20,7 +20,7 @@ from . import parametrizations
 from .parametrizations import PARAMETRIZATIONS, check_prediction
 from .paths import PATHS, VP, GaussianPath, LinearFlow
 from .schedules import SCHEDULES, NoiseSchedule, extract, get_schedule
-from .weightings import WEIGHTINGS
+from .weightings import loss_weights
 
 MAX_T = 100_000  # diffusion steps; papers use up to 4,000. A checkpoint asking for 10^12 is refused before its schedule is built.
 
@@ -129,12 +129,6 @@ def v_from(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor | int, schedule:
     return signal * eps - noise * x0
 
 
-def x0_from_v(x_t: torch.Tensor, t: torch.Tensor | int, v: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
-    """x0 = sqrt(alpha_bar_t) x_t - sqrt(1 - alpha_bar_t) v."""
-    signal, noise = _scales(schedule, t, x_t.shape)
-    return signal * x_t - noise * v
-
-
 def to_eps_x0(
     output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | int, schedule: NoiseSchedule, prediction: str = "eps"
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,11 +142,9 @@ def min_snr_weight(t: torch.Tensor, schedule: NoiseSchedule, gamma: float, predi
     Weighting the x0 error by min(SNR_t, gamma) stops the many nearly noise-free steps (huge SNR)
     from dominating training. In terms of the eps error (which is SNR_t times the x0 error) the weight
     is min(SNR_t, gamma) / SNR_t, in terms of the v error min(SNR_t, gamma) / (SNR_t + 1), and of the
-    velocity error min(SNR_t, gamma) / (sqrt(SNR_t) + 1)^2: ``weightings.WEIGHTINGS["min_snr"]`` on the path's points.
+    velocity error min(SNR_t, gamma) / (sqrt(SNR_t) + 1)^2: ``weightings.loss_weights`` on the VP path.
     """
-    path = VP(schedule)
-    p, snr = path.points(t, t.shape), path.snr(t).float()
-    return WEIGHTINGS["min_snr"](snr, PARAMETRIZATIONS[prediction].x0_error_scale2(snr, p.alpha, p.sigma), gamma)
+    return loss_weights(VP(schedule), t, prediction, "min_snr", gamma)
 
 
 def loss_simple(

@@ -26,14 +26,13 @@ from .devices import device_name, resolve_device, use_bf16
 from .diffusion import DiffusionConfig, loss_simple
 from .divergence import DivergenceError, DivergenceGuard, weight_norm
 from .mlp import MLP, MLPConfig
-from .parametrizations import PARAMETRIZATIONS
 from .paths import VP
 from .resources import require_model
 from .sampling import eval_mode, sample
 from .schedules import NoiseSchedule
 from .solvers import DDIM
 from .unet import UNet, UNetConfig
-from .weightings import LOSS_WEIGHTINGS, WEIGHTINGS
+from .weightings import LOSS_WEIGHTINGS, loss_weights
 
 NETWORKS = {UNetConfig: UNet, MLPConfig: MLP}  # the network each model config builds
 STOPPED, BROKEN_IMAGE = 1, 2  # why fit stops before its last step (see Trainer.fit); the larger wins when ranks differ
@@ -269,9 +268,7 @@ class Trainer:
     def loss_weights(self, t: torch.Tensor) -> torch.Tensor:
         """The (b,) weights of the per-image losses at training times ``t``: the run's weighting (weightings.WEIGHTINGS)
         of each time's SNR and of how the parametrization's error scales with the x0 error there."""
-        p, snr = self.path.points(t, t.shape), self.path.snr(t).float()
-        scale = PARAMETRIZATIONS[self.diffusion_config.prediction].x0_error_scale2(snr, p.alpha, p.sigma)
-        return WEIGHTINGS[self.config.loss_weighting](snr, scale, self.config.min_snr_gamma)
+        return loss_weights(self.path, t, self.diffusion_config.prediction, self.config.loss_weighting, self.config.min_snr_gamma)
 
     def train_step(self, x0: torch.Tensor, y: torch.Tensor | None = None) -> float:
         """One optimizer step on a batch x0 (B, C, H, W) in [-1, 1] (Alg. 1); returns the batch's L_simple.

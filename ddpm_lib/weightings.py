@@ -28,6 +28,13 @@ WEIGHTINGS: dict[str, Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor
 LOSS_WEIGHTINGS = tuple(WEIGHTINGS)
 
 
+def loss_weights(path, times: torch.Tensor, prediction: str, weighting: str, gamma: float = 5.0) -> torch.Tensor:
+    """The (B,) float32 weights of the per-image losses at a (B,) tensor of the path's training ``times``: ``weighting``
+    of each time's SNR and of how ``prediction``'s error scales with the x0 error there."""
+    p, snr = path.points(times, times.shape), path.snr(times).float()
+    return WEIGHTINGS[weighting](snr, PARAMETRIZATIONS[prediction].x0_error_scale2(snr, p.alpha, p.sigma), gamma)
+
+
 def implied_weight(
     path, times: torch.Tensor, prediction: str, weighting: str, sampler: str = "uniform", gamma: float = 5.0
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -53,7 +53,11 @@ const PARAMETRIZATIONS = {
   v: (u, x, a, s) => (a * x - s * u) / Math.fround(a * a + s * s),
   velocity: (u, x, a, s) => (x - s * u) / Math.fround(a + s),
 };
-const TIME_TYPES = { int64: (t) => BigInt(t), float32: (t) => t };
+// The network's t input for a batch, in the export's time type (int64 VP timesteps, float32 continuous times).
+const TIME_TYPES = {
+  int64: (t, batch) => BigInt64Array.from({ length: batch }, () => BigInt(t)),
+  float32: (t, batch) => new Float32Array(batch).fill(t),
+};
 
 // Refuse, with a message the page shows, an export whose grid, parametrization or time type this page lacks.
 function check(meta) {
@@ -72,10 +76,9 @@ function check(meta) {
 async function network(x, p, labels, batch) {
   const [C, H, W] = meta.image_shape;
   const input = p.scale === 1 ? x : x.map((v) => v * p.scale);
-  const time = TIME_TYPES[meta.t_type](p.t);
   const feeds = {
     x: new ort.Tensor("float32", input, [batch, C, H, W]),
-    t: new ort.Tensor(meta.t_type, meta.t_type === "int64" ? BigInt64Array.from({ length: batch }, () => time) : new Float32Array(batch).fill(time), [batch]),
+    t: new ort.Tensor(meta.t_type, TIME_TYPES[meta.t_type](p.t, batch), [batch]),
   };
   if (meta.num_classes) feeds.y = new ort.Tensor("int64", BigInt64Array.from(labels, (v) => BigInt(v)), [batch]);
   const out = await session.run(feeds);
