@@ -18,7 +18,8 @@ import torch
 
 from .diffusion import loss_simple, q_posterior, q_sample
 from .metrics import GaussianStats, frechet_distance
-from .paths import VP
+from .parametrizations import PARAMETRIZATIONS
+from .paths import VP, LinearFlow
 from .sampling import ddim_step, ddpm_step
 from .schedules import extract, get_schedule
 from .toy import ExactDenoiser, ring
@@ -340,6 +341,33 @@ def check_heun_step(fn: Callable) -> bool:
         + plain * (eps + denoiser(x_t + plain * eps, p_next).eps) / 2,
     }
     return _verdict("heun_step", lambda *args: fn(*args), (denoiser, x_t, p, p_next), expected, mistakes, atol=1e-8)
+
+
+def check_flow_matching_loss(fn: Callable) -> bool:
+    """fn(model, x0, s, eps) -> the flow-matching loss (a scalar) of a velocity model ``model(x_s, s)`` (B, 2) on data
+    x0 (B, 2), times s (B,) in [0, 1] (1: pure noise) and noise eps (B, 2), averaged like L_simple."""
+    g = torch.Generator().manual_seed(7)
+    x0, eps = ring().sample(256, g, torch.float64), torch.randn(256, 2, generator=g, dtype=torch.float64)
+    s = torch.rand(256, generator=g, dtype=torch.float64)
+    weights = torch.tensor([[0.8, -0.3], [0.2, 0.5]], dtype=torch.float64)
+
+    def model(x, s):  # a fixed stand-in for a network: any function of (x_s, s) will do
+        return x @ weights + torch.cos(3 * s)[:, None]
+
+    def loss(x_s, target):
+        return (model(x_s, s) - target).square().mean()
+
+    p = LinearFlow().points(s, x0.shape)
+    x_s = p.alpha.double() * x0 + p.sigma.double() * eps
+    expected = loss(x_s, PARAMETRIZATIONS["velocity"].target(x0, eps, p.alpha.double(), p.sigma.double()))
+    swapped = s[:, None] * x0 + (1 - s[:, None]) * eps
+    mistakes = {
+        "the velocity is dx_s/ds = eps - x0 (s runs from the data at 0 to the noise at 1); you regressed on x0 - eps.": loss(x_s, x0 - eps),
+        "s = 0 is the data and s = 1 pure noise, x_s = (1 - s) x0 + s eps; you put the data at s = 1.": loss(swapped, eps - x0),
+        "the target is the velocity eps - x0, not the noise eps alone.": loss(x_s, eps),
+        "L_simple averages over the coordinates as well as the points; yours sums over them.": loss(x_s, eps - x0) * 2,
+    }
+    return _verdict("flow_matching_loss", fn, (model, x0, s, eps), expected, mistakes, atol=1e-8)
 
 
 def reveal(solution: Callable, check: Callable) -> FoldedSolution:

@@ -81,3 +81,10 @@ def heun_step_solution(denoiser, x_t: torch.Tensor, p: GridPoint, p_next: GridPo
     euler = x + (s_next - s) * eps  # Euler's step, in x~
     eps_end = denoiser(p_next.alpha * euler, p_next).eps  # the slope where it lands (back in x_t's scale)
     return p_next.alpha * (x + (s_next - s) * (eps + eps_end) / 2)  # the trapezoid rule, then x = alpha x~
+
+
+def flow_matching_loss_solution(model, x0: torch.Tensor, s: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    s = s[:, None]  # (B, 1): one time per point
+    x_s = (1 - s) * x0 + s * eps  # the straight line from the data (s = 0) to the noise (s = 1)
+    velocity = eps - x0  # its derivative d x_s / ds, the regression target
+    return (model(x_s, s[:, 0]) - velocity).square().mean()

@@ -270,8 +270,12 @@ class Trainer:
         of each time's SNR and of how the parametrization's error scales with the x0 error there."""
         return loss_weights(self.path, t, self.diffusion_config.prediction, self.config.loss_weighting, self.config.min_snr_gamma)
 
-    def train_step(self, x0: torch.Tensor, y: torch.Tensor | None = None) -> float:
+    def train_step(self, x0: torch.Tensor, y: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> float:
         """One optimizer step on a batch x0 (B, C, H, W) in [-1, 1] (Alg. 1); returns the batch's L_simple.
+
+        ``noise`` (B, C, H, W) pairs each image with its own noise: a coupling such as reflow's, whose
+        dataset yields (x0, y, noise) triples (:mod:`ddpm_lib.reflow`). None draws the noise independently
+        of the images, the usual independent coupling.
 
         A class-conditional model needs the (B,) labels ``y``; each is replaced by the "no label"
         class with probability ``label_dropout``, so that one network learns both eps(x_t, y) and
@@ -303,7 +307,9 @@ class Trainer:
             y = torch.where(dropped, num_classes, y.to(self.device))
         else:
             y = None  # an unconditional model ignores the labels a dataset comes with
-        noise = torch.randn((B, *x0.shape[1:]), generator=gen, device=gen.device)[share].to(self.device)  # (b, C, H, W)
+        if noise is None:
+            noise = torch.randn((B, *x0.shape[1:]), generator=gen, device=gen.device)[share]  # (b, C, H, W)
+        noise = noise.to(self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             per_image = loss_simple(net, x0, self.path, prediction, t=t, noise=noise, reduction="none", y=y)  # (b,)
         loss = (self.loss_weights(t) * per_image).mean()
@@ -392,8 +398,8 @@ class Trainer:
                 why = BROKEN_IMAGE if broken else STOPPED if interrupted() or distributed.stop_requested() else 0
                 if stop := distributed.max_over_ranks(why, self.rank, self.device):  # agreed: all ranks stop at one step
                     break
-                x0, y = batch
-                loss = self.train_step(x0.to(self.device, non_blocking=True), y)
+                x0, y, *coupled = batch  # (x0, y), or (x0, y, noise) from a coupling
+                loss = self.train_step(x0.to(self.device, non_blocking=True), y, *coupled)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
                 if main and cfg.sample_every and self.step % cfg.sample_every == 0:

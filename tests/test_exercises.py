@@ -6,6 +6,7 @@ from ddpm_lib.exercises import (
     check_alpha_bar,
     check_ddim_step,
     check_ddpm_step,
+    check_flow_matching_loss,
     check_frechet_distance,
     check_guided_eps,
     check_heun_step,
@@ -116,6 +117,14 @@ def heun_by_hand(denoiser, x_t, p, p_next, euler_only=False, end_slope=False, pl
     return p_next.alpha * (x_t / p.alpha + h * (end if end_slope else (eps + end) / 2))
 
 
+def flow_matching_by_hand(model, x0, s, eps, target="eps - x0", data_at_one=False, reduce="mean"):
+    s = s[:, None]
+    x_s = s * x0 + (1 - s) * eps if data_at_one else (1 - s) * x0 + s * eps
+    wanted = {"eps - x0": eps - x0, "x0 - eps": x0 - eps, "eps": eps}[target]
+    squared = (model(x_s, s[:, 0]) - wanted).square()
+    return squared.sum(1).mean() if reduce == "sum" else squared.mean()
+
+
 @pytest.mark.parametrize(
     "check, fn, hint",
     [
@@ -123,6 +132,11 @@ def heun_by_hand(denoiser, x_t, p, p_next, euler_only=False, end_slope=False, pl
         (check_heun_step, lambda *args: heun_by_hand(*args, end_slope=True), "slope at the end alone"),
         (check_heun_step, lambda *args: heun_by_hand(*args, plain=True), "you stepped x itself"),
         (check_heun_step, heun_by_hand, "✓"),
+        (check_flow_matching_loss, lambda *args: flow_matching_by_hand(*args, target="x0 - eps"), "you regressed on x0 - eps"),
+        (check_flow_matching_loss, lambda *args: flow_matching_by_hand(*args, data_at_one=True), "you put the data at s = 1"),
+        (check_flow_matching_loss, lambda *args: flow_matching_by_hand(*args, target="eps"), "not the noise eps alone"),
+        (check_flow_matching_loss, lambda *args: flow_matching_by_hand(*args, reduce="sum"), "yours sums over them"),
+        (check_flow_matching_loss, flow_matching_by_hand, "✓"),
         (check_q_sample, wrong_alpha, "alpha_t (one step)"),
         (check_q_sample, no_sqrt, "square roots are missing"),
         (check_q_sample, one_based, "off by one step"),

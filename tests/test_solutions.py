@@ -19,6 +19,7 @@ PAIRS = {
     "check_frechet_distance": "frechet_distance_solution",
     "check_guided_eps": "guided_eps_solution",
     "check_heun_step": "heun_step_solution",
+    "check_flow_matching_loss": "flow_matching_loss_solution",
 }
 
 

@@ -11,7 +11,7 @@ from torch.utils.data import TensorDataset
 from ddpm_lib import devices, training
 from ddpm_lib.checkpoint import CheckpointError, export_ema, load_checkpoint, load_model
 from ddpm_lib.data import decoded
-from ddpm_lib.diffusion import DiffusionConfig
+from ddpm_lib.diffusion import DiffusionConfig, loss_simple
 from ddpm_lib.training import (
     DivergenceError,
     EpochBatches,
@@ -179,6 +179,24 @@ def test_min_snr_weighting_changes_the_update_but_logs_the_same_l_simple(dataset
     assert runs["uniform"].losses[0] == runs["min_snr"].losses[0]  # the same batch, t and noise, the same weights before step 1
     uniform, min_snr = (r.model.parameters() for r in runs.values())
     assert any(not torch.equal(a, b) for a, b in zip(uniform, min_snr, strict=True))  # (Adam's first steps are nearly sign(grad))
+
+
+def test_a_coupled_dataset_trains_on_its_own_noise(dataset, tiny_config):
+    # Reflow's coupling: each image comes with its noise (a dataset of (x0, y, noise) triples), not a fresh draw.
+    images, labels = dataset.tensors
+    noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(9))
+    trainer = Trainer(tiny_config, DIFFUSION, CONFIG, dataset, device="cpu")
+    g = torch.Generator().manual_seed(0)
+    g.set_state(trainer.generator.get_state())
+    t = trainer.path.training_times(4, g)  # the times the step will draw
+    with torch.no_grad():
+        expected = loss_simple(trainer.model, images[:4], trainer.path, t=t, noise=noise[:4]).item()
+    assert trainer.train_step(images[:4], labels[:4], noise[:4]) == pytest.approx(expected, rel=1e-6)
+    runs = {}
+    for name, data in (("independent", dataset), ("coupled", TensorDataset(images, labels, noise))):
+        runs[name] = Trainer(tiny_config, DIFFUSION, CONFIG, data, device="cpu")
+        runs[name].fit(3, progress=False)
+    assert all(a != b for a, b in zip(runs["independent"].losses, runs["coupled"].losses, strict=True))
 
 
 def test_train_config_validates_choices():
