@@ -43,11 +43,19 @@ ROOT = Path(__file__).resolve().parents[1]
 PATCH2 = UNetConfig(patch_size=2, base_channels=32, channel_mults=(1, 2))  # the faster U-Net notebook 4 compares
 
 
-def train_speed(device: str, precision: str, model_config: UNetConfig | None = None, batch_size: int = 128, steps: int = 30) -> float:
-    """Images per second of Trainer.fit for ``model_config`` (default: the default U-Net), data already in memory."""
+def train_speed(
+    device: str,
+    precision: str,
+    model_config: UNetConfig | None = None,
+    batch_size: int = 128,
+    steps: int = 30,
+    objective: tuple[DiffusionConfig, dict] = (DiffusionConfig(), {}),
+) -> float:
+    """Images per second of Trainer.fit for ``model_config`` (default: the default U-Net), data already in memory, with
+    ``objective``: a diffusion config and TrainConfig fields (default: the DDPM recipe's)."""
     images = torch.rand(batch_size * 8, 1, 28, 28) * 2 - 1
-    config = TrainConfig(batch_size=batch_size, precision=precision, sample_every=0, checkpoint_every=0)
-    trainer = Trainer(model_config or UNetConfig(), DiffusionConfig(), config, TensorDataset(images, torch.zeros(len(images))), device)
+    config = TrainConfig(batch_size=batch_size, precision=precision, sample_every=0, checkpoint_every=0, **objective[1])
+    trainer = Trainer(model_config or UNetConfig(), objective[0], config, TensorDataset(images, torch.zeros(len(images))), device)
     trainer.fit(5, progress=False)  # warm-up: allocations, oneDNN kernels, CUDA context
     if device == "cuda":
         torch.cuda.synchronize()
@@ -96,6 +104,45 @@ def solver_costs(checkpoint: str, out: Path, command: str = "scripts/benchmark.p
         lines.append(f"| {label} | {evals} | {seconds:.2f} | {seconds / 64 * 1000:.1f} | {seconds / 64 / evals * 1000:.2f} |")
         print(lines[-1], flush=True)
     write_section(out, "solvers", "\n".join(lines))
+    print(f"wrote its section of {out}")
+    return 0
+
+
+OBJECTIVES = {  # the recipes scripts/compare_paths.py compares: (diffusion config, TrainConfig fields)
+    "DDPM: VP linear, eps, Min-SNR-5": (DiffusionConfig(), {}),
+    "flow matching: linear flow, velocity, uniform s": (
+        DiffusionConfig(path="linear_flow", prediction="velocity"),
+        {"loss_weighting": "uniform"},
+    ),
+    "flow matching, logit-normal s": (
+        DiffusionConfig(path="linear_flow", prediction="velocity"),
+        {"loss_weighting": "uniform", "time_sampling": "logit_normal"},
+    ),
+}
+
+
+def objective_costs(out: Path, rounds: int = 3, command: str = "scripts/benchmark.py --objectives") -> int:
+    """Time a training step of each of OBJECTIVES on the CPU, in turn, ``rounds`` times (so a change of the machine's
+    load falls on all alike); write the table to the "objectives" section of ``out``."""
+    speeds = {name: [] for name in OBJECTIVES}
+    for _ in range(rounds):
+        for name, objective in OBJECTIVES.items():
+            speeds[name].append(train_speed("cpu", "auto", objective=objective, steps=15))
+    lines = [
+        "## Training: what each objective costs",
+        "",
+        f"Measured by `{command}` on {time.strftime('%Y-%m-%d')}: {device_name('cpu')}, the default U-Net, batch 128, "
+        f"precision auto; each objective {rounds} times in turn, 15 steps a time. The objective changes a few elementwise "
+        "operations beside the U-Net, so equal steps are equal training time (docs/experiments.md, section 9).",
+        "",
+        "| objective | ms per step (each round) | images/s (median) |",
+        "|---|---:|---:|",
+    ]
+    for name, values in speeds.items():
+        per_step = ", ".join(f"{128_000 / v:.0f}" for v in values)
+        lines.append(f"| {name} | {per_step} | {sorted(values)[len(values) // 2]:.0f} |")
+        print(lines[-1], flush=True)
+    write_section(out, "objectives", "\n".join(lines))
     print(f"wrote its section of {out}")
     return 0
 
@@ -207,6 +254,7 @@ def main() -> int:
     parser.add_argument("--checkpoint", default="checkpoints/mnist_ddpm.pt")
     parser.add_argument("--skip-nbval", action="store_true", help="do not time the nbval run (about 4 minutes)")
     parser.add_argument("--solvers", action="store_true", help="measure only each solver's cost, into its section of --out")
+    parser.add_argument("--objectives", action="store_true", help="time only a training step of each objective, into its section")
     parser.add_argument("--browser", action="store_true", help="time only the site's live sampler in headless Chromium, into its section")
     parser.add_argument("--out", default="docs/benchmarks.md")
     args = parser.parse_args()
@@ -214,6 +262,8 @@ def main() -> int:
         return solver_costs(args.checkpoint, Path(args.out))
     if args.browser:
         return browser_seconds(Path(args.out))
+    if args.objectives:
+        return objective_costs(Path(args.out))
     rng = random.Random(0)
     torch.manual_seed(0)
     model, diffusion = load_model(args.checkpoint)

@@ -3,8 +3,9 @@
     python -m ddpm_lib train --dataset mnist --snapshot-every 500 --out runs/mnist.pt
     DDPM_DATA=../shared/data python scripts/time_to_quality.py runs/mnist.pt [--num 1000]
 
-Scores each snapshot (runs/mnist_step0000500.pt, ...) in order with DDIM 50; the first one that
-meets the targets is then scored with DDPM 1000, and the first snapshot meeting both is the
+Scores each snapshot (runs/mnist_step0000500.pt, ...) in order with DDIM 50 (Euler's method on a
+linear-flow model); the first one that meets the targets is then scored with its path's own sampler
+(DDPM 1000 on the VP path, Euler 100 on the linear flow), and the first snapshot meeting both is the
 answer: its training wall time (stored in the checkpoint) is the time to quality. Rows are cached
 in docs/quality.json like scripts/evaluate.py's (keyed by the weights, so the last snapshot and
 the checkpoint exported from it share their rows); a second call only scores what is new.
@@ -19,10 +20,10 @@ from ddpm_lib.classifier import load_classifier, mnist_tensors
 from ddpm_lib.devices import resolve_device, use_bf16
 from ddpm_lib.evaluation import Measurement, evaluate, weights_sha256
 from ddpm_lib.metrics import real_data_floor, reference_stats, target_misses
-from ddpm_lib.solvers import DDIM, DDPM
+from ddpm_lib.solvers import DDIM, SOLVERS
 from ddpm_lib.training import PRECISIONS
 
-DDIM50, DDPM1000 = DDIM(50), DDPM()  # two rows of the quality table
+DDIM50 = DDIM(50)  # a row of the quality table, on either path
 
 
 def main() -> int:
@@ -56,7 +57,8 @@ def main() -> int:
         model, diffusion = load_model(path, device)
         minutes = load_checkpoint(path).get("train_seconds", float("nan")) / 60
         met = True
-        for setting in (DDIM50, DDPM1000):
+        own = SOLVERS[diffusion.make_path().default_solver]()  # its default steps: DDPM 1000 on VP, Euler 100 on the flow
+        for setting in (DDIM50, own):
             model_id = weights_sha256(model, diffusion)
             measurement = Measurement(args.num, cache=args.cache, model_id=model_id, bf16=bf16)
             (row,) = evaluate(model, diffusion, classifier, reference, [setting], measurement)
