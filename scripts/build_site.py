@@ -38,10 +38,11 @@ sys.path.insert(0, str(ROOT))  # the library from this tree
 from ddpm_lib.onnx_export import FORMAT, export_onnx, read_metadata  # noqa: E402
 from ddpm_lib.solvers import SOLVERS  # noqa: E402
 
-SAMPLER_MODELS = ["mnist_ddpm", "mnist_cfg"]  # checkpoints/<name>.pt, sampled live on sampler.html
+SAMPLER_MODELS = ["mnist_ddpm", "mnist_cfg", "mnist_flow"]  # checkpoints/<name>.pt, sampled live on sampler.html
 SAMPLER_PAGES = {  # the notebooks whose pages embed the live sampler (before their summary): its model there, and what it offers
     "notebooks/06_sampling.ipynb": ("mnist_ddpm", "draw digits with DDIM or DPM-Solver++ and scrub their trajectory"),
     "notebooks/08_guidance.ipynb": ("mnist_cfg", "ask the class-conditional model for a digit, with the guidance weight w you choose"),
+    "notebooks/10_flow_matching.ipynb": ("mnist_flow", "draw digits from the flow-matching model with Euler's method in a few steps"),
 }
 RUNTIME = ["ort.wasm.min.js", "ort-wasm-simd-threaded.wasm", "ort-wasm-simd-threaded.mjs"]  # onnxruntime-web's plain WASM build
 DOCS = ["docs/cli.md", "docs/experiments.md", "docs/benchmarks.md", "docs/quality.md", "docs/guidance.md", "checkpoints/README.md"]

@@ -360,6 +360,7 @@ def test_opened_as_a_file_the_sampler_page_says_how_to_serve_it(browser, site_se
         ("mnist_cfg", [3, 7, 0, 9], 2.0, "ddim", 20),
         ("mnist_ddpm", None, 0.0, "dpmpp2m", 10),
         ("mnist_cfg", [1, 4, 4, 8], 1.0, "dpmpp3m", 10),  # order 1, 2, 3, and 2 again on the second-to-last step
+        ("mnist_flow", None, 0.0, "ddim", 10),  # the linear path's uniform grid, from the export
     ],
 )
 def test_the_browser_draws_what_the_python_sampler_draws_from_the_same_noise(sampler_page, model, labels, w, solver, steps):

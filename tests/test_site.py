@@ -103,7 +103,7 @@ def test_the_index_and_the_sampling_and_guidance_pages_point_at_the_live_sampler
     if not (site / "sampler.html").is_file():
         pytest.skip("the site was built without the live sampler: npm could not install onnxruntime-web")
     assert "sampler.html" in pages["index.html"].links
-    for stem, model in (("06_sampling", "mnist_ddpm"), ("08_guidance", "mnist_cfg")):
+    for stem, model in (("06_sampling", "mnist_ddpm"), ("08_guidance", "mnist_cfg"), ("10_flow_matching", "mnist_flow")):
         assert "../sampler.html" in pages[f"notebooks/{stem}.html"].links, stem
         assert f"../sampler.html?embed&model={model}" in pages[f"notebooks/{stem}.html"].links, stem  # embedded, with its model
     assert "../sampler.html" not in pages["notebooks/01_forward_process.html"].links
@@ -126,6 +126,7 @@ def test_every_slider_of_the_course_has_a_kernel_free_scrubber_of_about_a_megaby
         "06_sampling": 1,
         "08_guidance": 1,
         "09_score_and_ode": 1,
+        "10_flow_matching": 1,
     }
     for stem, count in viewers.items():
         page = pages[f"notebooks/{stem}.html"]
@@ -135,7 +136,7 @@ def test_every_slider_of_the_course_has_a_kernel_free_scrubber_of_about_a_megaby
             assert len(html) <= OUTPUT_BUDGET and len(scrubber.frames) >= 5, stem
     size = sum(f.stat().st_size for f in site.rglob("*") if f.is_file())
     live = sum(f.stat().st_size for folder in ("ort", "models") if (site / folder).is_dir() for f in (site / folder).rglob("*"))
-    assert live < 22 * 2**20, f"the live sampler's runtime and models take {live / 2**20:.1f} MiB"  # 14 MB of WASM, two 3.4 MB models
+    assert live < 26 * 2**20, f"the live sampler's runtime and models take {live / 2**20:.1f} MiB"  # 14 MB of WASM, three 3.4 MB models
     assert size - live < 40 * 2**20, f"the site takes {(size - live) / 2**20:.1f} MiB besides the live sampler"
 
 
