@@ -55,6 +55,10 @@ COMPARED: tuple[Solver, ...] = (  # the settings the course compares with one an
     DPMSolverPP3M(50),  # the ODE solved finely
     DDIM(50, eta=1.0),  # the same 50 steps with fresh noise in each
 )
+EQUAL_COST: tuple[Solver, ...] = (  # scripts/compare_paths.py's models at 10, 20 and 50 evaluations (Heun K steps: 2K - 2)
+    *(DDIM(k) for k in (10, 20, 50)),
+    *(Heun(k) for k in (6, 11, 26)),
+)
 PAIRED = (  # (a, b) of labels (Solver.label): the differences a - b, seed by seed (the same starting noise), that the course quotes
     *((f"DPM-Solver++(3M) {k}", f"DPM-Solver++(3M) as published {k}") for k in (5, 8, 10, 20)),
     ("DDIM 50", "DPM-Solver++(3M) 50"),  # Euler's error: 50 steps of DDIM against the ODE solved finely

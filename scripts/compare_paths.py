@@ -18,11 +18,9 @@ from pathlib import Path
 
 from ddpm_lib.checkpoint import load_checkpoint, load_model
 from ddpm_lib.classifier import load_classifier, mnist_tensors
-from ddpm_lib.evaluation import Measurement, evaluate, weights_sha256
+from ddpm_lib.evaluation import EQUAL_COST, Measurement, evaluate, weights_sha256
 from ddpm_lib.metrics import real_data_floor, reference_stats
-from ddpm_lib.solvers import DDIM, Heun
-
-EQUAL_COST = (DDIM(10), DDIM(20), DDIM(50), Heun(6), Heun(11), Heun(26))  # 10, 20, 50 evaluations each (Heun: 2K - 2)
+from ddpm_lib.solvers import DDIM
 
 
 def describe(diffusion, train) -> str:
